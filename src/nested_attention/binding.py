@@ -1,0 +1,69 @@
+"""Binding a subject to a word of the prompt: the word's token positions, from the pipeline's tokenizer(s)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .errors import NestedAttentionError
+
+
+def word_token_id(tokenizer, word: str) -> int:
+    """The single token id of `word`; a clear error if the tokenizer splits it."""
+    word = word.strip()
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise NestedAttentionError(
+            f"The subject word {word!r} is split by the tokenizer into {len(ids)} tokens {pieces}; nested attention "
+            f"binds one token. Choose a word the tokenizer keeps whole, such as 'person', 'pet', 'dog' or 'woman'."
+        )
+    return ids[0]
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids exactly as diffusers' pipelines tokenize a prompt (padded and truncated to max length)."""
+    return tokenizer(
+        prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
+    ).input_ids
+
+
+def word_positions(tokenizers: Sequence, prompt: str, word: str) -> list[int]:
+    """Positions of every occurrence of `word` in `prompt`, identical for all the pipeline's tokenizers.
+
+    Raises a NestedAttentionError naming the word and the prompt if the word is missing, is cut off by the
+    tokenizer's length limit, is split into several tokens, or sits at different positions for SDXL's two
+    tokenizers.
+    """
+    found = []
+    for tokenizer in tokenizers:
+        token = word_token_id(tokenizer, word)
+        ids = prompt_ids(tokenizer, prompt)
+        positions = [i for i, t in enumerate(ids) if t == token]
+        if not positions:
+            full = tokenizer(prompt).input_ids
+            if token in full:
+                raise NestedAttentionError(
+                    f"The subject word {word!r} appears in the prompt {prompt!r} only after the tokenizer's "
+                    f"{tokenizer.model_max_length}-token limit; move it earlier or shorten the prompt."
+                )
+            raise NestedAttentionError(
+                f"The prompt {prompt!r} does not contain the subject word {word!r} as a whole word; add it where "
+                f"the subject should appear (e.g. 'a photo of a {word} at the beach')."
+            )
+        found.append(positions)
+    if any(p != found[0] for p in found[1:]):
+        raise NestedAttentionError(
+            f"The pipeline's tokenizers place {word!r} at different positions {found} in the prompt {prompt!r}; "
+            f"the subject must be the same token for both text encoders (use the same prompt for both)."
+        )
+    return found[0]
+
+
+def pipeline_tokenizers(pipe) -> list:
+    """The tokenizers whose outputs feed the UNet's text context (one for SD 1.5, two for SDXL)."""
+    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+    if not tokenizers:
+        raise NestedAttentionError(
+            f"{type(pipe).__name__} has no tokenizer; nested attention binds subjects to words of the prompt."
+        )
+    return tokenizers

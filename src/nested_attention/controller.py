@@ -1,0 +1,146 @@
+"""Installing nested attention into a UNet, reversibly, and owning the per-call subject state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .errors import NestedAttentionError
+from .layers import CrossAttentionLayer, cross_attention_layers
+from .processor import NestedAttnProcessor
+from .state import BoundSubject, RowLayout, row_layout
+
+
+class NestedAttentionController:
+    """Owns the nested processors of one UNet and the subjects bound for the current call.
+
+    Create it with `install(unet)`. Only cross-attention layers change; each nested processor wraps the
+    processor it replaced (SDPA, xformers, a custom one), which still serves every row that carries no
+    subject word. `uninstall()` puts the very same processor objects back.
+    """
+
+    def __init__(self, unet: nn.Module):
+        self.unet = unet
+        self.layers: dict[str, CrossAttentionLayer] = cross_attention_layers(unet)
+        if not self.layers:
+            raise NestedAttentionError(
+                f"{type(unet).__name__} has no cross-attention layers; nested attention needs a text-conditioned "
+                f"UNet such as diffusers' UNet2DConditionModel."
+            )
+        self.subjects: list[BoundSubject] = []
+        self._layouts: dict[int, RowLayout | None] = {}
+        self._vanilla_rows: dict[int, torch.Tensor] = {}
+        self._originals: dict[str, object] = {}
+        self.installed = False
+
+    # ---- installation --------------------------------------------------------------------------------------
+
+    def _module(self, path: str):
+        return self.unet.get_submodule(path)
+
+    def install(self) -> NestedAttentionController:
+        for path in self.layers:
+            module = self._module(path)
+            if isinstance(module.processor, NestedAttnProcessor):
+                raise NestedAttentionError(
+                    f"Nested attention is already installed on this UNet (layer {path}); uninstall it first or "
+                    f"reuse the existing NestedAttention object."
+                )
+        for path in self.layers:
+            module = self._module(path)
+            self._originals[path] = module.processor
+            module.set_processor(NestedAttnProcessor(path, self, module.processor))
+        self.installed = True
+        return self
+
+    def uninstall(self) -> None:
+        """Restore every original processor object and forget the bound subjects."""
+        for path, original in self._originals.items():
+            module = self._module(path)
+            if isinstance(module.processor, NestedAttnProcessor) and module.processor.controller is self:
+                module.set_processor(original)
+        self._originals.clear()
+        self.clear()
+        self.installed = False
+
+    def replaced_layers(self) -> list[str]:
+        """Layers whose nested processor was replaced after installation (e.g. by `set_attn_processor`)."""
+        return [
+            path for path in self.layers
+            if not (isinstance(self._module(path).processor, NestedAttnProcessor)
+                    and self._module(path).processor.controller is self)
+        ]
+
+    def reinstall(self) -> None:
+        """Wrap whatever processors now sit in replaced layers (a new attention backend) and keep nesting."""
+        for path in self.replaced_layers():
+            module = self._module(path)
+            self._originals[path] = module.processor
+            module.set_processor(NestedAttnProcessor(path, self, module.processor))
+
+    def check_installed(self) -> None:
+        if not self.installed:
+            raise NestedAttentionError("Nested attention was uninstalled from this UNet; install it again first.")
+        replaced = self.replaced_layers()
+        if replaced:
+            raise NestedAttentionError(
+                f"{len(replaced)} of {len(self.layers)} nested attention processors were replaced after "
+                f"installation (first: {replaced[0]}), e.g. by set_attn_processor or enabling xformers; call "
+                f"reinstall() to keep the new backend and nested attention together."
+            )
+
+    # ---- per-call state ------------------------------------------------------------------------------------
+
+    def bind(self, subjects: list[BoundSubject]) -> None:
+        """Set the subjects for the next UNet calls (one generation, or one training step)."""
+        missing = [p for s in subjects for p in self.layers if p not in s.nested]
+        if missing:
+            raise NestedAttentionError(f"A bound subject has no nested keys for layer {missing[0]}.")
+        rows = {s.token_mask.shape for s in subjects}
+        if len(rows) > 1:
+            raise NestedAttentionError(f"Bound subjects disagree on the batch layout: {sorted(rows)}.")
+        overlap = torch.stack([s.token_mask.cpu() for s in subjects]).sum(0).gt(1) if subjects else None
+        if overlap is not None and bool(overlap.any()):
+            raise NestedAttentionError("Two subjects are bound to the same token; bind each to its own word.")
+        self.subjects = list(subjects)
+        self._layouts.clear()
+        self._vanilla_rows.clear()
+
+    def clear(self) -> None:
+        self.subjects = []
+        self._layouts.clear()
+        self._vanilla_rows.clear()
+
+    @contextmanager
+    def bound(self, subjects: list[BoundSubject]) -> Iterator[None]:
+        """`with controller.bound(subjects): unet(...)`: the subjects apply inside the block only."""
+        self.bind(subjects)
+        try:
+            yield
+        finally:
+            self.clear()
+
+    def layout(self, batch_size: int) -> RowLayout | None:
+        """The subjects spread over a UNet batch (cached: built once per call and batch size)."""
+        if not self.subjects:
+            return None
+        if batch_size not in self._layouts:
+            self._layouts[batch_size] = row_layout(self.subjects, batch_size, self.unet.device)
+        return self._layouts[batch_size]
+
+    def vanilla_rows(self, batch_size: int) -> torch.Tensor:
+        """Rows of a partly bound batch that carry no subject (served by the original processors)."""
+        if batch_size not in self._vanilla_rows:
+            rows = self.layout(batch_size).rows
+            keep = torch.ones(batch_size, dtype=torch.bool, device=rows.device)
+            keep[rows] = False
+            self._vanilla_rows[batch_size] = torch.nonzero(keep).flatten()
+        return self._vanilla_rows[batch_size]
+
+
+def install(unet: nn.Module) -> NestedAttentionController:
+    """Put nested processors on every cross-attention layer of `unet` (reversible: `.uninstall()`)."""
+    return NestedAttentionController(unet).install()

@@ -1,0 +1,75 @@
+"""The subject encoder (paper 3.3): a frozen CLIP image encoder and a Q-Former trained from scratch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import Blip2QFormerConfig, Blip2QFormerModel, CLIPVisionModel
+
+try:  # transformers >= 5: the Pillow backend, which needs no torchvision
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+except ImportError:  # transformers 4
+    from transformers import CLIPImageProcessor
+
+from .config import NestedAdapterConfig
+from .images import to_rgb
+
+
+def default_image_processor(image_encoder: CLIPVisionModel) -> CLIPImageProcessor:
+    """CLIP's own preprocessing (resize the short side, centre crop, CLIP mean/std) at the encoder's size.
+
+    Used when the image encoder's directory has no preprocessor_config.json.
+    """
+    size = image_encoder.config.image_size
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+class SubjectEncoder(nn.Module):
+    """Image -> `num_queries` subject tokens of width `qformer_hidden_size`.
+
+    The CLIP tokens are those of the last layer before pooling (`last_hidden_state`, every patch and the
+    class token); the Q-Former's learned queries attend to them (BLIP-2 layout). CLIP stays frozen and
+    runs without autograd.
+    """
+
+    def __init__(self, config: NestedAdapterConfig, image_encoder: CLIPVisionModel):
+        super().__init__()
+        self.image_encoder = image_encoder.requires_grad_(False).eval()
+        qformer_config = Blip2QFormerConfig(
+            hidden_size=config.qformer_hidden_size,
+            num_hidden_layers=config.qformer_layers,
+            num_attention_heads=config.qformer_heads,
+            intermediate_size=config.qformer_intermediate_size,
+            encoder_hidden_size=config.image_encoder_hidden_size,
+            cross_attention_frequency=1,
+        )
+        self.query_tokens = nn.Parameter(torch.randn(1, config.num_queries, config.qformer_hidden_size) * 0.02)
+        self.qformer = Blip2QFormerModel(qformer_config)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.image_encoder.eval()  # frozen: never dropout or batch statistics in the backbone
+        return self
+
+    def clip_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, 1 + patches, clip width), frozen."""
+        with torch.no_grad():
+            return self.image_encoder(pixel_values=pixel_values).last_hidden_state
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) preprocessed images -> (B, num_queries, qformer_hidden_size) subject tokens."""
+        clip_tokens = self.clip_tokens(pixel_values).to(self.query_tokens.dtype)
+        queries = self.query_tokens.expand(pixel_values.shape[0], -1, -1)
+        return self.qformer(query_embeds=queries, encoder_hidden_states=clip_tokens).last_hidden_state
+
+
+def preprocess(
+    processor: CLIPImageProcessor, images: Sequence[Image.Image], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """PIL images -> (B, 3, S, S) pixel values with the CLIP model's own processor settings."""
+    rgb = [to_rgb(image, name=f"subject image {i}") for i, image in enumerate(images)]
+    pixel_values = processor(images=rgb, return_tensors="pt").pixel_values
+    return pixel_values.to(device=device, dtype=dtype)

@@ -1,0 +1,222 @@
+"""Nested Attention on a diffusers pipeline: load adapters, bind them to words, generate."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .adapter import NestedAdapter
+from .binding import pipeline_tokenizers, word_positions, word_token_id
+from .controller import NestedAttentionController, install
+from .encoder import preprocess
+from .errors import NestedAttentionError
+from .state import BoundSubject
+from .subject import Subject
+
+
+@dataclass
+class LoadedAdapter:
+    adapter: NestedAdapter
+    word: str
+
+
+class NestedAttention:
+    """Nested Attention personalization installed on an unmodified diffusers pipeline.
+
+    Works with `StableDiffusionPipeline`, `StableDiffusionXLPipeline` and any pipeline whose `unet` is a
+    `UNet2DConditionModel` and whose prompts are tokenized by CLIP tokenizers. Installation only swaps the
+    processors of cross-attention layers and is undone by `uninstall()`.
+
+    Example:
+        >>> na = NestedAttention(pipe)
+        >>> na.load_adapter("my-person-adapter", word="person")
+        >>> image = na("a person surfing, watercolor", subjects={"person": Subject("me.jpg", lam=1.5)}).images[0]
+        >>> na.uninstall()
+    """
+
+    def __init__(self, pipe):
+        unet = getattr(pipe, "unet", None)
+        if unet is None:
+            raise NestedAttentionError(
+                f"{type(pipe).__name__} has no `unet`; nested attention supports UNet pipelines such as "
+                f"StableDiffusionPipeline and StableDiffusionXLPipeline."
+            )
+        self.pipe = pipe
+        self.tokenizers = pipeline_tokenizers(pipe)
+        self.controller: NestedAttentionController = install(unet)
+        self.adapters: dict[str, LoadedAdapter] = {}
+
+    # ---- adapters ------------------------------------------------------------------------------------------
+
+    def load_adapter(
+        self,
+        adapter: NestedAdapter | str | os.PathLike,
+        word: str | None = None,
+        name: str | None = None,
+        image_encoder=None,
+    ) -> str:
+        """Add an adapter bound to `word` (default: the word it was trained with). Returns its name.
+
+        Several adapters can be loaded at once, each bound to its own word (person + pet, paper Fig. 12).
+        Binding an adapter to another word is the paper's semantic variation (Fig. 15).
+        """
+        if not isinstance(adapter, NestedAdapter):
+            adapter = NestedAdapter.from_pretrained(adapter, image_encoder=image_encoder)
+        adapter.check_compatible(self.controller.layers)
+        word = (word or adapter.config.word).strip()
+        name = name or word
+        if name in self.adapters:
+            raise NestedAttentionError(f"An adapter named {name!r} is already loaded; pass another name=.")
+        self._check_word(word, exclude=None)
+        unet = self.pipe.unet
+        adapter.to(device=unet.device, dtype=unet.dtype).eval()
+        self.adapters[name] = LoadedAdapter(adapter, word)
+        return name
+
+    def set_word(self, name: str, word: str) -> None:
+        """Bind a loaded adapter to another word (semantic variation: "woman", "child" for a person adapter)."""
+        self._get(name)
+        self._check_word(word.strip(), exclude=name)
+        self.adapters[name].word = word.strip()
+
+    def unload_adapter(self, name: str) -> None:
+        self._get(name)
+        del self.adapters[name]
+
+    def uninstall(self) -> None:
+        """Restore the UNet's original processors and drop the adapters."""
+        self.controller.uninstall()
+        self.adapters.clear()
+
+    def reinstall(self) -> None:
+        """After `set_attn_processor` / xformers replaced processors: wrap the new ones and keep nesting."""
+        self.controller.reinstall()
+
+    def _get(self, name: str) -> LoadedAdapter:
+        if name not in self.adapters:
+            raise NestedAttentionError(f"No adapter named {name!r} is loaded; loaded: {sorted(self.adapters)}.")
+        return self.adapters[name]
+
+    def _check_word(self, word: str, exclude: str | None) -> None:
+        for tokenizer in self.tokenizers:
+            word_token_id(tokenizer, word)
+        for other, loaded in self.adapters.items():
+            if other != exclude and loaded.word.lower() == word.lower():
+                raise NestedAttentionError(
+                    f"Adapter {other!r} is already bound to {word!r}; bind each subject to its own word."
+                )
+
+    # ---- binding subjects for one call ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, name: str, subjects: Sequence[Subject]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Subject tokens of several subjects for one adapter, padded to a common length.
+
+        Returns:
+            tokens (S, M, width) and an additive bias (S, M) (log image weights, -inf on padding) or None.
+        """
+        adapter = self._get(name).adapter
+        images = [image for subject in subjects for image in subject.images]
+        pixels = preprocess(adapter.image_processor, images, adapter.encoder.query_tokens.device,
+                            adapter.encoder.image_encoder.dtype)
+        per_image = adapter.encoder(pixels)  # (total images, n_q, width)
+        n_q = per_image.shape[1]
+        counts = [len(s.images) for s in subjects]
+        length = max(counts) * n_q
+        tokens = per_image.new_zeros(len(subjects), length, per_image.shape[-1])
+        bias = torch.zeros(len(subjects), length)
+        start = 0
+        for i, (subject, count) in enumerate(zip(subjects, counts)):
+            tokens[i, : count * n_q] = per_image[start : start + count].flatten(0, 1)
+            start += count
+            weights = subject.weights or [1.0] * count
+            bias[i] = -math.inf
+            bias[i, : count * n_q] = torch.tensor([math.log(w) if w > 0 else -math.inf for w in weights]).repeat_interleave(n_q)
+        needs_bias = any(c != max(counts) for c in counts) or any(s.weights for s in subjects)
+        return tokens, (bias.to(tokens.device) if needs_bias else None)
+
+    def bind(
+        self,
+        prompts: Sequence[str],
+        subjects: Mapping[str, Subject | Sequence[Subject | None]],
+        num_images_per_prompt: int = 1,
+    ) -> list[BoundSubject]:
+        """Encode the subjects once and find their words in the prompts: the state for one generation.
+
+        Args:
+            prompts: the batch of prompts.
+            subjects: adapter name -> a Subject for every prompt, or a list with one Subject (or None: that
+                prompt does not use this adapter) per prompt.
+            num_images_per_prompt: rows per prompt, as the pipeline repeats them.
+        """
+        unknown = sorted(set(subjects) - set(self.adapters))
+        if unknown:
+            raise NestedAttentionError(
+                f"No adapter is loaded under the name(s) {unknown}; loaded: {sorted(self.adapters)}."
+            )
+        rows = len(prompts) * num_images_per_prompt
+        text_length = self.tokenizers[0].model_max_length
+        bound = []
+        for name, given in subjects.items():
+            per_prompt = [given] * len(prompts) if isinstance(given, Subject) else list(given)
+            if len(per_prompt) != len(prompts) or not all(s is None or isinstance(s, Subject) for s in per_prompt):
+                raise NestedAttentionError(
+                    f"Subjects for {name!r} must be one Subject or a list of {len(prompts)} (one per prompt, None "
+                    f"to skip a prompt); got {given!r}."
+                )
+            distinct = list({id(s): s for s in per_prompt if s is not None}.values())
+            if not distinct:
+                continue
+            slot_of = {id(s): i for i, s in enumerate(distinct)}
+            loaded = self._get(name)
+            mask = torch.zeros(rows, text_length, dtype=torch.bool)
+            slots = torch.zeros(rows, dtype=torch.long)
+            lam = torch.ones(rows)
+            for p, (prompt, subject) in enumerate(zip(prompts, per_prompt)):
+                if subject is None:
+                    continue
+                span = slice(p * num_images_per_prompt, (p + 1) * num_images_per_prompt)
+                mask[span, word_positions(self.tokenizers, prompt, loaded.word)] = True
+                slots[span] = slot_of[id(subject)]
+                lam[span] = subject.lam
+            tokens, bias = self.encode(name, distinct)
+            bound.append(
+                BoundSubject(
+                    token_mask=mask,
+                    slots=slots,
+                    nested=loaded.adapter.nested_keys_values(tokens, self.controller.layers),
+                    bias=bias,
+                    lam=None if bool((lam == 1).all()) else lam,
+                    alpha=loaded.adapter.config.alpha,
+                )
+            )
+        return bound
+
+    # ---- generation ----------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        subjects: Mapping[str, Subject | Sequence[Subject | None]],
+        num_images_per_prompt: int = 1,
+        **pipe_kwargs,
+    ):
+        """Run the pipeline with the subjects bound; other keyword arguments go to the pipeline unchanged.
+
+        The nested keys and values are computed once here, before the denoising loop. Rows of the negative
+        prompt (the unconditional half of guidance) get exactly the vanilla attention.
+        """
+        self.controller.check_installed()
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if "prompt_embeds" in pipe_kwargs:
+            raise NestedAttentionError("Pass prompt strings, not prompt_embeds: the subject word is found by tokenizing them.")
+        prompt_2 = pipe_kwargs.get("prompt_2")
+        if prompt_2 is not None and ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2)) != prompts:
+            raise NestedAttentionError("prompt_2 must equal prompt: the subject word must be the same token for both SDXL text encoders.")
+        bound = self.bind(prompts, subjects, num_images_per_prompt)
+        with self.controller.bound(bound):
+            return self.pipe(prompt=prompts, num_images_per_prompt=num_images_per_prompt, **pipe_kwargs)

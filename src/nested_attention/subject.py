@@ -1,0 +1,51 @@
+"""A subject given at inference: one or several images, optional per-image weights, and lambda."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from .errors import NestedAttentionError
+from .images import load_image
+
+
+@dataclass
+class Subject:
+    """The images of one subject and how to use them.
+
+    Args:
+        images: one image or several images of the subject (PIL images or file paths). Several images are
+            encoded separately and their tokens concatenated (paper Fig. 13); images of different people give
+            identity mixing (Fig. 14).
+        weights: optional per-image weights for mixing; image i's tokens get log(weights[i]) added to their
+            nested logits, so (1, 1) is plain concatenation and (1, 0) uses the first image only.
+        lam: identity-vs-prompt control (paper 5.1): the subject word's logit l becomes max(l, lam * l).
+            1 is the trained model; larger values favour identity over the prompt (the paper sweeps 1 to 4).
+    """
+
+    images: Sequence[Image.Image | str | Path] | Image.Image | str | Path
+    weights: Sequence[float] | None = None
+    lam: float = 1.0
+
+    def __post_init__(self):
+        if isinstance(self.images, (Image.Image, str, Path)):
+            self.images = [self.images]
+        self.images = [load_image(i) if isinstance(i, (str, Path)) else i for i in self.images]
+        if not self.images:
+            raise NestedAttentionError("A subject needs at least one image.")
+        if self.weights is not None:
+            self.weights = [float(w) for w in self.weights]
+            if len(self.weights) != len(self.images):
+                raise NestedAttentionError(
+                    f"A subject has {len(self.images)} images but {len(self.weights)} weights; give one weight per image."
+                )
+            if any(not (w >= 0 and math.isfinite(w)) for w in self.weights) or not any(w > 0 for w in self.weights):
+                raise NestedAttentionError(
+                    f"Image weights {self.weights} must be finite, non-negative and not all zero."
+                )
+        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam > 0):
+            raise NestedAttentionError(f"lambda is {self.lam!r}; expected a positive number (1 = the trained model).")
