@@ -84,6 +84,10 @@ class NestedAdapter(nn.Module):
         )
         return cls(config, image_encoder, image_processor)
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The Q-Former, its learned queries and the nested projections (never the frozen CLIP)."""
+        return [p for name, p in self.named_parameters() if not name.startswith("encoder.image_encoder.")]
+
     # ---- the nested keys and values --------------------------------------------------------------------
 
     def projection(self, layer_path: str) -> NestedProjection:
@@ -207,6 +211,8 @@ class NestedAdapter(nn.Module):
             image_encoder: a loaded CLIP vision model, or a local directory / hub id, overriding the one the
                 config names (use when the adapter was trained on a machine whose paths you do not have).
             torch_dtype: dtype of the returned adapter (fp32 by default).
+
+        Returns the adapter in eval mode.
         """
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -233,6 +239,7 @@ class NestedAdapter(nn.Module):
         adapter = cls(config, model, processor)
         adapter.load_adapter_state_dict(state, source=str(weights_path))
         logger.info("Loaded adapter %s (image encoder: %s)", directory, source)
+        adapter.eval()  # like transformers' from_pretrained: Q-Former dropout off until train() is called
         return adapter.to(dtype=torch_dtype) if torch_dtype is not None else adapter
 
 

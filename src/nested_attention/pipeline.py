@@ -136,7 +136,9 @@ class NestedAttention:
             weights = subject.weights or [1.0] * count
             bias[i] = -math.inf
             bias[i, : count * n_q] = torch.tensor([math.log(w) if w > 0 else -math.inf for w in weights]).repeat_interleave(n_q)
-        needs_bias = any(c != max(counts) for c in counts) or any(s.weights for s in subjects)
+        # equal weights shift every logit by the same constant: no bias, and the fused attention kernel
+        uneven = any(s.weights and len(set(s.weights)) > 1 for s in subjects)
+        needs_bias = uneven or any(c != max(counts) for c in counts)
         return tokens, (bias.to(tokens.device) if needs_bias else None)
 
     def bind(
@@ -219,4 +221,8 @@ class NestedAttention:
             raise NestedAttentionError("prompt_2 must equal prompt: the subject word must be the same token for both SDXL text encoders.")
         bound = self.bind(prompts, subjects, num_images_per_prompt)
         with self.controller.bound(bound):
-            return self.pipe(prompt=prompts, num_images_per_prompt=num_images_per_prompt, **pipe_kwargs)
+            return self.pipe(
+                prompt=prompt if isinstance(prompt, str) else prompts,  # diffusers wants negative_prompt's type
+                num_images_per_prompt=num_images_per_prompt,
+                **pipe_kwargs,
+            )

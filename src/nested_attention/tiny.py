@@ -83,7 +83,7 @@ def _vae() -> AutoencoderKL:
 
 
 def _scheduler() -> EulerDiscreteScheduler:
-    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 
 
 def tiny_sd_pipeline(seed: int = 0, tokenizer_dir: str | Path | None = None) -> StableDiffusionPipeline:

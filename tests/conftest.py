@@ -1,0 +1,46 @@
+"""Tiny, seeded, offline models shared by the tests (built from configs; nothing is downloaded)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nested_attention import NestedAdapter
+from nested_attention.tiny import TINY_ADAPTER_CONFIG, tiny_image_encoder, tiny_sd_pipeline, tiny_sdxl_pipeline
+
+
+def make_adapter(unet, seed=0, word="person", **overrides):
+    encoder, processor = tiny_image_encoder(seed=100)
+    torch.manual_seed(seed)
+    config = {**TINY_ADAPTER_CONFIG, **overrides}
+    return NestedAdapter.for_unet(unet, encoder, "tiny-clip", image_processor=processor, word=word, **config)
+
+
+def subject_image(seed, size=40, mode="RGB"):
+    """A seeded 4x4 grid of colour blocks: subjects that differ at the scale of the encoder's patches."""
+    blocks = np.random.RandomState(seed).randint(0, 255, (4, 4, 3), dtype=np.uint8)
+    return Image.fromarray(blocks).resize((size, size), Image.NEAREST).convert(mode)
+
+
+@pytest.fixture(scope="session")
+def sd_pipe(tmp_path_factory):
+    return tiny_sd_pipeline(seed=0, tokenizer_dir=tmp_path_factory.mktemp("sd-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe(tmp_path_factory):
+    return tiny_sdxl_pipeline(seed=0, tokenizer_dir=tmp_path_factory.mktemp("sdxl-tokenizer"))
+
+
+@pytest.fixture(params=["sd", "sdxl"])
+def pipe(request, sd_pipe, sdxl_pipe):
+    return sd_pipe if request.param == "sd" else sdxl_pipe
+
+
+@pytest.fixture
+def na(pipe):
+    from nested_attention import NestedAttention
+
+    handle = NestedAttention(pipe)
+    yield handle
+    handle.uninstall()
