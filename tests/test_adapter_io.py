@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from conftest import make_adapter
 from safetensors.torch import load_file, save_file
 
+from conftest import make_adapter
 from nested_attention import NestedAdapter, NestedAdapterConfig, NestedAttentionError
 from nested_attention.adapter import WEIGHTS_NAME
 from nested_attention.config import CONFIG_NAME

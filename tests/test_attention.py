@@ -28,19 +28,22 @@ def naive_attention(query, key, value, nested_keys, nested_vals, biases, masks, 
                     v_star = naive_nested_value(q, nested_keys[k][b, h], nested_vals[k][b, h], biases[k][b])
                     for s in torch.nonzero(masks[k, b]).flatten().tolist():
                         logits[s] = max(logits[s], lam[k, b] * logits[s])
-                        if alpha is None:
+                        a = alpha[k] if isinstance(alpha, tuple) else alpha
+                        if a is None:
                             values[s] = v_star
                         else:
-                            values[s] = alpha * value[b, h, s].norm() * v_star / v_star.norm()
+                            values[s] = a * value[b, h, s].norm() * v_star / v_star.norm()
                 out[b, h, n] = torch.softmax(logits, dim=0) @ values
     return out
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 5, 8, 7, 4), (3, 1, 9, 4, 11, 6), (1, 4, 3, 16, 6, 10)])
 @pytest.mark.parametrize("lam_value", [1.0, 2.5])
-@pytest.mark.parametrize("alpha", [None, 2.0])
+@pytest.mark.parametrize("alpha", [None, 2.0, (3.0, None)])
 @pytest.mark.parametrize("num_subjects", [1, 2])
 def test_matches_naive_reference(shape, lam_value, alpha, num_subjects):
+    if isinstance(alpha, tuple):
+        alpha = alpha[:num_subjects]  # one alpha per subject (adapters trained differently)
     B, H, N, d, T, M = shape
     gen = torch.Generator().manual_seed(hash((shape, lam_value, alpha, num_subjects)) % 2**31)
     rand = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
@@ -56,13 +59,15 @@ def test_matches_naive_reference(shape, lam_value, alpha, num_subjects):
     biases = [torch.log(torch.rand(B, M, generator=gen) + 0.1) for _ in range(num_subjects)]
     lam = torch.full((num_subjects, B), lam_value)
     lam[:, 0] = 1.0 + (lam_value - 1.0) / 2  # lambda differs per row
+    lam[-1, 1:] = 1.0 + (lam_value - 1.0) * 1.5  # and per subject
 
     subject_values = [
         nested_values(query, nested_keys[k], nested_vals[k], biases[k][:, None, None, :])
         for k in range(num_subjects)
     ]
     ours = personalized_attention(
-        query, key, value, subject_values, masks, lam=None if lam_value == 1.0 else lam, alpha=alpha
+        query, key, value, subject_values, masks, lam=None if lam_value == 1.0 else lam,
+        alpha=list(alpha) if isinstance(alpha, tuple) else alpha,
     )
     reference = naive_attention(
         query, key, value, nested_keys, nested_vals, biases, masks,

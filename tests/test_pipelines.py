@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import make_adapter, subject_image
 
+from conftest import make_adapter, subject_image
 from nested_attention import NestedAttentionError, Subject
 
 STEPS = 2

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import make_adapter
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
+from conftest import make_adapter
 from nested_attention import BoundSubject, NestedAttentionError, install
 from nested_attention.binding import prompt_ids, word_positions
 

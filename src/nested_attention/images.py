@@ -52,14 +52,18 @@ def load_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise NestedAttentionError(f"Subject image {path} does not exist or is not a file.")
     try:
-        image = Image.open(path)
-        image.size  # header only: refuse huge images before decoding them
+        image = Image.open(path)  # reads the header only: to_rgb refuses huge images before decoding
         checked = to_rgb(image, name=f"Subject image {path}")
         checked.load()
         return checked
     except NestedAttentionError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:
+        raise NestedAttentionError(
+            f"Subject image {path} is too large to decode safely ({error}); the limit is {MAX_PIXELS / 1e6:.0f} MP. "
+            f"Downscale it first."
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise NestedAttentionError(
             f"Subject image {path} could not be read as an image ({error.__class__.__name__}: {error}). "
             f"Expected a PNG, JPEG, WebP or other format Pillow reads."
