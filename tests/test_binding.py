@@ -34,7 +34,7 @@ def test_missing_word_names_word_and_prompt(tokenizer):
 
 
 def test_multi_token_word_is_refused(tokenizer):
-    with pytest.raises(NestedAttentionError, match=r"'dachshund' is split by the tokenizer into \d+ tokens"):
+    with pytest.raises(NestedAttentionError, match=r"'dachshund' \(prompt 'a dachshund'\) is split by the tokenizer into \d+ tokens"):
         word_positions([tokenizer], "a dachshund", "dachshund")
 
 

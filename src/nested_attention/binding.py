@@ -7,15 +7,17 @@ from collections.abc import Sequence
 from .errors import NestedAttentionError
 
 
-def word_token_id(tokenizer, word: str) -> int:
-    """The single token id of `word`; a clear error if the tokenizer splits it."""
+def word_token_id(tokenizer, word: str, prompt: str | None = None) -> int:
+    """The single token id of `word`; a clear error (naming `prompt`, if given) if the tokenizer splits it."""
     word = word.strip()
     ids = tokenizer(word, add_special_tokens=False).input_ids
     if len(ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(ids)
+        where = f" (prompt {prompt!r})" if prompt is not None else ""
         raise NestedAttentionError(
-            f"The subject word {word!r} is split by the tokenizer into {len(ids)} tokens {pieces}; nested attention "
-            f"binds one token. Choose a word the tokenizer keeps whole, such as 'person', 'pet', 'dog' or 'woman'."
+            f"The subject word {word!r}{where} is split by the tokenizer into {len(ids)} tokens {pieces}; nested "
+            f"attention binds one token. Choose a word the tokenizer keeps whole, such as 'person', 'pet', 'dog' "
+            f"or 'woman'."
         )
     return ids[0]
 
@@ -36,7 +38,7 @@ def word_positions(tokenizers: Sequence, prompt: str, word: str) -> list[int]:
     """
     found = []
     for tokenizer in tokenizers:
-        token = word_token_id(tokenizer, word)
+        token = word_token_id(tokenizer, word, prompt)
         ids = prompt_ids(tokenizer, prompt)
         positions = [i for i, t in enumerate(ids) if t == token]
         if not positions:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -52,7 +53,9 @@ def load_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise NestedAttentionError(f"Subject image {path} does not exist or is not a file.")
     try:
-        image = Image.open(path)  # reads the header only: to_rgb refuses huge images before decoding
+        with warnings.catch_warnings():  # Pillow warns from 89 MP; to_rgb refuses from MAX_PIXELS, in one sentence
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)  # reads the header only: to_rgb refuses huge images before decoding
         checked = to_rgb(image, name=f"Subject image {path}")
         checked.load()
         return checked

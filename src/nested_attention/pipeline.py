@@ -68,10 +68,10 @@ class NestedAttention:
             adapter = NestedAdapter.from_pretrained(adapter, image_encoder=image_encoder)
         adapter.check_compatible(self.controller.layers)
         word = (word or adapter.config.word).strip()
+        self._check_word(word, exclude=None)
         name = name or word
         if name in self.adapters:
-            raise NestedAttentionError(f"An adapter named {name!r} is already loaded; pass another name=.")
-        self._check_word(word, exclude=None)
+            raise NestedAttentionError(f"An adapter named {name!r} is already loaded; load this one under another name.")
         unet = self.pipe.unet
         adapter.to(device=unet.device, dtype=unet.dtype).eval()
         self.adapters[name] = LoadedAdapter(adapter, word)

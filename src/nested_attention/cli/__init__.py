@@ -1,0 +1,1 @@
+"""The `nested-attention` command line: `generate` personalized images, or run the `demo`."""

@@ -1,0 +1,86 @@
+"""Entry point of the `nested-attention` command: quiets library noise, dispatches sub-commands, reports errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from PIL import Image
+
+from .. import __version__
+from ..errors import NestedAttentionError
+
+NOISY_MODULES = r"(diffusers|transformers|huggingface_hub|accelerate|torch)(\.|$)"
+
+DESCRIPTION = """\
+Nested Attention (arXiv 2501.01407): put a subject from a few photos into the
+images of a Stable Diffusion 1.5 or SDXL model, bound to one word of the prompt.
+"""
+
+EPILOG = """\
+examples:
+  nested-attention demo
+  nested-attention generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+      --adapter adapters/person --image me.jpg --prompt "a watercolor painting of a person"
+  nested-attention generate --help
+
+Errors in the input are reported as one line starting with "error:" (exit code 2).
+"""
+
+
+def quiet_libraries() -> None:
+    """Silence deprecation chatter, info logs and weight-loading bars of diffusers and transformers; keep errors.
+
+    Must run before diffusers' pipelines are imported: importing them makes transformers warn about
+    optional backends (torchvision) that nested attention does not need.
+    """
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=NOISY_MODULES)
+    # Pillow warns from 89 MP on; load_image refuses such images anyway (above 67 MP), in one clear sentence
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # one "Loading weights" bar per model component
+    diffusers.utils.logging.set_verbosity_error()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with its `generate` and `demo` sub-commands."""
+    from . import demo, generate  # after quiet_libraries(): these import diffusers' pipelines
+
+    parser = argparse.ArgumentParser(
+        prog="nested-attention",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
+    generate.add_parser(commands)
+    demo.add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default: sys.argv[1:]); return the process exit code.
+
+    Mistakes in the input (NestedAttentionError) print `error: <message>` on stderr and return 2, like
+    argparse's own usage errors; anything else is a bug and propagates with its traceback.
+    """
+    quiet_libraries()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except NestedAttentionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

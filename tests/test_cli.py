@@ -1,0 +1,204 @@
+"""The `nested-attention` command line, run in-process on tiny saved models (offline, seconds)."""
+
+import struct
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nested_attention import NestedAdapter
+from nested_attention.cli.main import main
+from nested_attention.tiny import TINY_ADAPTER_CONFIG, tiny_image_encoder, tiny_sd_pipeline
+
+
+def run_cli(*argv: str) -> int:
+    """main(argv) as the console script sees it: argparse's exits become exit codes too."""
+    try:
+        return main(list(argv))
+    except SystemExit as exit:
+        return exit.code
+
+
+def save_image(path: Path, mode: str = "RGB", size: int = 40, seed: int = 0) -> Path:
+    pixels = np.random.RandomState(seed).randint(0, 255, (size, size, 4), dtype=np.uint8)
+    Image.fromarray(pixels, "RGBA").convert(mode).save(path)
+    return path
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose IHDR claims width x height pixels but holds no image data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A saved tiny SD pipeline, 'person' and 'pet' adapters saved with their image encoder, good and bad images."""
+    root = tmp_path_factory.mktemp("cli")
+    pipe = tiny_sd_pipeline(tokenizer_dir=root / "tokenizer")
+    pipe.save_pretrained(root / "model")
+    for word in ("person", "pet"):
+        encoder, processor = tiny_image_encoder()
+        adapter = NestedAdapter.for_unet(
+            pipe.unet, encoder, image_processor=processor, word=word, **TINY_ADAPTER_CONFIG
+        )
+        adapter.save_pretrained(root / word, save_image_encoder=True)
+    corrupt = root / "corrupt.png"
+    corrupt.write_bytes(np.random.RandomState(0).bytes(500))
+    (root / "empty").mkdir()
+    return SimpleNamespace(
+        root=root, model=root / "model", person=root / "person", pet=root / "pet", empty=root / "empty",
+        image=save_image(root / "subject.png", seed=0), image_2=save_image(root / "subject-2.png", seed=1),
+        small=save_image(root / "small.png", size=8), huge=png_header_only(root / "huge.png", 100_000, 100_000),
+        corrupt=corrupt,
+    )
+
+
+def generate(assets, out: Path, *extra: str) -> int:
+    return run_cli("generate", "--model", str(assets.model), "--steps", "1", "--out", str(out), *extra)
+
+
+# ---- help -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], ["generate", "demo", "examples"]),
+        (["generate"], ["--model", "--adapter", "--word", "--image", "--image-weight", "--lam", "--prompt", "--out"]),
+        (["demo"], ["--out", "--steps", "randomly"]),
+    ],
+)
+def test_help(capsys, argv, expected):
+    assert run_cli(*argv, "--help") == 0
+    out = capsys.readouterr().out
+    for word in expected:
+        assert word in out
+
+
+# ---- generation ------------------------------------------------------------------------------------------------
+
+
+def test_generate_one_subject(assets, tmp_path, capsys):
+    out = tmp_path / "sub" / "one.png"
+    code = generate(assets, out, "--adapter", str(assets.person), "--image", str(assets.image),
+                    "--prompt", "a photo of a person at the beach", "--height", "32", "--width", "48")
+    assert code == 0
+    assert Image.open(out).size == (48, 32)
+    assert str(out) in capsys.readouterr().out
+
+
+def test_generate_two_images_with_weights(assets, tmp_path):
+    out = tmp_path / "mix.png"
+    code = generate(assets, out, "--adapter", str(assets.person), "--image", str(assets.image), "--image-weight", "2",
+                    "--image", str(assets.image_2), "--image-weight", "1", "--lam", "2", "--prompt", "a person")
+    assert code == 0
+    assert Image.open(out).size == (32, 32)  # the tiny model's default size
+
+
+def test_generate_several_images(assets, tmp_path, capsys):
+    code = generate(assets, tmp_path / "many.png", "--num-images", "2", "--adapter", str(assets.person),
+                    "--image", str(assets.image), "--prompt", "a person")
+    assert code == 0
+    written = [tmp_path / "many-0.png", tmp_path / "many-1.png"]
+    assert all(path.is_file() for path in written)
+    assert capsys.readouterr().out.split() == [str(path) for path in written]
+
+
+def test_generate_two_subjects(assets, tmp_path):
+    out = tmp_path / "two.png"
+    code = generate(assets, out, "--adapter", str(assets.person), "--image", str(assets.image),
+                    "--adapter", str(assets.pet), "--image", str(assets.image_2), "--prompt", "a person and a pet")
+    assert code == 0
+    assert out.is_file()
+
+
+def test_generate_tiny_model_and_random_adapter(assets, tmp_path, capsys):
+    out = tmp_path / "tiny.png"
+    code = run_cli("generate", "--model", "tiny-sd", "--adapter", "random", "--image", str(assets.image),
+                   "--prompt", "a person", "--steps", "1", "--out", str(out))
+    assert code == 0
+    assert out.is_file()
+    err = capsys.readouterr().err
+    assert "randomly initialized" in err and "untrained" in err
+
+
+@pytest.mark.parametrize(
+    "mode, note", [("L", "is L, not RGB"), ("RGBA", "is RGBA with transparency; composited onto white")]
+)
+def test_non_rgb_images_are_converted(assets, tmp_path, capsys, mode, note):
+    image = save_image(tmp_path / f"{mode}.png", mode=mode)
+    code = generate(assets, tmp_path / "out.png", "--adapter", str(assets.person), "--image", str(image),
+                    "--prompt", "a person")
+    assert code == 0
+    assert f"note: {image} {note}" in capsys.readouterr().err
+
+
+# ---- bad input: one line, exit code 2, no traceback ------------------------------------------------------------
+
+
+BAD_INPUTS = {  # name: (generate arguments, with {asset} placeholders; a fragment the error must contain)
+    "word missing from prompt": (["--adapter", "{person}", "--image", "{image}", "--prompt", "a photo of a dog"],
+                                 "does not contain the subject word 'person'"),
+    "multi-token word": (["--adapter", "{person}", "--word", "dachshund", "--image", "{image}",
+                          "--prompt", "a dachshund"], "split by the tokenizer"),
+    "corrupt image": (["--adapter", "{person}", "--image", "{corrupt}", "--prompt", "a person"],
+                      "could not be read as an image"),
+    "missing image": (["--adapter", "{person}", "--image", "{root}/nope.png", "--prompt", "a person"],
+                      "nope.png does not exist"),
+    "tiny image": (["--adapter", "{person}", "--image", "{small}", "--prompt", "a person"], "8x8 pixels"),
+    "huge image": (["--adapter", "{person}", "--image", "{huge}", "--prompt", "a person"], "huge.png"),
+    "no image": (["--adapter", "{person}", "--prompt", "a person"], "has no --image"),
+    "empty adapter folder": (["--adapter", "{empty}", "--image", "{image}", "--prompt", "a person"],
+                             "is not a nested attention adapter"),
+    "missing adapter folder": (["--adapter", "{root}/nowhere", "--image", "{image}", "--prompt", "a person"],
+                               "nowhere does not exist"),
+    "same word twice": (["--adapter", "{person}", "--image", "{image}", "--adapter", "{person}", "--image", "{image}",
+                         "--prompt", "a person"], "both bound to the word 'person'"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input(assets, tmp_path, capsys, name):
+    template, fragment = BAD_INPUTS[name]
+    extra = [arg.format(**vars(assets)) for arg in template]
+    assert generate(assets, tmp_path / "out.png", *extra) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and fragment in errors[0], err
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_missing_model_folder(assets, tmp_path, capsys):
+    code = run_cli("generate", "--model", str(tmp_path / "no-model"), "--adapter", str(assets.person),
+                   "--image", str(assets.image), "--prompt", "a person", "--out", str(tmp_path / "out.png"))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no-model does not exist" in err and "Traceback" not in err
+
+
+def test_subject_option_before_adapter(assets, tmp_path, capsys):
+    code = generate(assets, tmp_path / "out.png", "--image", str(assets.image), "--adapter", str(assets.person),
+                    "--prompt", "a person")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--image" in err and "before any --adapter" in err and "Traceback" not in err
+
+
+# ---- demo -------------------------------------------------------------------------------------------------------
+
+
+def test_demo(tmp_path, capsys):
+    assert run_cli("demo", "--out", str(tmp_path), "--steps", "2") == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "demo.png").is_file()
+    assert str(tmp_path / "demo.png") in out and "RANDOMLY INITIALIZED" in out
