@@ -113,3 +113,24 @@ def test_lambda_raises_only_positive_logits():
     logits = torch.tensor([[[[-2.0, 3.0, 1.0]]]])
     lam_columns = torch.tensor([[4.0, 4.0, 1.0]])
     assert lambda_logits(logits, lam_columns).flatten().tolist() == [-2.0, 12.0, 1.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lam", [None, 3.0])
+def test_reduced_precision_stays_close_to_fp32(dtype, lam):
+    gen = torch.Generator().manual_seed(2)
+    query = torch.randn(2, 4, 64, 16, generator=gen)  # (B, H, N, d)
+    key, value = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 4, 16, 16, generator=gen)  # T = 16
+    nested_key, nested_value = torch.randn(2, 4, 32, 16, generator=gen), torch.randn(2, 4, 32, 16, generator=gen)
+    masks = torch.zeros(1, 2, 16, dtype=torch.bool)
+    masks[0, :, 5] = True
+    lam_tensor = None if lam is None else torch.full((1, 2), lam)
+
+    def run(dt):
+        cast = [t.to(dt) for t in (query, key, value, nested_key, nested_value)]
+        v_star = nested_values(cast[0], cast[3], cast[4])
+        return personalized_attention(*cast[:3], [v_star], masks, lam=lam_tensor).float()
+
+    reference, reduced = run(torch.float32), run(dtype)
+    assert reduced.isfinite().all()
+    torch.testing.assert_close(reduced, reference, atol=5e-2, rtol=5e-2)

@@ -156,3 +156,17 @@ def test_bad_calls_are_refused_clearly(pipe, na):
         Subject(subject_image(0), lam=0)
     with pytest.raises(NestedAttentionError, match="weights"):
         Subject([subject_image(0)], weights=[1.0, 2.0])
+
+
+def test_adapter_follows_the_pipeline_to_another_dtype(tmp_path):
+    from nested_attention import NestedAttention
+    from nested_attention.tiny import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(tokenizer_dir=tmp_path)
+    na = NestedAttention(pipe)
+    na.load_adapter(make_adapter(pipe.unet))
+    pipe.to(dtype=torch.bfloat16)  # after loading: the adapter must follow
+    latents = na("a photo of a person", {"person": Subject(subject_image(0))}, num_inference_steps=STEPS,
+                 height=32, width=32, output_type="latent").images
+    assert latents.dtype == torch.bfloat16 and latents.isfinite().all()
+    assert next(na.adapters["person"].adapter.parameters()).dtype == torch.bfloat16

@@ -31,8 +31,8 @@ class NestedAttentionController:
                 f"UNet such as diffusers' UNet2DConditionModel."
             )
         self.subjects: list[BoundSubject] = []
-        self._layouts: dict[int, RowLayout | None] = {}
-        self._vanilla_rows: dict[int, torch.Tensor] = {}
+        self._layouts: dict[tuple[int, torch.device], RowLayout | None] = {}
+        self._vanilla_rows: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._originals: dict[str, object] = {}
         self.installed = False
 
@@ -123,22 +123,24 @@ class NestedAttentionController:
         finally:
             self.clear()
 
-    def layout(self, batch_size: int) -> RowLayout | None:
-        """The subjects spread over a UNet batch (cached: built once per call and batch size)."""
+    def layout(self, batch_size: int, device: torch.device) -> RowLayout | None:
+        """The subjects spread over a UNet batch on `device` (built once per call, batch size and device)."""
         if not self.subjects:
             return None
-        if batch_size not in self._layouts:
-            self._layouts[batch_size] = row_layout(self.subjects, batch_size, self.unet.device)
-        return self._layouts[batch_size]
+        key = (batch_size, device)
+        if key not in self._layouts:
+            self._layouts[key] = row_layout(self.subjects, batch_size, device)
+        return self._layouts[key]
 
-    def vanilla_rows(self, batch_size: int) -> torch.Tensor:
+    def vanilla_rows(self, batch_size: int, device: torch.device) -> torch.Tensor:
         """Rows of a partly bound batch that carry no subject (served by the original processors)."""
-        if batch_size not in self._vanilla_rows:
-            rows = self.layout(batch_size).rows
-            keep = torch.ones(batch_size, dtype=torch.bool, device=rows.device)
+        key = (batch_size, device)
+        if key not in self._vanilla_rows:
+            rows = self.layout(batch_size, device).rows
+            keep = torch.ones(batch_size, dtype=torch.bool, device=device)
             keep[rows] = False
-            self._vanilla_rows[batch_size] = torch.nonzero(keep).flatten()
-        return self._vanilla_rows[batch_size]
+            self._vanilla_rows[key] = torch.nonzero(keep).flatten()
+        return self._vanilla_rows[key]
 
 
 def install(unet: nn.Module) -> NestedAttentionController:

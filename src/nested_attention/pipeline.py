@@ -160,6 +160,9 @@ class NestedAttention:
             raise NestedAttentionError(
                 f"No adapter is loaded under the name(s) {unknown}; loaded: {sorted(self.adapters)}."
             )
+        unet = self.pipe.unet
+        for loaded in self.adapters.values():  # follow the pipeline if it moved (pipe.to) since loading
+            loaded.adapter.to(device=unet.device, dtype=unet.dtype)
         rows = len(prompts) * num_images_per_prompt
         text_length = self.tokenizers[0].model_max_length
         bound = []

@@ -44,14 +44,15 @@ class NestedAttnProcessor:
         **kwargs,
     ) -> torch.Tensor:
         batch_size = hidden_states.shape[0]
-        layout = None if encoder_hidden_states is None else self.controller.layout(batch_size)
+        device = hidden_states.device
+        layout = None if encoder_hidden_states is None else self.controller.layout(batch_size, device)
         if layout is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         if layout.rows is None:
             return self._nested(attn, layout, hidden_states, encoder_hidden_states, attention_mask, temb)
 
         rows = layout.rows
-        vanilla_rows = self.controller.vanilla_rows(batch_size)
+        vanilla_rows = self.controller.vanilla_rows(batch_size, device)
         out = torch.empty_like(hidden_states)
         if vanilla_rows.numel():
             take = lambda v: _take_rows(v, vanilla_rows, batch_size)  # noqa: E731
@@ -104,6 +105,8 @@ class NestedAttnProcessor:
         subject_values, alphas = [], []
         for subject, slots in zip(self.controller.subjects, layout.slots):
             nested_key, nested_value = subject.nested[self.layer_path]  # (S, H, M, d)
+            # a no-op unless the UNet moved after binding (accelerate's CPU offload runs layers on the GPU)
+            nested_key, nested_value = nested_key.to(query.device), nested_value.to(query.device)
             bias = subject.bias
             if nested_key.shape[0] == 1:
                 nested_key = nested_key.expand(batch, -1, -1, -1)
@@ -112,7 +115,7 @@ class NestedAttnProcessor:
             else:
                 nested_key, nested_value = nested_key[slots], nested_value[slots]
                 bias = None if bias is None else bias[slots]
-            bias = None if bias is None else bias[:, None, None, :].to(query.dtype)
+            bias = None if bias is None else bias[:, None, None, :].to(query.device, query.dtype)
             subject_values.append(nested_values(query, nested_key, nested_value, bias))
             alphas.append(subject.alpha)
 
