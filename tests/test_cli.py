@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from nested_attention import NestedAdapter
-from nested_attention.cli.main import main
 from nested_attention.tiny import TINY_ADAPTER_CONFIG, tiny_image_encoder, tiny_sd_pipeline
+from nested_attention_cli.main import main
 
 
 def run_cli(*argv: str) -> int:

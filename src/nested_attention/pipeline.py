@@ -22,6 +22,7 @@ from .subject import Subject
 class LoadedAdapter:
     adapter: NestedAdapter
     word: str
+    follow_pipeline: bool = True  # moved to the UNet's device and dtype at every call
 
 
 class NestedAttention:
@@ -38,7 +39,8 @@ class NestedAttention:
         >>> na.uninstall()
     """
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, controller: NestedAttentionController | None = None):
+        """Install on `pipe.unet`, or reuse `controller` already installed there (e.g. a trainer's)."""
         unet = getattr(pipe, "unet", None)
         if unet is None:
             raise NestedAttentionError(
@@ -47,7 +49,9 @@ class NestedAttention:
             )
         self.pipe = pipe
         self.tokenizers = pipeline_tokenizers(pipe)
-        self.controller: NestedAttentionController = install(unet)
+        if controller is not None and controller.unet is not unet:
+            raise NestedAttentionError("The given controller is installed on another UNet than this pipeline's.")
+        self.controller: NestedAttentionController = controller or install(unet)
         self.adapters: dict[str, LoadedAdapter] = {}
 
     # ---- adapters ------------------------------------------------------------------------------------------
@@ -58,11 +62,13 @@ class NestedAttention:
         word: str | None = None,
         name: str | None = None,
         image_encoder=None,
+        follow_pipeline: bool = True,
     ) -> str:
         """Add an adapter bound to `word` (default: the word it was trained with). Returns its name.
 
         Several adapters can be loaded at once, each bound to its own word (person + pet, paper Fig. 12).
-        Binding an adapter to another word is the paper's semantic variation (Fig. 15).
+        Binding an adapter to another word is the paper's semantic variation (Fig. 15). With
+        `follow_pipeline=False` the adapter keeps its own device and dtype (a trainer's fp32 weights).
         """
         if not isinstance(adapter, NestedAdapter):
             adapter = NestedAdapter.from_pretrained(adapter, image_encoder=image_encoder)
@@ -72,9 +78,9 @@ class NestedAttention:
         name = name or word
         if name in self.adapters:
             raise NestedAttentionError(f"An adapter named {name!r} is already loaded; load this one under another name.")
-        unet = self.pipe.unet
-        adapter.to(device=unet.device, dtype=unet.dtype).eval()
-        self.adapters[name] = LoadedAdapter(adapter, word)
+        if follow_pipeline:
+            adapter.to(device=self.pipe.unet.device, dtype=self.pipe.unet.dtype).eval()
+        self.adapters[name] = LoadedAdapter(adapter, word, follow_pipeline)
         return name
 
     def set_word(self, name: str, word: str) -> None:
@@ -162,7 +168,8 @@ class NestedAttention:
             )
         unet = self.pipe.unet
         for loaded in self.adapters.values():  # follow the pipeline if it moved (pipe.to) since loading
-            loaded.adapter.to(device=unet.device, dtype=unet.dtype)
+            if loaded.follow_pipeline:
+                loaded.adapter.to(device=unet.device, dtype=unet.dtype)
         rows = len(prompts) * num_images_per_prompt
         text_length = self.tokenizers[0].model_max_length
         bound = []

@@ -105,8 +105,9 @@ class NestedAttnProcessor:
         subject_values, alphas = [], []
         for subject, slots in zip(self.controller.subjects, layout.slots):
             nested_key, nested_value = subject.nested[self.layer_path]  # (S, H, M, d)
-            # a no-op unless the UNet moved after binding (accelerate's CPU offload runs layers on the GPU)
-            nested_key, nested_value = nested_key.to(query.device), nested_value.to(query.device)
+            # no-ops unless the UNet moved after binding (CPU offload) or the adapter keeps its own dtype (training)
+            nested_key = nested_key.to(query.device, query.dtype)
+            nested_value = nested_value.to(query.device, query.dtype)
             bias = subject.bias
             if nested_key.shape[0] == 1:
                 nested_key = nested_key.expand(batch, -1, -1, -1)

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..pipeline import NestedAttention
-from ..subject import Subject
-from ..tiny import tiny_sd_pipeline
+from nested_attention.pipeline import NestedAttention
+from nested_attention.subject import Subject
+from nested_attention.tiny import tiny_sd_pipeline
+
 from .generate import positive_int, random_adapter
 
 SIZE = 64  # generated and synthetic images

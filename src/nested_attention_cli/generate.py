@@ -11,12 +11,12 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from ..adapter import NestedAdapter
-from ..errors import NestedAttentionError
-from ..images import load_image
-from ..pipeline import NestedAttention
-from ..subject import Subject
-from ..tiny import TINY_ADAPTER_CONFIG, tiny_image_encoder, tiny_sd_pipeline, tiny_sdxl_pipeline
+from nested_attention.adapter import NestedAdapter
+from nested_attention.errors import NestedAttentionError
+from nested_attention.images import load_image
+from nested_attention.pipeline import NestedAttention
+from nested_attention.subject import Subject
+from nested_attention.tiny import TINY_ADAPTER_CONFIG, tiny_image_encoder, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 TINY_MODELS = {"tiny-sd": tiny_sd_pipeline, "tiny-sdxl": tiny_sdxl_pipeline}
 RANDOM_ADAPTER = "random"

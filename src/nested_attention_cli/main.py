@@ -8,8 +8,8 @@ import warnings
 
 from PIL import Image
 
-from .. import __version__
-from ..errors import NestedAttentionError
+from nested_attention import __version__
+from nested_attention.errors import NestedAttentionError
 
 NOISY_MODULES = r"(diffusers|transformers|huggingface_hub|accelerate|torch)(\.|$)"
 
@@ -21,6 +21,7 @@ images of a Stable Diffusion 1.5 or SDXL model, bound to one word of the prompt.
 EPILOG = """\
 examples:
   nested-attention demo
+  nested-attention train --config configs/tiny-cpu.yaml data=my-triplets/
   nested-attention generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
       --adapter adapters/person --image me.jpg --prompt "a watercolor painting of a person"
   nested-attention generate --help
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
     generate.add_parser(commands)
     demo.add_parser(commands)
+    commands.add_parser("train", help="train an adapter on your triplets (nested-attention train --help)",
+                        add_help=False)  # dispatched to nested_attention_train.main before parsing
     return parser
 
 
@@ -71,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     argparse's own usage errors; anything else is a bug and propagates with its traceback.
     """
     quiet_libraries()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from nested_attention_train.trainer import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -1,0 +1,1 @@
+"""Training for nested_attention (never imported by the library)."""

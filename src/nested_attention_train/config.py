@@ -1,0 +1,169 @@
+"""The training configuration: one dataclass, read from YAML, overridable field by field on the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from nested_attention.errors import NestedAttentionError
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run. `configs/*.yaml` hold the paper's recipes and a tiny CPU one."""
+
+    # what to train on
+    pretrained_model: str = "tiny-sd"  # diffusers pipeline folder or hub id; tiny-sd / tiny-sdxl: random, for tests
+    image_encoder: str = "tiny"  # CLIP vision folder or hub id; tiny: random, for tests
+    data: str = ""  # folder with metadata.jsonl, a .jsonl file, or WebDataset shards (e.g. data/{000..099}.tar)
+    word: str = "person"  # the subject word in the prompts (default for records that name none)
+    output_dir: str = "outputs/train"
+    init_adapter: str | None = None  # start from an exported adapter (phase 2 from phase 1); its architecture wins
+
+    # adapter architecture (paper: 1024 queries for faces, 256 for pets)
+    num_queries: int = 16
+    qformer_hidden_size: int = 768
+    qformer_layers: int = 4
+    qformer_heads: int = 12
+    qformer_intermediate_size: int = 3072
+    alpha: float | None = 2.0
+
+    # data
+    resolution: int = 512
+    crop: str = "random"  # random | center
+    max_subject_images: int = 1
+    drop_text_rate: float = 0.05  # prompt -> the subject word alone: trains the image-only condition
+    drop_image_rate: float = 0.0  # no subject: vanilla attention, which gives the adapter no gradient here
+    drop_both_rate: float = 0.0
+    skip_bad_data: bool = False  # skip and count bad records and samples instead of stopping
+    num_workers: int = 2
+    shuffle_buffer: int = 1000  # WebDataset only
+
+    # optimization
+    train_batch_size: int = 8  # per process
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant_with_warmup"  # any name of diffusers.optimization.get_scheduler
+    lr_warmup_steps: int = 0
+    num_epochs: int = 100
+    max_steps: int | None = None  # optimizer steps; overrides num_epochs when set
+    mixed_precision: str = "no"  # no | fp16 | bf16 (trainable weights stay fp32)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+    # checkpoints
+    checkpoint_every: int = 1000  # optimizer steps
+    keep_checkpoints: int = 3
+    resume: str | None = None  # "latest" or a checkpoint folder
+
+    # logging and validation
+    log_every: int = 10
+    validation_every: int = 0  # optimizer steps; 0 = never
+    validation_images: list[str] = field(default_factory=list)  # subject images (held-out subjects)
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_seeds: list[int] = field(default_factory=lambda: [0])
+    validation_steps: int = 30
+    validation_guidance: float = 5.0
+
+    def __post_init__(self):
+        problems = []
+        if not self.data:
+            problems.append("`data` is empty: give a folder with metadata.jsonl or WebDataset shards")
+        for name in ("resolution", "train_batch_size", "gradient_accumulation_steps", "num_epochs", "num_queries",
+                     "checkpoint_every", "keep_checkpoints", "log_every", "max_subject_images"):
+            if getattr(self, name) < 1:
+                problems.append(f"`{name}` is {getattr(self, name)}; expected at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"`max_steps` is {self.max_steps}; expected at least 1 or null")
+        if self.crop not in ("random", "center"):
+            problems.append(f"`crop` is {self.crop!r}; expected 'random' or 'center'")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            problems.append(f"`mixed_precision` is {self.mixed_precision!r}; expected no, fp16 or bf16")
+        for name in ("drop_text_rate", "drop_image_rate", "drop_both_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"`{name}` is {getattr(self, name)}; expected a probability in [0, 1]")
+        if self.drop_text_rate + self.drop_image_rate + self.drop_both_rate > 1:
+            problems.append("the three drop rates add up to more than 1")
+        if self.validation_every and not (self.validation_images and self.validation_prompts):
+            problems.append("`validation_every` is set but `validation_images` or `validation_prompts` is empty")
+        if problems:
+            raise NestedAttentionError("Invalid training config: " + "; ".join(problems) + ".")
+
+    @property
+    def adapter_kwargs(self) -> dict:
+        keys = ("num_queries", "qformer_hidden_size", "qformer_layers", "qformer_heads", "qformer_intermediate_size",
+                "alpha", "word")
+        return {key: getattr(self, key) for key in keys}
+
+
+def _check_type(name: str, value, annotation):
+    """`value` (from YAML) fits the field's annotation, converting int -> float where a float is expected."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is float and isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option in (str, bool) and type(value) is option:
+            return value
+        if typing.get_origin(option) is list and isinstance(value, list):
+            inner = typing.get_args(option)[0]
+            if all(isinstance(v, inner) for v in value):
+                return value
+    raise NestedAttentionError(f"`{name}` must be {annotation}, got {value!r} ({type(value).__name__}).")
+
+
+def _unknown(key: str) -> NestedAttentionError:
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else f" Known fields: {', '.join(known)}."
+    return NestedAttentionError(f"Unknown training config field `{key}`.{hint}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """A TrainConfig from a YAML file (optional) and `field=value` overrides (values parsed as YAML)."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise NestedAttentionError(f"Could not read the training config {path}: {error}") from None
+        if not isinstance(loaded, dict):
+            raise NestedAttentionError(f"The training config {path} must be a YAML mapping of fields to values.")
+        values.update(loaded)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise NestedAttentionError(f"Override {item!r} is not of the form field=value (e.g. learning_rate=1e-4).")
+        values[key.strip()] = yaml.safe_load(text) if text.strip() else None
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    checked = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown(key)
+        checked[key] = _check_type(key, value, fields[key].type)
+    return TrainConfig(**checked)
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

@@ -1,0 +1,268 @@
+"""The training loop: `main(argv)` for `nested-attention train` and `accelerate launch -m nested_attention_train`."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from nested_attention import install
+from nested_attention.errors import NestedAttentionError
+
+from . import data
+from .checkpoints import TrainState, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
+from .config import TrainConfig, load_config, save_config
+from .models import TINY_IMAGE_ENCODER, BaseModel, load_adapter, load_base_model
+from .step import NestedTrainingModule
+from .validation import save_grid, validation_grid
+
+logger = logging.getLogger("nested_attention_train")
+
+DESCRIPTION = """\
+Train a Nested Attention adapter (Q-Former + nested projections) on (subject image, prompt, target image)
+triplets; the base model and CLIP stay frozen. Runs on one CPU or, through `accelerate launch`, on many GPUs.
+"""
+
+EPILOG = """\
+examples:
+  nested-attention train --config configs/tiny-cpu.yaml data=path/to/folder
+  nested-attention train --config configs/sdxl-faces-phase1.yaml data=ffhq-wild/{000..199}.tar resume=latest
+  accelerate launch --num_processes 8 -m nested_attention_train --config configs/sdxl-faces-phase2.yaml \\
+      init_adapter=outputs/faces-512/adapter
+
+Any field of the config can be overridden as field=value (values are YAML: 1e-4, true, [0, 1], null).
+"""
+
+
+def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="nested-attention train", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML training config (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="field=value", help="config fields to override")
+    args = parser.parse_args(argv)
+    return args.config, args.overrides
+
+
+def step_seed(seed: int, micro_step: int, process: int) -> int:
+    """A seed for one micro-batch: the same step draws the same noise, timesteps and dropout after a resume."""
+    digest = hashlib.sha256(f"{seed}/{micro_step}/{process}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
+
+
+def several_processes_without_gpu() -> bool:
+    """Several launched processes and no CUDA: DDP over gloo on the CPU.
+
+    `accelerate launch --cpu` starts several processes only through MPI; `accelerate launch --multi_gpu
+    --num_processes N` (torchrun) starts them anywhere, and this makes them meet on the CPU.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def build_dataloader(config: TrainConfig, base: BaseModel, processor) -> tuple[torch.utils.data.DataLoader, object]:
+    """Map-style (metadata.jsonl) or streaming (WebDataset shards) data, as the `data` field says."""
+    common = dict(
+        tokenizers=base.tokenizers, image_processor=processor, resolution=config.resolution, crop=config.crop,
+        drop_text_rate=config.drop_text_rate, drop_image_rate=config.drop_image_rate,
+        drop_both_rate=config.drop_both_rate, seed=config.seed, skip_bad=config.skip_bad_data,
+        max_subject_images=config.max_subject_images,
+    )
+    if data.is_webdataset(config.data):
+        if config.max_steps is None:
+            raise NestedAttentionError("WebDataset shards have no length: set max_steps for a streaming run.")
+        dataset = data.webdataset_pipeline(
+            config.data, default_word=config.word, shuffle_buffer=config.shuffle_buffer, **common
+        )
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=config.train_batch_size, collate_fn=data.collate, num_workers=config.num_workers
+        )
+        return loader, dataset
+    records, problems = data.read_metadata(config.data, default_word=config.word, skip_bad=config.skip_bad_data)
+    if problems:
+        logger.warning("skipped %d bad records of %d (skip_bad_data): first: %s",
+                       len(problems), len(problems) + len(records), problems[0])
+    dataset = data.TripletDataset(records, **common)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=config.train_batch_size, shuffle=True, collate_fn=data.collate,
+        num_workers=config.num_workers, drop_last=len(dataset) >= config.train_batch_size,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    return loader, dataset
+
+
+def train(config: TrainConfig) -> Path:
+    """Run (or resume) a training run; returns the folder of the exported adapter."""
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        cpu=several_processes_without_gpu(),
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        logger.warning("DeepSpeed: checkpoints keep the adapter and schedule; optimizer state is DeepSpeed's own "
+                       "and is not saved, so a resumed run restarts Adam's moments.")
+    base = load_base_model(config)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    base.pipe.to(accelerator.device, dtype=weight_dtype)
+    if base.pipe.vae.config.get("force_upcast", False) and weight_dtype == torch.float16:
+        base.pipe.vae.to(dtype=torch.float32)  # the SDXL VAE overflows in fp16
+    adapter = load_adapter(config, base.pipe.unet)
+    adapter.to(accelerator.device)
+    adapter.encoder.image_encoder.to(dtype=weight_dtype)  # frozen; the trainable part stays fp32
+    if config.gradient_checkpointing:
+        base.pipe.unet.enable_gradient_checkpointing()
+    controller = install(base.pipe.unet)
+    module = NestedTrainingModule(adapter, base, controller)
+    optimizer = torch.optim.AdamW(
+        adapter.trainable_parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.weight_decay, eps=config.adam_epsilon,
+    )
+    loader, dataset = build_dataloader(config, base, adapter.image_processor)
+    if config.max_steps is not None:
+        max_steps = config.max_steps
+    else:
+        max_steps = config.num_epochs * math.ceil(len(loader) / accelerator.num_processes / config.gradient_accumulation_steps)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )
+    module, optimizer, loader, lr_scheduler = accelerator.prepare(module, optimizer, loader, lr_scheduler)
+
+    checkpoints_dir = output_dir / "checkpoints"
+    state = TrainState()
+    resume_from = resolve_resume(checkpoints_dir, config.resume) if config.resume else None
+    if resume_from is not None:
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        state = load_checkpoint(resume_from, adapter, None if deepspeed else optimizer, lr_scheduler)
+        logger.info("resumed from %s at step %d", resume_from, state.step)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "config.yaml")
+        accelerator.init_trackers("nested_attention")
+    save_image_encoder = config.image_encoder == TINY_IMAGE_ENCODER
+
+    progress = tqdm(total=max_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train")
+    window_start, window_samples = time.perf_counter(), 0
+    while state.step < max_steps:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(state.epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(state.epoch)
+        batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        for batch in batches:
+            state.batch_in_epoch += 1
+            state.micro_step += 1
+            if batch is None:  # every sample of this batch was bad (skip_bad_data)
+                state.skipped += config.train_batch_size
+                continue
+            state.skipped += batch["num_skipped"]
+            torch.manual_seed(step_seed(config.seed, state.micro_step, accelerator.process_index))
+            with accelerator.accumulate(module):
+                loss = module(batch)
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(adapter.trainable_parameters(), config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            batch_samples = int(accelerator.gather(torch.tensor([len(batch["sources"])], device=accelerator.device)).sum())
+            state.samples += batch_samples
+            window_samples += batch_samples
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            progress.update(1)
+            mean_loss = accelerator.gather(loss.detach()[None]).mean().item()
+            if state.step % config.log_every == 0 or state.step == max_steps:
+                elapsed = time.perf_counter() - window_start
+                logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0],
+                        "samples_per_second": window_samples / max(elapsed, 1e-9), "skipped": state.skipped}
+                if grad_norm is not None:
+                    logs["grad_norm"] = float(grad_norm)
+                accelerator.log(logs, step=state.step)
+                progress.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{logs['samples_per_second']:.1f}")
+                window_start, window_samples = time.perf_counter(), 0
+            if state.step % config.checkpoint_every == 0 or state.step == max_steps:
+                checkpoint(accelerator, checkpoints_dir, adapter, optimizer, lr_scheduler, state, config,
+                           save_image_encoder)
+            if config.validation_every and state.step % config.validation_every == 0:
+                validate(accelerator, config, base, adapter, controller, state.step)
+            if state.step >= max_steps:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    progress.close()
+    check_replicas_agree(accelerator, adapter)
+
+    final = output_dir / "adapter"
+    if accelerator.is_main_process:
+        adapter.save_pretrained(final, save_image_encoder=save_image_encoder)
+        logger.info("exported the adapter to %s (skipped samples: %d)", final, state.skipped)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    controller.uninstall()
+    return final
+
+
+def check_replicas_agree(accelerator: Accelerator, adapter) -> None:
+    """Every process must hold the same adapter weights (DDP keeps them in sync); a divergence is a bug."""
+    flat = torch.cat([p.detach().double().flatten() for p in adapter.trainable_parameters()])
+    positions = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+    signature = torch.stack([flat.sum(), (flat * positions).sum(), flat.abs().max()])[None]
+    gathered = accelerator.gather(signature.to(accelerator.device))  # (processes, 3)
+    if not bool((gathered == gathered[:1]).all()):
+        raise RuntimeError(f"Adapter weights differ across processes: {gathered.tolist()}")
+    logger.info("adapter weights agree across %d process(es)", accelerator.num_processes)
+
+
+def checkpoint(accelerator, directory, adapter, optimizer, lr_scheduler, state, config, save_image_encoder):
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        path = save_checkpoint(directory, adapter, None if deepspeed else optimizer, lr_scheduler, state,
+                               save_image_encoder)
+        prune_checkpoints(directory, config.keep_checkpoints)
+        logger.info("checkpoint %s", path)
+    accelerator.wait_for_everyone()
+
+
+def validate(accelerator, config, base, adapter, controller, step):
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        grid = validation_grid(config, base, adapter, controller)
+        path = save_grid(grid, Path(config.output_dir), step)
+        tracker = accelerator.get_tracker("tensorboard", unwrap=True)
+        tracker.add_image("validation", torch.from_numpy(np.asarray(grid)).permute(2, 0, 1), step)
+        logger.info("validation grid %s", path)
+    accelerator.wait_for_everyone()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 with one `error:` line for bad configs and bad data)."""
+    try:
+        config_path, overrides = parse_args(argv)
+        train(load_config(config_path, overrides))
+    except NestedAttentionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
