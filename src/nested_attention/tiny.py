@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -37,30 +38,48 @@ TINY_WORDS = (
 ).split()
 
 
-def write_clip_tokenizer(directory: str | Path, words=TINY_WORDS, vocab_size: int = 600) -> CLIPTokenizer:
-    """Train a byte-pair tokenizer on `words` and save it in CLIP's file format (vocab.json + merges.txt).
+def learn_bpe_merges(words) -> list[tuple[str, str]]:
+    """Byte-pair merges, learned deterministically, until every word of `words` is a single symbol.
 
-    Every word of `words` becomes a single token; other words are split into pieces, as with a real CLIP
-    tokenizer.
+    Each step merges the most frequent adjacent pair (ties broken by the pair itself), the classic BPE
+    procedure; applied by rank, the merges rebuild every training word whole. Words are spelled as CLIP
+    spells them: characters, the last one carrying the end-of-word suffix.
+    """
+    spellings = {tuple(w[:-1]) + (w[-1] + "</w>",) for w in set(words) if w}
+    merges = []
+    while any(len(s) > 1 for s in spellings):
+        counts = Counter(pair for s in spellings for pair in zip(s, s[1:]))
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        merged = set()
+        for spelling in spellings:
+            out, i = [], 0
+            while i < len(spelling):
+                if i + 1 < len(spelling) and (spelling[i], spelling[i + 1]) == best:
+                    out.append(spelling[i] + spelling[i + 1])
+                    i += 2
+                else:
+                    out.append(spelling[i])
+                    i += 1
+            merged.add(tuple(out))
+        spellings = merged
+    return merges
+
+
+def write_clip_tokenizer(directory: str | Path, words=TINY_WORDS) -> CLIPTokenizer:
+    """A byte-pair tokenizer in CLIP's file format (vocab.json + merges.txt) in which each of `words` is one token.
+
+    The base vocabulary is CLIP's: every byte as a character, with and without the end-of-word suffix, so any
+    text tokenizes; other words split into pieces, as with a real CLIP tokenizer. Deterministic.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    alphabet = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!'")
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, end_of_word_suffix="</w>", initial_alphabet=alphabet,
-        show_progress=False,
-    )
-    bpe.train_from_iterator([" ".join(words)] * 50, trainer=trainer)
-    vocab = bpe.get_vocab()
-    for char in alphabet:  # CLIP looks up a lone final character with its end-of-word suffix
-        vocab.setdefault(char + "</w>", len(vocab))
-    merges = json.loads(bpe.to_str())["model"]["merges"]
-    (directory / "vocab.json").write_text(json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1]))))
-    lines = ["#version: 0.2"] + [" ".join(m) if isinstance(m, list) else m for m in merges]
-    (directory / "merges.txt").write_text("\n".join(lines) + "\n")
+    merges = learn_bpe_merges([w.lower() for w in words])
+    base = sorted(ByteLevel.alphabet())  # the 256 byte characters of byte-level BPE
+    tokens = base + [c + "</w>" for c in base] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77)
     tokenizer.save_pretrained(directory)
     return tokenizer

@@ -84,10 +84,11 @@ class NestedTrainingModule(nn.Module):
             alpha=self.adapter.config.alpha,
         )
         unet = base.pipe.unet
-        with self.controller.bound([subject]):
-            prediction = unet(
-                noisy.to(unet.dtype), timesteps, encoder_hidden_states=context.to(unet.dtype), added_cond_kwargs=added
-            ).sample
+        # left bound through backward: gradient checkpointing re-runs the UNet forward there (the trainer clears it)
+        self.controller.bind([subject])
+        prediction = unet(
+            noisy.to(unet.dtype), timesteps, encoder_hidden_states=context.to(unet.dtype), added_cond_kwargs=added
+        ).sample
         loss = F.mse_loss(prediction.float(), target.float())
         if not bool(token_mask.any()):
             # no row is bound (all dropped): keep every adapter weight in the graph so DDP's reduction completes

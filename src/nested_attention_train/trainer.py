@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -112,8 +113,23 @@ def train(config: TrainConfig) -> Path:
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # the data order depends on (seed, epoch) only, so a resumed run sees the batches it would have seen
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
+    set_seed(config.seed)
+    try:
+        return run_training(config, accelerator)
+    finally:
+        if accelerator.num_processes == 1:
+            # accelerate keeps process-wide state; reset it so that main(argv) can run again in this process
+            # (tests, notebooks) with other settings. Several processes exit after one run.
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+
+
+def run_training(config: TrainConfig, accelerator: Accelerator) -> Path:
+    """Load the models and data, train, checkpoint, validate, export; returns the exported adapter's folder."""
+    output_dir = Path(config.output_dir)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -166,7 +182,11 @@ def train(config: TrainConfig) -> Path:
             loader.set_epoch(state.epoch)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(state.epoch)
-        batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        batches = loader
+        if state.batch_in_epoch:  # resuming mid-epoch: the same order, minus the batches already seen
+            batches = accelerator.skip_first_batches(loader, state.batch_in_epoch)
+            if hasattr(batches, "set_epoch"):
+                batches.set_epoch(state.epoch)  # the skipping loader counts epochs from 0 otherwise
         for batch in batches:
             state.batch_in_epoch += 1
             state.micro_step += 1
@@ -178,6 +198,7 @@ def train(config: TrainConfig) -> Path:
             with accelerator.accumulate(module):
                 loss = module(batch)
                 accelerator.backward(loss)
+                controller.clear()  # the step's subjects were bound through backward (checkpoint recomputation)
                 grad_norm = None
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(adapter.trainable_parameters(), config.max_grad_norm)
@@ -252,7 +273,7 @@ def validate(accelerator, config, base, adapter, controller, step):
         grid = validation_grid(config, base, adapter, controller)
         path = save_grid(grid, Path(config.output_dir), step)
         tracker = accelerator.get_tracker("tensorboard", unwrap=True)
-        tracker.add_image("validation", torch.from_numpy(np.asarray(grid)).permute(2, 0, 1), step)
+        tracker.add_image("validation", torch.from_numpy(np.array(grid)).permute(2, 0, 1), step)
         logger.info("validation grid %s", path)
     accelerator.wait_for_everyone()
 

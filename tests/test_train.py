@@ -1,0 +1,208 @@
+"""Training end to end on tiny models: learning, exact resume, atomic checkpoints, DDP, export, bad data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import nested_attention_train.checkpoints as checkpoints
+from conftest import subject_image
+from nested_attention import NestedAdapter, install
+from nested_attention_cli.main import main as cli_main
+from nested_attention_train import data
+from nested_attention_train.config import load_config
+from nested_attention_train.models import load_adapter, load_base_model
+from nested_attention_train.step import NestedTrainingModule
+from nested_attention_train.trainer import main as train_main
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+TINY = str(CONFIGS / "tiny-cpu.yaml")
+
+
+def make_triplets(folder: Path, count: int = 4, prompt: str = "a photo of a person") -> Path:
+    """Pets-style triplets (subject image = target image) of distinct colour-block subjects."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(count):
+        subject_image(i, size=48).save(folder / f"s{i}.png")
+        lines.append(json.dumps({"subject": f"s{i}.png", "target": f"s{i}.png", "prompt": prompt}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def triplets(tmp_path_factory):
+    return make_triplets(tmp_path_factory.mktemp("triplets"))
+
+
+def run(*args) -> int:
+    return train_main(["--config", TINY, *args])
+
+
+def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "nested_adapter.safetensors"))
+
+
+@torch.no_grad()
+def fixed_loss(overrides: list[str], adapter_dir: Path | None = None) -> float:
+    """The training loss on every triplet at fixed noise and timesteps (8 draws): comparable across adapters."""
+    config = load_config(TINY, overrides)
+    base = load_base_model(config)
+    adapter = load_adapter(config, base.pipe.unet) if adapter_dir is None else NestedAdapter.from_pretrained(adapter_dir)
+    adapter.eval()
+    controller = install(base.pipe.unet)
+    module = NestedTrainingModule(adapter, base, controller)
+    records, _ = data.read_metadata(config.data, default_word=config.word)
+    dataset = data.TripletDataset(records, base.tokenizers, adapter.image_processor, config.resolution, crop="center")
+    batch = data.collate([dataset[i] for i in range(len(dataset))])
+    losses = []
+    for seed in range(8):
+        torch.manual_seed(1000 + seed)
+        losses.append(module(batch).item())
+        controller.clear()
+    controller.uninstall()
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
+def test_loss_falls_when_overfitting(triplets, tmp_path, model):
+    """150 steps on 4 triplets lower the loss at fixed noise and timesteps.
+
+    alpha is off here: in a random UNet the subject word gets ~1/77 of every query's attention, so a value
+    capped at 2 |V[s*]| has almost no leverage on the output (trained UNets attend to the subject word).
+    """
+    overrides = [f"data={triplets}", f"pretrained_model={model}", "alpha=null", "learning_rate=1e-2"]
+    assert run(*overrides, f"output_dir={tmp_path}", "max_steps=150", "checkpoint_every=1000", "log_every=50") == 0
+    before, after = fixed_loss(overrides), fixed_loss(overrides, tmp_path / "adapter")
+    assert after < 0.97 * before, (before, after)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    folder = make_triplets(tmp_path / "data", count=5)  # batch 2, drop_last: 2 batches per epoch
+    common = [f"data={folder}", "train_batch_size=2", "checkpoint_every=3", "lr_scheduler=constant"]
+    assert run(*common, f"output_dir={tmp_path / 'whole'}", "max_steps=7") == 0
+    # the interrupted run stops after step 3 (mid-epoch), then resumes from its latest checkpoint
+    assert run(*common, f"output_dir={tmp_path / 'split'}", "max_steps=3") == 0
+    state = json.loads((tmp_path / "split/checkpoints/checkpoint-00000003/trainer_state.json").read_text())
+    assert state["epoch"] == 1 and state["batch_in_epoch"] == 1
+    at_step_3 = adapter_weights(tmp_path / "split/checkpoints/checkpoint-00000003/adapter")
+    assert run(*common, f"output_dir={tmp_path / 'split'}", "max_steps=7", "resume=latest") == 0
+    whole, split = adapter_weights(tmp_path / "whole/adapter"), adapter_weights(tmp_path / "split/adapter")
+    assert whole.keys() == split.keys() and all(torch.equal(whole[k], split[k]) for k in whole)
+    assert not all(torch.equal(whole[k], at_step_3[k]) for k in whole)  # the resumed steps did train
+
+
+def test_half_written_checkpoint_is_never_picked_up(triplets, tmp_path, monkeypatch):
+    assert run(f"data={triplets}", f"output_dir={tmp_path}", "max_steps=4", "checkpoint_every=2") == 0
+    directory = tmp_path / "checkpoints"
+    latest = checkpoints.resolve_resume(directory, "latest")
+    assert latest.name == "checkpoint-00000004"
+    # a save that crashes half way leaves only a temporary folder
+    monkeypatch.setattr(checkpoints, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    adapter = NestedAdapter.from_pretrained(latest / "adapter")
+    with pytest.raises(OSError, match="disk full"):
+        checkpoints.save_checkpoint(directory, adapter, torch.optim.SGD(adapter.trainable_parameters(), lr=1),
+                                    torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)], lr=1), lambda s: 1),
+                                    checkpoints.TrainState(step=6), save_image_encoder=True)
+    assert list(directory.glob(".tmp-checkpoint-00000006-*"))
+    (directory / "checkpoint-00000008").mkdir()  # a folder without its COMPLETE marker
+    (directory / "checkpoint-00000008" / "trainer_state.json").write_text("{}")
+    assert checkpoints.resolve_resume(directory, "latest") == latest
+    checkpoints.prune_checkpoints(directory, keep=5)
+    assert not list(directory.glob(".tmp-*"))
+    monkeypatch.undo()
+    assert run(f"data={triplets}", f"output_dir={tmp_path}", "max_steps=6", "checkpoint_every=2", "resume=latest") == 0
+    assert json.loads((directory / "checkpoint-00000006" / "trainer_state.json").read_text())["step"] == 6
+
+
+def test_two_processes_agree_and_export_one_adapter(triplets, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "nested_attention_train", "--config", TINY, f"data={triplets}", f"output_dir={tmp_path}",
+        "max_steps=3", "train_batch_size=1", "checkpoint_every=3",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "adapter weights agree across 2 process(es)" in result.stderr
+    assert (tmp_path / "adapter" / "nested_adapter.safetensors").is_file()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-00000003"]
+
+
+def test_exported_adapter_generates_through_the_cli(triplets, tmp_path, capsys):
+    assert run(f"data={triplets}", f"output_dir={tmp_path}", "max_steps=2") == 0
+    out = tmp_path / "image.png"
+    code = cli_main(["generate", "--model", "tiny-sd", "--adapter", str(tmp_path / "adapter"),
+                     "--image", str(triplets / "s0.png"), "--prompt", "a photo of a person", "--steps", "2",
+                     "--out", str(out)])
+    assert code == 0 and out.is_file()
+
+
+def test_bad_data_stops_with_file_and_line_or_is_skipped_and_counted(tmp_path, capsys, caplog):
+    folder = make_triplets(tmp_path / "data", count=3)
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    lines.insert(1, '{"subject": "s0.png", "target": "missing.png", "prompt": "a photo of a person"}')
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    assert run(f"data={folder}", f"output_dir={tmp_path / 'a'}", "max_steps=1") == 2
+    error = capsys.readouterr().err
+    assert "metadata.jsonl:2" in error and "missing.png" in error and "Traceback" not in error
+    with caplog.at_level("WARNING"):
+        assert run(f"data={folder}", f"output_dir={tmp_path / 'b'}", "max_steps=1", "skip_bad_data=true") == 0
+    assert "skipped 1 bad records of 4" in caplog.text
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metadata.jsonl").write_text("\n")
+    assert run(f"data={tmp_path / 'empty'}", f"output_dir={tmp_path / 'c'}", "max_steps=1") == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_webdataset_shards_mixed_precision_checkpointing_and_accumulation(triplets, tmp_path):
+    records, _ = data.read_metadata(triplets, default_word="person")
+    shards = data.write_shards(records, str(tmp_path / "shards" / "%03d.tar"), max_count=2)
+    assert len(shards) == 2
+    pattern = str(tmp_path / "shards" / "{000..001}.tar")
+    assert run(f"data={pattern}", f"output_dir={tmp_path / 'out'}", "max_steps=2", "train_batch_size=2",
+               "mixed_precision=bf16", "gradient_checkpointing=true", "gradient_accumulation_steps=2",
+               "shuffle_buffer=4", "pretrained_model=tiny-sdxl") == 0
+    weights = adapter_weights(tmp_path / "out" / "adapter")
+    assert all(t.dtype == torch.float32 for t in weights.values())  # trainable weights stay fp32
+    state = json.loads((tmp_path / "out/checkpoints/checkpoint-00000002/trainer_state.json").read_text())
+    assert state["step"] == 2 and state["micro_step"] == 4
+
+
+def test_validation_grid_and_tensorboard_scalars(triplets, tmp_path):
+    assert run(f"data={triplets}", f"output_dir={tmp_path}", "max_steps=2", "validation_every=2", "log_every=1",
+               f"validation_images=[{triplets / 's0.png'}, {triplets / 's1.png'}]",
+               "validation_prompts=['a photo of a person', 'a person at the beach']", "validation_seeds=[0, 1]",
+               "validation_steps=2") == 0
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "validation" / "step-00000002.png")
+    assert grid.size == (3 * 32, 4 * 32)  # input + 2 prompts; 2 subjects x 2 seeds
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"loss", "lr", "grad_norm", "samples_per_second"} <= set(events.Tags()["scalars"])
+    assert "validation" in events.Tags()["images"]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_are_valid(name):
+    config = load_config(CONFIGS / name, ["data=somewhere"])
+    if name.startswith("sdxl-faces"):
+        assert config.num_queries == 1024 and config.word == "person"
+    if name.startswith("sdxl-pets"):
+        assert config.num_queries == 256 and config.word == "pet"
+    if name.endswith("phase2.yaml"):
+        assert config.resolution == 1024 and config.gradient_checkpointing
+
+
+def test_bad_config_is_one_error_line(capsys):
+    assert run("data=x", "lerning_rate=1") == 2
+    assert "Did you mean learning_rate" in capsys.readouterr().err
