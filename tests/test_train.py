@@ -97,6 +97,18 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert not all(torch.equal(whole[k], at_step_3[k]) for k in whole)  # the resumed steps did train
 
 
+def test_streaming_resume_gives_the_same_weights(triplets, tmp_path):
+    records, _ = data.read_metadata(triplets, default_word="person")
+    data.write_shards(records, str(tmp_path / "shards" / "%03d.tar"), max_count=2)
+    common = [f"data={tmp_path / 'shards' / '{000..001}.tar'}", "train_batch_size=1", "shuffle_buffer=4",
+              "lr_scheduler=constant", "checkpoint_every=1"]
+    assert run(*common, f"output_dir={tmp_path / 'whole'}", "max_steps=6") == 0
+    assert run(*common, f"output_dir={tmp_path / 'split'}", "max_steps=3") == 0  # mid-epoch: 4 samples per epoch
+    assert run(*common, f"output_dir={tmp_path / 'split'}", "max_steps=6", "resume=latest") == 0
+    whole, split = adapter_weights(tmp_path / "whole/adapter"), adapter_weights(tmp_path / "split/adapter")
+    assert all(torch.equal(whole[k], split[k]) for k in whole)
+
+
 def test_half_written_checkpoint_is_never_picked_up(triplets, tmp_path, monkeypatch):
     assert run(f"data={triplets}", f"output_dir={tmp_path}", "max_steps=4", "checkpoint_every=2") == 0
     directory = tmp_path / "checkpoints"
@@ -120,12 +132,21 @@ def test_half_written_checkpoint_is_never_picked_up(triplets, tmp_path, monkeypa
     assert json.loads((directory / "checkpoint-00000006" / "trainer_state.json").read_text())["step"] == 6
 
 
-def test_two_processes_agree_and_export_one_adapter(triplets, tmp_path):
+@pytest.mark.parametrize("source", ["jsonl", "webdataset"])
+def test_two_processes_agree_and_export_one_adapter(triplets, tmp_path, source):
+    """gloo DDP on the CPU. `accelerate launch --cpu` starts several processes only through MPI; the
+    torchrun-based launcher (--multi_gpu) starts them anywhere and the trainer meets them on the CPU."""
+    if source == "webdataset":  # one shard per process: streaming data is split by shard
+        records, _ = data.read_metadata(triplets, default_word="person")
+        data.write_shards(records, str(tmp_path / "shards" / "%03d.tar"), max_count=2)
+        location = str(tmp_path / "shards" / "{000..001}.tar")
+    else:
+        location = str(triplets)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "nested_attention_train", "--config", TINY, f"data={triplets}", f"output_dir={tmp_path}",
+        "-m", "nested_attention_train", "--config", TINY, f"data={location}", f"output_dir={tmp_path}",
         "max_steps=3", "train_batch_size=1", "checkpoint_every=3",
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -206,3 +227,12 @@ def test_shipped_configs_are_valid(name):
 def test_bad_config_is_one_error_line(capsys):
     assert run("data=x", "lerning_rate=1") == 2
     assert "Did you mean learning_rate" in capsys.readouterr().err
+
+
+def test_make_shards_command(triplets, tmp_path, capsys):
+    from nested_attention_train.make_shards import main as make_shards
+
+    assert make_shards([str(triplets), str(tmp_path / "train-%03d.tar"), "--per-shard", "3", "--word", "person"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["train-000.tar", "train-001.tar"]
+    assert make_shards([str(tmp_path / "nowhere"), str(tmp_path / "x-%03d.tar")]) == 2
+    assert "No training metadata" in capsys.readouterr().err

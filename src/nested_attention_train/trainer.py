@@ -73,8 +73,14 @@ def several_processes_without_gpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def build_dataloader(config: TrainConfig, base: BaseModel, processor) -> tuple[torch.utils.data.DataLoader, object]:
-    """Map-style (metadata.jsonl) or streaming (WebDataset shards) data, as the `data` field says."""
+def build_dataloader(
+    config: TrainConfig, base: BaseModel, processor, num_processes: int
+) -> tuple[torch.utils.data.DataLoader, object]:
+    """Map-style (metadata.jsonl) or streaming (WebDataset shards) data, as the `data` field says.
+
+    Streaming data is split among processes by shard (each process reads its own shards), so it needs at
+    least as many shards as processes x workers.
+    """
     common = dict(
         tokenizers=base.tokenizers, image_processor=processor, resolution=config.resolution, crop=config.crop,
         drop_text_rate=config.drop_text_rate, drop_image_rate=config.drop_image_rate,
@@ -85,7 +91,8 @@ def build_dataloader(config: TrainConfig, base: BaseModel, processor) -> tuple[t
         if config.max_steps is None:
             raise NestedAttentionError("WebDataset shards have no length: set max_steps for a streaming run.")
         dataset = data.webdataset_pipeline(
-            config.data, default_word=config.word, shuffle_buffer=config.shuffle_buffer, **common
+            config.data, default_word=config.word, shuffle_buffer=config.shuffle_buffer,
+            split_by_node=num_processes > 1, **common,
         )
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=config.train_batch_size, collate_fn=data.collate, num_workers=config.num_workers
@@ -151,7 +158,8 @@ def run_training(config: TrainConfig, accelerator: Accelerator) -> Path:
         adapter.trainable_parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.weight_decay, eps=config.adam_epsilon,
     )
-    loader, dataset = build_dataloader(config, base, adapter.image_processor)
+    loader, dataset = build_dataloader(config, base, adapter.image_processor, accelerator.num_processes)
+    streaming = data.is_webdataset(config.data)
     if config.max_steps is not None:
         max_steps = config.max_steps
     else:
@@ -160,7 +168,10 @@ def run_training(config: TrainConfig, accelerator: Accelerator) -> Path:
         config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_steps * accelerator.num_processes,
     )
-    module, optimizer, loader, lr_scheduler = accelerator.prepare(module, optimizer, loader, lr_scheduler)
+    if streaming:  # already split by shard per process: accelerate must not dispatch or re-shard it
+        module, optimizer, lr_scheduler = accelerator.prepare(module, optimizer, lr_scheduler)
+    else:
+        module, optimizer, loader, lr_scheduler = accelerator.prepare(module, optimizer, loader, lr_scheduler)
 
     checkpoints_dir = output_dir / "checkpoints"
     state = TrainState()
