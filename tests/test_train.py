@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -143,13 +144,20 @@ def test_two_processes_agree_and_export_one_adapter(triplets, tmp_path, source):
     else:
         location = str(triplets)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as probe:  # a free port: never collide with another run's rendezvous on 29500
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
         "-m", "nested_attention_train", "--config", TINY, f"data={location}", f"output_dir={tmp_path}",
         "max_steps=3", "train_batch_size=1", "checkpoint_every=3",
     ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired as timeout:
+        pytest.fail(f"2-process training hung; its last output:\n{(timeout.stderr or b'')[-4000:]!r}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "adapter weights agree across 2 process(es)" in result.stderr
     assert (tmp_path / "adapter" / "nested_adapter.safetensors").is_file()
