@@ -96,6 +96,20 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     whole, split = adapter_weights(tmp_path / "whole/adapter"), adapter_weights(tmp_path / "split/adapter")
     assert whole.keys() == split.keys() and all(torch.equal(whole[k], split[k]) for k in whole)
     assert not all(torch.equal(whole[k], at_step_3[k]) for k in whole)  # the resumed steps did train
+    kept = sorted(p.name for p in (tmp_path / "split/checkpoints").iterdir())
+    assert kept == ["checkpoint-00000006", "checkpoint-00000007"]  # keep_checkpoints: 2 in tiny-cpu.yaml
+
+
+def test_second_phase_starts_from_the_first_phase_adapter(triplets, tmp_path):
+    """The paper's two phases are two runs of one command: 512 then 1024 from the first run's adapter."""
+    assert run(f"data={triplets}", f"output_dir={tmp_path / 'p1'}", "max_steps=2", "resolution=32") == 0
+    # learning rate 0: phase 2 must end exactly where phase 1 ended, at twice the resolution
+    assert run(f"data={triplets}", f"output_dir={tmp_path / 'p2'}", "max_steps=2", "resolution=64",
+               f"init_adapter={tmp_path / 'p1' / 'adapter'}", "learning_rate=0", "weight_decay=0") == 0
+    phase1, phase2 = adapter_weights(tmp_path / "p1/adapter"), adapter_weights(tmp_path / "p2/adapter")
+    assert phase1.keys() == phase2.keys() and all(torch.equal(phase1[k], phase2[k]) for k in phase1)
+    assert run(f"data={triplets}", f"output_dir={tmp_path / 'p3'}", "max_steps=1", "pretrained_model=tiny-sdxl",
+               f"init_adapter={tmp_path / 'p1' / 'adapter'}") == 2  # an SD 1.5 adapter on SDXL: refused
 
 
 def test_streaming_resume_gives_the_same_weights(triplets, tmp_path):
