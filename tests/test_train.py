@@ -258,3 +258,15 @@ def test_make_shards_command(triplets, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["train-000.tar", "train-001.tar"]
     assert make_shards([str(tmp_path / "nowhere"), str(tmp_path / "x-%03d.tar")]) == 2
     assert "No training metadata" in capsys.readouterr().err
+
+
+def test_corrupt_image_found_during_training(tmp_path, capsys):
+    folder = make_triplets(tmp_path / "data", count=4)
+    (folder / "s2.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")  # exists, so it passes the start checks
+    common = [f"data={folder}", "train_batch_size=1", "lr_scheduler=constant"]
+    assert run(*common, f"output_dir={tmp_path / 'stop'}", "max_steps=4") == 2
+    error = capsys.readouterr().err
+    assert "metadata.jsonl:3" in error and "Traceback" not in error
+    assert run(*common, f"output_dir={tmp_path / 'skip'}", "max_steps=4", "skip_bad_data=true") == 0
+    state = json.loads((tmp_path / "skip/checkpoints/checkpoint-00000004/trainer_state.json").read_text())
+    assert state["skipped"] >= 1 and state["step"] == 4 and state["micro_step"] == 4 + state["skipped"]

@@ -201,10 +201,11 @@ def run_training(config: TrainConfig, accelerator: Accelerator) -> Path:
         for batch in batches:
             state.batch_in_epoch += 1
             state.micro_step += 1
-            if batch is None:  # every sample of this batch was bad (skip_bad_data)
-                state.skipped += config.train_batch_size
+            size = 0 if batch is None else len(batch["sources"])
+            sizes = accelerator.gather(torch.tensor([size], device=accelerator.device))
+            state.skipped += config.train_batch_size - size if batch is None else batch["num_skipped"]
+            if int(sizes.min()) == 0:  # a process got only bad samples (skip_bad_data): all skip together
                 continue
-            state.skipped += batch["num_skipped"]
             torch.manual_seed(step_seed(config.seed, state.micro_step, accelerator.process_index))
             with accelerator.accumulate(module):
                 loss = module(batch)
@@ -216,7 +217,7 @@ def run_training(config: TrainConfig, accelerator: Accelerator) -> Path:
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            batch_samples = int(accelerator.gather(torch.tensor([len(batch["sources"])], device=accelerator.device)).sum())
+            batch_samples = int(sizes.sum())
             state.samples += batch_samples
             window_samples += batch_samples
             if not accelerator.sync_gradients:
