@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -26,8 +27,8 @@ def to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
     width, height = image.size
     if min(width, height) < MIN_SIDE:
         raise NestedAttentionError(
-            f"{name} is {width}x{height} pixels; a subject image needs at least {MIN_SIDE} pixels on each "
-            f"side. Use a larger crop of the subject."
+            f"{name} is {width}x{height} pixels; an image needs at least {MIN_SIDE} pixels on each side. "
+            f"Use a larger image."
         )
     if width * height > MAX_PIXELS:
         raise NestedAttentionError(
@@ -47,27 +48,36 @@ def to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB, or raise a NestedAttentionError that names the file and the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise NestedAttentionError(f"Subject image {path} does not exist or is not a file.")
+def decode_image(file: str | Path | bytes, name: str) -> Image.Image:
+    """Decode an image file (or its bytes) as RGB, or raise a NestedAttentionError naming `name`.
+
+    The file is read whole first, so no handle stays open on a refused image; huge images are refused from
+    their header, before decoding.
+    """
     try:
+        data = file if isinstance(file, bytes) else Path(file).read_bytes()
         with warnings.catch_warnings():  # Pillow warns from 89 MP; to_rgb refuses from MAX_PIXELS, in one sentence
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)  # reads the header only: to_rgb refuses huge images before decoding
-        checked = to_rgb(image, name=f"Subject image {path}")
+            image = Image.open(io.BytesIO(data))
+        checked = to_rgb(image, name=name)
         checked.load()
         return checked
     except NestedAttentionError:
         raise
     except Image.DecompressionBombError as error:
         raise NestedAttentionError(
-            f"Subject image {path} is too large to decode safely ({error}); the limit is {MAX_PIXELS / 1e6:.0f} MP. "
-            f"Downscale it first."
+            f"{name} is too large to decode safely ({error}); the limit is {MAX_PIXELS / 1e6:.0f} MP. Downscale it first."
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise NestedAttentionError(
-            f"Subject image {path} could not be read as an image ({error.__class__.__name__}: {error}). "
+            f"{name} could not be read as an image ({error.__class__.__name__}: {error}). "
             f"Expected a PNG, JPEG, WebP or other format Pillow reads."
         ) from None
+
+
+def load_image(path: str | Path, role: str = "Subject image") -> Image.Image:
+    """Open an image file as RGB, or raise a NestedAttentionError that names the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise NestedAttentionError(f"{role} {path} does not exist or is not a file.")
+    return decode_image(path, name=f"{role} {path}")

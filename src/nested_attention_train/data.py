@@ -17,13 +17,11 @@ and counts in ``num_skipped``.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
 import re
 import tarfile
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
@@ -32,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from nested_attention.binding import prompt_ids, word_positions
 from nested_attention.errors import NestedAttentionError
-from nested_attention.images import MAX_PIXELS, to_rgb
+from nested_attention.images import decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -187,34 +185,6 @@ def _image_path(value: str, folder: Path, field: str, source: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- samples
-
-
-def open_image(file: str | Path | bytes, name: str) -> Image.Image:
-    """Decode an image file or its bytes as RGB with the library's checks (nested_attention.images.to_rgb).
-
-    Like nested_attention.images.load_image, but `name` ("Target image x.jpg") says which image it is, and
-    bytes from a shard are accepted (a file is read whole first, so no handle stays open on a refused image).
-    Raises a NestedAttentionError naming `name`.
-    """
-    try:
-        data = file if isinstance(file, bytes) else Path(file).read_bytes()
-        with warnings.catch_warnings():  # to_rgb refuses huge images from the header, before decoding
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-        checked = to_rgb(image, name=name)
-        checked.load()
-        return checked
-    except NestedAttentionError:
-        raise
-    except Image.DecompressionBombError as error:
-        raise NestedAttentionError(
-            f"{name} is too large to decode safely ({error}); the limit is {MAX_PIXELS / 1e6:.0f} MP. Downscale it."
-        ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise NestedAttentionError(
-            f"{name} could not be read as an image ({error.__class__.__name__}: {error}). Expected a PNG, JPEG, "
-            f"WebP or other format Pillow reads; replace the file or remove the record."
-        ) from None
 
 
 def sample_rng(seed: int, epoch: int, ident: int | str) -> random.Random:
@@ -389,7 +359,7 @@ class TripletDataset(torch.utils.data.Dataset):
 
 def _load_file(path: str, role: str) -> Image.Image:
     """Open a record's image file; `role` is "Target image" or "Subject image"."""
-    return open_image(path, f"{role} {path}")
+    return decode_image(path, f"{role} {path}")
 
 
 def collate(samples: list[dict | None]) -> dict | None:
@@ -596,7 +566,7 @@ class _ShardStages:
         rng = sample_rng(self.seed, self.epoch, sample["__key__"])
 
         def load(name: str, role: str) -> Image.Image:
-            return open_image(sample[name], f"{role} {name}")
+            return decode_image(sample[name], f"{role} {name}")
 
         return self.builder.build_or_skip(record, rng, load, self.skip_bad)
 
