@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -168,12 +169,17 @@ def test_two_processes_agree_and_export_one_adapter(triplets, tmp_path, source):
         "-m", "nested_attention_train", "--config", TINY, f"data={location}", f"output_dir={tmp_path}",
         "max_steps=3", "train_batch_size=1", "checkpoint_every=3",
     ]
+    # a session of its own, so that a hang can be ended with every process the launcher started
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     try:
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    except subprocess.TimeoutExpired as timeout:
-        pytest.fail(f"2-process training hung; its last output:\n{(timeout.stderr or b'')[-4000:]!r}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "adapter weights agree across 2 process(es)" in result.stderr
+        _, stderr = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"2-process training hung; its last output:\n{stderr[-4000:]}")
+    assert process.returncode == 0, stderr[-3000:]
+    assert "adapter weights agree across 2 process(es)" in stderr
     assert (tmp_path / "adapter" / "nested_adapter.safetensors").is_file()
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-00000003"]
 
