@@ -1,0 +1,121 @@
+"""Build stage: the metric models (factor classifier, identity networks), trained on train identities and
+measured on held-out ones against the issue's bars."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .metric_models import FactorClassifier, IdentityNet, MetricConfig, head_accuracy, retrieval_top1, train_multihead
+from .render import render_input, render_target
+from .world import (
+    CONTEXT_FACTORS,
+    DOMAINS,
+    FACTOR_NAMES,
+    attribute_names,
+    attribute_values,
+    sample_context,
+    sample_identities,
+)
+
+
+@dataclass
+class Rendered:
+    """Renders and their ground truth: images (N, 3, S, S) uint8, factor and attribute labels, domain per image."""
+
+    images: torch.Tensor
+    factors: dict[str, torch.Tensor]
+    attributes: dict[str, torch.Tensor]  # only for single-domain sets
+    domains: torch.Tensor
+
+
+def _render_one(job: tuple) -> np.ndarray:
+    kind, identity, context, size, seed = job
+    image = render_input(identity, size=size, seed=seed) if kind == "input" else render_target(identity, context, size=size, seed=seed)
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def render_jobs(jobs: list[tuple], workers: int, desc: str) -> torch.Tensor:
+    """Render (kind, identity, context, size, seed) jobs in parallel processes -> (N, 3, S, S) uint8."""
+    with ProcessPoolExecutor(workers) as pool:
+        arrays = list(tqdm(pool.map(_render_one, jobs, chunksize=64), total=len(jobs), desc=desc, leave=False))
+    return torch.from_numpy(np.stack(arrays))
+
+
+def make_set(domains, count, held_out, size, seed, workers, input_fraction=0.0, desc="render") -> Rendered:
+    """`count` renders split evenly over `domains`, identities from one side of the split, random contexts."""
+    rng = np.random.default_rng(seed)
+    jobs, factor_labels, attribute_labels, domain_labels = [], [], [], []
+    for d, domain in enumerate(domains):
+        n = count // len(domains)
+        pool = sample_identities(domain, min(n, 4000), rng, held_out=held_out)
+        for _ in range(n):
+            identity = pool[int(rng.integers(len(pool)))]
+            context = sample_context(rng, domain)
+            kind = "input" if rng.random() < input_fraction else "target"
+            jobs.append((kind, identity, context, size, int(rng.integers(2**31))))
+            factor_labels.append(tuple(context.values))
+            attribute_labels.append(identity.attributes)
+            domain_labels.append(d)
+    images = render_jobs(jobs, workers, desc)
+    factors = torch.tensor(factor_labels)
+    rendered = Rendered(images, {f: factors[:, i] for i, f in enumerate(FACTOR_NAMES)}, {}, torch.tensor(domain_labels))
+    if len(domains) == 1:
+        attributes = torch.tensor(attribute_labels)
+        rendered.attributes = {a: attributes[:, i] for i, a in enumerate(attribute_names(domains[0]))}
+    return rendered
+
+
+def retrieval_sets(domain, identities, queries_per_identity, size, seed, workers):
+    """Gallery: one input view per held-out identity; queries: target renders in random contexts."""
+    rng = np.random.default_rng(seed)
+    gallery_jobs = [("input", identity, None, size, int(rng.integers(2**31))) for identity in identities]
+    query_jobs, query_ids = [], []
+    for i, identity in enumerate(identities):
+        for _ in range(queries_per_identity):
+            query_jobs.append(("target", identity, sample_context(rng, domain), size, int(rng.integers(2**31))))
+            query_ids.append(i)
+    return (render_jobs(gallery_jobs, workers, f"{domain} gallery"), render_jobs(query_jobs, workers, f"{domain} queries"),
+            torch.tensor(query_ids))
+
+
+def build_metric_models(out: Path, size: int = 64, train_count: int = 40000, epochs: int = 6, seed: int = 0,
+                        workers: int = 2, eval_identities: int = 50, log=print) -> dict:
+    """Train and save `out/factor_classifier` and `out/identity_<domain>`; return the held-out measurements."""
+    torch.manual_seed(seed)
+    results: dict = {"train_count": train_count, "epochs": epochs, "size": size}
+    started = time.perf_counter()
+
+    train = make_set(DOMAINS, train_count, held_out=False, size=size, seed=seed, workers=workers, desc="factor train")
+    classifier = FactorClassifier(MetricConfig({f: len(v) for f, v in CONTEXT_FACTORS.items()}, image_size=size))
+    losses = train_multihead(classifier, train.images, train.factors, epochs=epochs, seed=seed)
+    test = make_set(DOMAINS, 2000, held_out=True, size=size, seed=seed + 1, workers=workers, desc="factor test")
+    results["factor_accuracy"] = head_accuracy(classifier, test.images, test.factors)
+    results["factor_losses"] = losses
+    classifier.save_pretrained(out / "factor_classifier")
+    log(f"factor classifier: held-out accuracy {results['factor_accuracy']}")
+
+    for d, domain in enumerate(DOMAINS):
+        train = make_set((domain,), train_count // 2, held_out=False, size=size, seed=seed + 10 + d, workers=workers,
+                         input_fraction=0.25, desc=f"{domain} train")
+        heads = {a: len(attribute_values(domain, a)) for a in attribute_names(domain)}
+        net = IdentityNet(MetricConfig(heads, image_size=size))
+        train_multihead(net, train.images, train.attributes, epochs=epochs, seed=seed)
+        test = make_set((domain,), 2000, held_out=True, size=size, seed=seed + 20 + d, workers=workers, desc=f"{domain} test")
+        results[f"identity_{domain}_attribute_accuracy"] = head_accuracy(net, test.images, test.attributes)
+        identities = sample_identities(domain, eval_identities, np.random.default_rng(seed + 30 + d), held_out=True)
+        gallery, queries, query_ids = retrieval_sets(domain, identities, 10, size, seed + 40 + d, workers)
+        results[f"identity_{domain}_top1"] = retrieval_top1(net, gallery, queries, query_ids)
+        net.save_pretrained(out / f"identity_{domain}")
+        log(f"identity {domain}: retrieval top-1 among {eval_identities} held-out identities "
+            f"{results[f'identity_{domain}_top1']:.3f}")
+    results["seconds"] = time.perf_counter() - started
+    (out / "metric_models.json").write_text(json.dumps(results, indent=2))
+    return results

@@ -1,0 +1,165 @@
+"""Metric models of the toy world, trained on train identities only: they judge generations against ground truth.
+
+- `FactorClassifier`: one head per context factor (scene, style, ...): is the prompt followed?
+- `IdentityNet`: one head per identity attribute of a domain; its embedding is the concatenation of the
+  per-attribute probabilities, L2-normalized. Like a face-recognition network, renders of one subject in any
+  context land close together and different subjects far apart; because it predicts attributes rather than
+  memorizing training identities, it generalizes to held-out identities (unseen attribute combinations).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+@dataclass
+class MetricConfig:
+    """Heads (name -> number of classes), input size and width of a metric model."""
+
+    heads: dict[str, int]
+    image_size: int = 64
+    width: int = 32
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> MetricConfig:
+        return cls(**json.loads(path.read_text()))
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU())
+
+
+class MultiHeadNet(nn.Module):
+    """A small CNN with one linear classification head per name.
+
+    A stride-2 stem, then one convolution per resolution (64 -> 32 -> 16 -> 8 -> 4 px at 64 input): cheap
+    enough to train on a CPU inside the toy build's budget, with global pooling plus a coarse 2x2 grid so
+    that position stays visible to the heads.
+    """
+
+    def __init__(self, config: MetricConfig):
+        super().__init__()
+        self.config = config
+        w = config.width
+        self.backbone = nn.Sequential(
+            _conv(3, w, stride=2), _conv(w, 2 * w), nn.MaxPool2d(2), _conv(2 * w, 4 * w), nn.MaxPool2d(2),
+            _conv(4 * w, 4 * w), nn.MaxPool2d(2),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.heads = nn.ModuleDict({name: nn.Linear(16 * w, n) for name, n in config.heads.items()})
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 3, S, S) in [-1, 1] -> head name -> (B, classes) logits."""
+        if images.shape[-1] != self.config.image_size:
+            images = F.interpolate(images, size=self.config.image_size, mode="bilinear", antialias=True)
+        features = self.pool(self.backbone(images)).flatten(1)
+        return {name: head(features) for name, head in self.heads.items()}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory / "config.json")
+        save_file({k: v.half().contiguous() if v.is_floating_point() else v.contiguous()
+                   for k, v in self.state_dict().items()}, str(directory / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> MultiHeadNet:
+        directory = Path(directory)
+        model = cls(MetricConfig.load(directory / "config.json"))
+        state = load_file(str(directory / "model.safetensors"))
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        return model.eval()
+
+
+class FactorClassifier(MultiHeadNet):
+    """Predicts every context factor of a render (heads named after the factors)."""
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: logits.argmax(-1) for name, logits in self(images).items()}
+
+
+class IdentityNet(MultiHeadNet):
+    """Predicts the identity attributes of one domain; `embed` gives the identity embedding."""
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, sum of classes) L2-normalized concatenated attribute probabilities."""
+        probabilities = [logits.softmax(-1) for logits in self(images).values()]
+        return F.normalize(torch.cat(probabilities, dim=-1), dim=-1)
+
+
+def train_multihead(
+    model: MultiHeadNet,
+    images: torch.Tensor,
+    labels: dict[str, torch.Tensor],
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress=None,
+) -> list[float]:
+    """Cross-entropy summed over the heads, AdamW with a one-cycle schedule (no augmentation: the renders already
+    vary pose, position and scale, and flips would change position labels).
+
+    `images` (N, 3, S, S) uint8; `labels` head -> (N,) long. Returns the mean loss of each epoch.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * ((len(images) + batch_size - 1) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    losses = []
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=generator)
+        total = 0.0
+        for start in range(0, len(images), batch_size):
+            index = order[start : start + batch_size]
+            batch = images[index].float() / 127.5 - 1
+            outputs = model(batch)
+            loss = sum(F.cross_entropy(outputs[name], labels[name][index]) for name in outputs)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(index)
+            if progress is not None:
+                progress.update(len(index))
+        losses.append(total / len(images))
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def head_accuracy(model: MultiHeadNet, images: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Accuracy of every head on uint8 images."""
+    model.eval()
+    correct = {name: 0 for name in model.config.heads}
+    for start in range(0, len(images), 256):
+        outputs = model(images[start : start + 256].float() / 127.5 - 1)
+        for name, logits in outputs.items():
+            correct[name] += int((logits.argmax(-1) == labels[name][start : start + 256]).sum())
+    return {name: count / len(images) for name, count in correct.items()}
+
+
+@torch.no_grad()
+def retrieval_top1(model: IdentityNet, gallery: torch.Tensor, queries: torch.Tensor, query_ids: torch.Tensor) -> float:
+    """Top-1 identity retrieval: query i is right when its nearest gallery image (cosine) is gallery[query_ids[i]].
+
+    gallery (G, 3, S, S) uint8, one image per identity; queries (Q, 3, S, S) uint8; query_ids (Q,) long.
+    """
+    model.eval()
+    to_float = lambda x: x.float() / 127.5 - 1  # noqa: E731
+    g = torch.cat([model.embed(to_float(gallery[i : i + 256])) for i in range(0, len(gallery), 256)])
+    q = torch.cat([model.embed(to_float(queries[i : i + 256])) for i in range(0, len(queries), 256)])
+    return float(((q @ g.T).argmax(-1) == query_ids).float().mean())
