@@ -1,5 +1,9 @@
 """Tiny, seeded, offline models shared by the tests (built from configs; nothing is downloaded)."""
 
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported: no test may reach a model hub
+
 import numpy as np
 import pytest
 import torch
