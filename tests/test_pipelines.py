@@ -170,3 +170,15 @@ def test_adapter_follows_the_pipeline_to_another_dtype(tmp_path):
                  height=32, width=32, output_type="latent").images
     assert latents.dtype == torch.bfloat16 and latents.isfinite().all()
     assert next(na.adapters["person"].adapter.parameters()).dtype == torch.bfloat16
+
+
+def test_bound_keys_and_values_carry_no_autograd_graph(sd_pipe):
+    from nested_attention import NestedAttention
+
+    na = NestedAttention(sd_pipe)
+    try:
+        na.load_adapter(make_adapter(sd_pipe.unet))
+        [bound] = na.bind(["a photo of a person"], {"person": Subject(subject_image(0))})
+        assert not any(k.requires_grad or v.requires_grad for k, v in bound.nested.values())
+    finally:
+        na.uninstall()

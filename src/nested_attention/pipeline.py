@@ -147,6 +147,7 @@ class NestedAttention:
         needs_bias = uneven or any(c != max(counts) for c in counts)
         return tokens, (bias.to(tokens.device) if needs_bias else None)
 
+    @torch.no_grad()  # inference only: the trainer builds its BoundSubject with gradients itself
     def bind(
         self,
         prompts: Sequence[str],
