@@ -179,6 +179,44 @@ def _zzz(pen: _Pen, x, y, h):
         pen.line([(zx, zy + zh), (zx + zh, zy + zh), (zx, zy), (zx + zh, zy)], ZZZ, 0.25 * h, curve=False)
 
 
+HEART: RGB = (232, 48, 110)
+CLOUD: RGB = (128, 138, 168)
+BANG: RGB = (255, 200, 0)
+VEIN: RGB = (225, 25, 25)
+
+
+def _emote(pen: _Pen, expression: str | None, x: float, y: float):
+    """A comic emotion symbol beside the head, starting at subject point (x, y): a heart (smiling), a rain cloud
+    (sad), "!" (surprised), an anger vein (angry), "Z z" (sleepy). It is at least 9 px tall at 64 px whatever the
+    subject's size, so that the expression stays readable where the face's own features are a few pixels."""
+    if expression is None:
+        return
+    h = max(0.17, 19.0 / pen.s)  # subject units; pen.s is pixels (of the 2x canvas) per unit
+    cx, cy = x + 0.5 * h, y + 0.5 * h
+    if expression == "smiling":
+        r = 0.29 * h
+        pen.poly([(cx - 2 * r, cy + 0.15 * r)] + _arc(cx - r, cy + 0.2 * r, r, r, 180, 0, 7)
+                 + _arc(cx + r, cy + 0.2 * r, r, r, 180, 0, 7)[1:] + [(cx + 2 * r, cy + 0.15 * r), (cx, cy - 1.9 * r)], HEART)
+    elif expression == "sad":
+        r = 0.24 * h
+        for dx, dy, k in ((-r, 0.1 * h, 0.9), (r * 0.9, 0.12 * h, 0.85), (0, 0.32 * h, 1.05)):
+            pen.ellipse(cx + dx, cy + dy, r * k * 1.25, r * k, CLOUD, n=14)
+        for dx in (-0.8 * r, 0.0, 0.8 * r):
+            pen.line([(cx + dx, cy - 0.15 * h), (cx + dx - 0.08 * h, cy - 0.45 * h)], TEAR, 0.09 * h, curve=False)
+    elif expression == "surprised":
+        w = 0.16 * h
+        pen.poly([(cx - w, cy + 0.5 * h), (cx + w, cy + 0.5 * h), (cx + 0.45 * w, cy - 0.2 * h), (cx - 0.45 * w, cy - 0.2 * h)], BANG)
+        pen.ellipse(cx, cy - 0.4 * h, w * 0.9, w * 0.9, BANG, n=10)
+    elif expression == "angry":
+        r, g = 0.42 * h, 0.1 * h
+        for sx in (-1, 1):
+            for sy in (-1, 1):  # four bulging corners with a gap between them: the comic "cross-popping vein"
+                pen.line([(cx + sx * g, cy + sy * r), (cx + sx * g * 2.2, cy + sy * g * 2.2), (cx + sx * r, cy + sy * g)],
+                         VEIN, 0.13 * h)
+    elif expression == "sleepy":
+        _zzz(pen, x, y - 0.1 * h, 0.55 * h)
+
+
 def _face(pen: _Pen, expression: str | None, hy: float, eye_dx: float, eye_y: float, eye_r: float, mouth_y: float, mouth_w: float, brow: RGB, cheek: RGB | None, boost: float = 1.0):
     """Eyes, brows and mouth for one expression (None = the calm input-view face). Shared by persons and pets.
 
@@ -365,8 +403,7 @@ def _draw_person(pen: _Pen, identity: Identity, expression: str | None, head_til
         for lens in lenses:
             face_pen.line(lens, INK, 0.032, curve=eyewear == "round glasses")
         face_pen.line([(-eye_dx + eye_r * 1.8, eye_y + eye_r * 0.3), (eye_dx - eye_r * 1.8, eye_y + eye_r * 0.3)], INK, 0.032)
-    if expression == "sleepy":
-        _zzz(head, fw * 1.05, hy + fh * 0.25, 0.075 * boost)
+    _emote(head, expression, fw * 1.0, hy + fh * 0.3)
 
 
 # ------------------------------------------------------------------------------------------------------ pets
@@ -548,8 +585,7 @@ def _draw_pet(pen: _Pen, identity: Identity, expression: str | None, boost: floa
         pen.poly([(0, ny - 0.015), (-0.16, ny + 0.055), (-0.16, ny - 0.09)], ACCESSORY[acc])
         pen.poly([(0, ny - 0.015), (0.16, ny + 0.055), (0.16, ny - 0.09)], ACCESSORY[acc])
         pen.ellipse(0, ny - 0.017, 0.038, 0.038, _dark(ACCESSORY[acc], 0.8), n=10)
-    if expression == "sleepy":
-        _zzz(pen, hrx * 0.95, hy + hry * 0.35, 0.075 * boost)
+    _emote(pen, expression, hrx * 0.95, hy + hry * 0.45)
 
 
 def _draw_subject(pen: _Pen, identity: Identity, expression: str | None, head_tilt: float = 0.0, look: float = 0.0, boost: float = 1.0):
