@@ -66,11 +66,12 @@ def learn_bpe_merges(words) -> list[tuple[str, str]]:
     return merges
 
 
-def write_clip_tokenizer(directory: str | Path, words=TINY_WORDS) -> CLIPTokenizer:
+def write_clip_tokenizer(directory: str | Path, words=TINY_WORDS, max_length: int = 77) -> CLIPTokenizer:
     """A byte-pair tokenizer in CLIP's file format (vocab.json + merges.txt) in which each of `words` is one token.
 
     The base vocabulary is CLIP's: every byte as a character, with and without the end-of-word suffix, so any
-    text tokenizes; other words split into pieces, as with a real CLIP tokenizer. Deterministic.
+    text tokenizes; other words split into pieces, as with a real CLIP tokenizer. Deterministic. ``max_length`` is
+    the padded prompt length (``model_max_length``; 77 for real CLIP).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -80,7 +81,7 @@ def write_clip_tokenizer(directory: str | Path, words=TINY_WORDS) -> CLIPTokeniz
     vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77)
+    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=max_length)
     tokenizer.save_pretrained(directory)
     return tokenizer
 

@@ -17,6 +17,7 @@ from nested_attention.images import load_image
 from nested_attention.pipeline import NestedAttention
 from nested_attention.subject import Subject
 from nested_attention.tiny import TINY_ADAPTER_CONFIG, tiny_image_encoder, tiny_sd_pipeline, tiny_sdxl_pipeline
+from nested_attention_toy.assets import model_path
 
 TINY_MODELS = {"tiny-sd": tiny_sd_pipeline, "tiny-sdxl": tiny_sdxl_pipeline}
 RANDOM_ADAPTER = "random"
@@ -132,7 +133,8 @@ def add_parser(commands) -> None:
     model = parser.add_argument_group("base model")
     model.add_argument(
         "--model", required=True, metavar="PATH_OR_ID",
-        help="diffusers pipeline folder or hub id (SD 1.5 or SDXL); tiny-sd / tiny-sdxl: tiny random models",
+        help="diffusers pipeline folder or hub id (SD 1.5 or SDXL); toy: the shipped toy-world model; "
+             "tiny-sd / tiny-sdxl: tiny random models",
     )
     model.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                        help="where to run (default: cuda, else mps, else cpu)")
@@ -325,6 +327,14 @@ def model_source(model: str) -> str:
     """Check --model without loading it: a tiny model name, an existing pipeline folder, or a hub id."""
     if model in TINY_MODELS:
         return model
+    shipped = model_path(model)
+    if shipped is not None:
+        if not (shipped / "model_index.json").is_file():
+            raise NestedAttentionError(
+                f"--model {model}: the shipped toy model is missing from this installation ({shipped}); reinstall "
+                f"the package, or rebuild it with nested-attention toy build --out DIR and pass --model DIR/pipeline."
+            )
+        return str(shipped)
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():

@@ -21,6 +21,7 @@ images of a Stable Diffusion 1.5 or SDXL model, bound to one word of the prompt.
 EPILOG = """\
 examples:
   nested-attention demo
+  nested-attention toy build --out toy-build
   nested-attention train --config configs/tiny-cpu.yaml data=my-triplets/
   nested-attention generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
       --adapter adapters/person --image me.jpg --prompt "a watercolor painting of a person"
@@ -50,7 +51,7 @@ def quiet_libraries() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with its `generate` and `demo` sub-commands."""
-    from . import demo, generate  # after quiet_libraries(): these import diffusers' pipelines
+    from . import demo, generate, toy  # after quiet_libraries(): these import diffusers' pipelines
 
     parser = argparse.ArgumentParser(
         prog="nested-attention",
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
     generate.add_parser(commands)
     demo.add_parser(commands)
+    toy.add_parser(commands)
     commands.add_parser("train", help="train an adapter on your triplets (nested-attention train --help)",
                         add_help=False)  # dispatched to nested_attention_train.main before parsing
     return parser

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from .corpus import render_jobs
 from .metric_models import FactorClassifier, IdentityNet, MetricConfig, head_accuracy, retrieval_top1, train_multihead
-from .render import render_input, render_target
 from .world import (
     CONTEXT_FACTORS,
     DOMAINS,
@@ -34,19 +32,6 @@ class Rendered:
     factors: dict[str, torch.Tensor]
     attributes: dict[str, torch.Tensor]  # only for single-domain sets
     domains: torch.Tensor
-
-
-def _render_one(job: tuple) -> np.ndarray:
-    kind, identity, context, size, seed = job
-    image = render_input(identity, size=size, seed=seed) if kind == "input" else render_target(identity, context, size=size, seed=seed)
-    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
-
-
-def render_jobs(jobs: list[tuple], workers: int, desc: str) -> torch.Tensor:
-    """Render (kind, identity, context, size, seed) jobs in parallel processes -> (N, 3, S, S) uint8."""
-    with ProcessPoolExecutor(workers) as pool:
-        arrays = list(tqdm(pool.map(_render_one, jobs, chunksize=64), total=len(jobs), desc=desc, leave=False))
-    return torch.from_numpy(np.stack(arrays))
 
 
 def make_set(domains, count, held_out, size, seed, workers, input_fraction=0.0, desc="render") -> Rendered:
@@ -87,7 +72,8 @@ def retrieval_sets(domain, identities, queries_per_identity, size, seed, workers
 
 
 def build_metric_models(out: Path, size: int = 64, train_count: int = 40000, epochs: int = 6, seed: int = 0,
-                        workers: int = 2, eval_identities: int = 50, log=print) -> dict:
+                        workers: int = 2, eval_identities: int = 50, identity_width: int = 48, device: str = "cpu",
+                        test_count: int = 2000, queries_per_identity: int = 10, log=print) -> dict:
     """Train and save `out/factor_classifier` and `out/identity_<domain>`; return the held-out measurements."""
     torch.manual_seed(seed)
     results: dict = {"train_count": train_count, "epochs": epochs, "size": size}
@@ -95,8 +81,8 @@ def build_metric_models(out: Path, size: int = 64, train_count: int = 40000, epo
 
     train = make_set(DOMAINS, train_count, held_out=False, size=size, seed=seed, workers=workers, desc="factor train")
     classifier = FactorClassifier(MetricConfig({f: len(v) for f, v in CONTEXT_FACTORS.items()}, image_size=size))
-    losses = train_multihead(classifier, train.images, train.factors, epochs=epochs, seed=seed)
-    test = make_set(DOMAINS, 2000, held_out=True, size=size, seed=seed + 1, workers=workers, desc="factor test")
+    losses = train_multihead(classifier, train.images, train.factors, epochs=epochs, seed=seed, device=device)
+    test = make_set(DOMAINS, test_count, held_out=True, size=size, seed=seed + 1, workers=workers, desc="factor test")
     results["factor_accuracy"] = head_accuracy(classifier, test.images, test.factors)
     results["factor_losses"] = losses
     classifier.save_pretrained(out / "factor_classifier")
@@ -106,12 +92,12 @@ def build_metric_models(out: Path, size: int = 64, train_count: int = 40000, epo
         train = make_set((domain,), train_count // 2, held_out=False, size=size, seed=seed + 10 + d, workers=workers,
                          input_fraction=0.25, desc=f"{domain} train")
         heads = {a: len(attribute_values(domain, a)) for a in attribute_names(domain)}
-        net = IdentityNet(MetricConfig(heads, image_size=size))
-        train_multihead(net, train.images, train.attributes, epochs=epochs, seed=seed)
-        test = make_set((domain,), 2000, held_out=True, size=size, seed=seed + 20 + d, workers=workers, desc=f"{domain} test")
+        net = IdentityNet(MetricConfig(heads, image_size=size, width=identity_width))
+        train_multihead(net, train.images, train.attributes, epochs=epochs, seed=seed, device=device)
+        test = make_set((domain,), test_count, held_out=True, size=size, seed=seed + 20 + d, workers=workers, desc=f"{domain} test")
         results[f"identity_{domain}_attribute_accuracy"] = head_accuracy(net, test.images, test.attributes)
         identities = sample_identities(domain, eval_identities, np.random.default_rng(seed + 30 + d), held_out=True)
-        gallery, queries, query_ids = retrieval_sets(domain, identities, 10, size, seed + 40 + d, workers)
+        gallery, queries, query_ids = retrieval_sets(domain, identities, queries_per_identity, size, seed + 40 + d, workers)
         results[f"identity_{domain}_top1"] = retrieval_top1(net, gallery, queries, query_ids)
         net.save_pretrained(out / f"identity_{domain}")
         log(f"identity {domain}: retrieval top-1 among {eval_identities} held-out identities "

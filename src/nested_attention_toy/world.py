@@ -384,10 +384,18 @@ def scene_prompt(
     return _fill(template, _check_word(person_word), context, pet=_check_word(pet_word), pet_expression=expression)
 
 
+_INPUT_TEMPLATE = "a portrait of {a} {subject}, plain background"
+
+
+def input_caption(domain_word: str) -> str:
+    """The caption of an input view (the subject centred on a plain background): ``"a portrait of a person, plain background"``."""
+    return _articles(_INPUT_TEMPLATE.format(a="{a}", subject=_check_word(domain_word)))
+
+
 def vocabulary() -> list[str]:
     """Every word any prompt, scene prompt or caption can contain, plus the subject words; sorted, distinct."""
     words: set[str] = {"a", "an", "of", "and", "with"}
-    for template in _TEMPLATES + _SCENE_TEMPLATES:
+    for template in _TEMPLATES + _SCENE_TEMPLATES + (_INPUT_TEMPLATE,):
         words.update(w for w in template.replace(",", " ").split() if not w.startswith("{"))
     for table in (_STYLE_NOUN, _STYLE_TAG, _SCENE_PHRASE, _POSITION_PHRASE):
         for phrase in table.values():

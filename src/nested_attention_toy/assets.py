@@ -1,0 +1,24 @@
+"""The toy stack shipped inside the package, addressable by name (``--model toy``): what ``nested-attention toy
+build`` wrote (see docs/toyworld.md for the command, seed, versions and timings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SHIPPED = Path(__file__).parent / "weights"
+MODEL_NAMES = {"toy": "pipeline"}  # name -> folder under SHIPPED
+
+
+def shipped_path(part: str = "") -> Path:
+    """A path inside the shipped build: ``""`` (the root), ``"pipeline"``, ``"clip"``, ``"metrics/factor_classifier"``..."""
+    return SHIPPED / part if part else SHIPPED
+
+
+def is_shipped() -> bool:
+    return (SHIPPED / "pipeline" / "model_index.json").is_file()
+
+
+def model_path(name: str) -> Path | None:
+    """The folder of a shipped model name (``"toy"``), or None if ``name`` is not one."""
+    part = MODEL_NAMES.get(name)
+    return None if part is None else SHIPPED / part

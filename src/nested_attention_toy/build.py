@@ -1,0 +1,207 @@
+"""`nested-attention toy build`: rebuild the toy world's whole model stack from scratch, stage by stage.
+
+Stages (each logs one line and its wall time; a progress bar while it runs):
+
+1. tokenizer: CLIP-format BPE for the world's vocabulary;
+2. corpus: renders of train identities with their captions (targets, input views, person + pet scenes);
+3. metrics: factor classifier and identity networks (own renders, train identities), measured on held-out ones;
+4. clip: a tiny `CLIPModel`, trained contrastively on the corpus;
+5. vae: a small `AutoencoderKL`;
+6. unet: a `UNet2DConditionModel` trained text-to-image on the corpus latents;
+7. pipeline: the standard `StableDiffusionPipeline` folder (plus `image_encoder` / `feature_extractor`);
+8. evaluate: VAE PSNR, CLIP zero-shot factor accuracy and base-model prompt-factor accuracy on held-out
+   identities, and a sample sheet.
+
+Output folder: ``pipeline/`` (loads with ``StableDiffusionPipeline.from_pretrained``), ``clip/`` (the whole CLIP),
+``metrics/`` (metric models), ``build.json`` (command, seed, versions, sizes, timings, measurements) and
+``samples.png``. Weights are fp16 safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+BUILD_SEED = 0
+
+
+@dataclass(frozen=True)
+class BuildSize:
+    """How much of everything a build trains; ``FULL`` is what ships, ``SMOKE`` runs the same path in a minute."""
+
+    corpus: int
+    metric_train: int
+    metric_epochs: int
+    clip_steps: int
+    vae_steps: int
+    unet_steps: int
+    eval_renders: int
+    eval_generations: int
+    eval_identities: int
+    unet_batch: int = 32
+    unet_lr: float = 4e-4
+    sample_steps: int = 20
+    guidance_scale: float = 5.0
+    unet_widths: tuple[int, ...] = (32, 64, 128)
+    clip_width: int = 128
+    vae_width: int = 32
+    identity_width: int = 48
+
+
+FULL = BuildSize(corpus=60000, metric_train=40000, metric_epochs=7, clip_steps=320, vae_steps=1200, unet_steps=7600,
+                 eval_renders=2000, eval_generations=400, eval_identities=50)
+SMOKE = BuildSize(corpus=600, metric_train=400, metric_epochs=1, clip_steps=10, vae_steps=10, unet_steps=10,
+                  eval_renders=64, eval_generations=8, eval_identities=10, sample_steps=4,
+                  unet_widths=(16, 32), clip_width=64, vae_width=16, identity_width=16)
+
+
+class _Log:
+    def __init__(self, path: Path):
+        self.file = path.open("a")
+
+    def __call__(self, message: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        tqdm.write(line)
+        self.file.write(line + "\n")
+        self.file.flush()
+
+
+def _versions() -> dict:
+    import diffusers
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__, "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+
+
+def _bar(total: int, desc: str):
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, device: str = "cpu", workers: int = 2,
+          command: str | None = None) -> dict:
+    """Run every stage into ``out`` (created; must be empty or absent). Returns the build record (build.json)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
+
+    from nested_attention.tiny import write_clip_tokenizer
+
+    from .autoencoder import encode_latents, make_vae, train_vae
+    from .build_metrics import build_metric_models
+    from .corpus import make_corpus
+    from .diffusion import make_unet, sampling_scheduler, train_unet
+    from .evaluate_base import evaluate_stack
+    from .text_image import clip_config, clip_processor, tokenize, train_clip
+    from .world import vocabulary
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; give a new folder to --out (a build never overwrites files).")
+    out.mkdir(parents=True, exist_ok=True)
+    log = _Log(out / "build.log")
+    record: dict = {"command": command or " ".join(sys.argv), "seed": seed, "device": device, "size": asdict(size),
+                    "versions": _versions(), "stages": {}, "measurements": {}}
+    started = time.perf_counter()
+
+    def stage(name: str, seconds: float, **info) -> None:
+        record["stages"][name] = {"seconds": round(seconds, 1), **info}
+        log(f"{name}: {seconds:.1f} s {json.dumps(info) if info else ''}")
+
+    t = time.perf_counter()
+    tokenizer = write_clip_tokenizer(out / "pipeline" / "tokenizer", vocabulary(), max_length=32)
+    stage("tokenizer", time.perf_counter() - t, vocabulary=len(vocabulary()), tokens=len(tokenizer))
+
+    t = time.perf_counter()
+    corpus = make_corpus(size.corpus, seed=seed, held_out=False, workers=workers, desc="corpus")
+    stage("corpus", time.perf_counter() - t, images=len(corpus), kinds={k: corpus.kinds.count(k) for k in ("target", "input", "scene")})
+
+    t = time.perf_counter()
+    metrics = build_metric_models(out / "metrics", train_count=size.metric_train, epochs=size.metric_epochs,
+                                  seed=seed + 100, workers=workers, eval_identities=size.eval_identities,
+                                  identity_width=size.identity_width, device=device, test_count=size.eval_renders,
+                                  queries_per_identity=10 if size.eval_renders >= 1000 else 2, log=log)
+    record["measurements"]["metric_models"] = {k: v for k, v in metrics.items() if not k.endswith("losses")}
+    stage("metrics", time.perf_counter() - t)
+
+    t = time.perf_counter()
+    torch.manual_seed(seed + 200)
+    clip = CLIPModel(clip_config(tokenizer, width=size.clip_width))
+    with _bar(size.clip_steps, "clip") as bar:
+        clip_losses = train_clip(clip, tokenizer, corpus.images, corpus.captions, size.clip_steps, seed=seed + 200,
+                                 device=device, progress=bar)
+    clip.half().save_pretrained(out / "clip")
+    tokenizer.save_pretrained(out / "clip")
+    clip_processor().save_pretrained(out / "clip")
+    stage("clip", time.perf_counter() - t, parameters=_count(clip), loss_first=clip_losses[0], loss_last=clip_losses[-1])
+    del clip
+
+    t = time.perf_counter()
+    torch.manual_seed(seed + 300)
+    vae = make_vae(size.vae_width)
+    with _bar(size.vae_steps, "vae") as bar:
+        vae_losses = train_vae(vae, corpus.images, size.vae_steps, seed=seed + 300, device=device, progress=bar)
+    means, stds = encode_latents(vae, corpus.images)
+    scaling_factor = float(1.0 / means.flatten().std())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    stage("vae", time.perf_counter() - t, parameters=_count(vae), loss_first=vae_losses[0], loss_last=vae_losses[-1],
+          scaling_factor=scaling_factor)
+
+    t = time.perf_counter()
+    # the towers exactly as shipped (fp16 weights), loaded the way any CLIP checkpoint's towers load
+    text_encoder = CLIPTextModel.from_pretrained(out / "clip", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        ids = tokenize(tokenizer, corpus.captions)
+        states = torch.cat([text_encoder(ids[i : i + 512]).last_hidden_state.half() for i in range(0, len(ids), 512)])
+        null_state = text_encoder(tokenize(tokenizer, [""])).last_hidden_state[0]
+    torch.manual_seed(seed + 400)
+    unet = make_unet(text_encoder.config.hidden_size, size.unet_widths)
+    with _bar(size.unet_steps, "unet") as bar:
+        unet, unet_losses = train_unet(unet, means.half(), stds.half(), scaling_factor, states, null_state,
+                                       size.unet_steps, batch_size=size.unet_batch, lr=size.unet_lr, seed=seed + 400,
+                                       device=device, progress=bar)
+    stage("unet", time.perf_counter() - t, parameters=_count(unet), loss_first=unet_losses[0], loss_last=unet_losses[-1])
+    del corpus, means, stds, states
+
+    t = time.perf_counter()
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(out / "clip", torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sampling_scheduler(),
+        safety_checker=None, feature_extractor=clip_processor(), image_encoder=image_encoder.eval(),
+        requires_safety_checker=False,
+    )
+    pipe.to(torch.float16).save_pretrained(out / "pipeline")
+    stage("pipeline", time.perf_counter() - t)
+
+    t = time.perf_counter()
+    record["measurements"]["stack"] = evaluate_stack(out, size, seed=seed + 500, workers=workers, log=log)
+    stage("evaluate", time.perf_counter() - t)
+
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    record["bytes"] = {part: _bytes(out / part) for part in ("pipeline", "clip", "metrics")}
+    record["bytes"]["total"] = sum(record["bytes"].values())
+    (out / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(f"done in {record['seconds'] / 60:.1f} min; {record['bytes']['total'] / 2**20:.1f} MiB of weights in {out}")
+    return record
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def remove_partial(out: Path) -> None:
+    """Delete a build folder that a failed or interrupted build left behind."""
+    shutil.rmtree(out, ignore_errors=True)

@@ -1,0 +1,107 @@
+"""Rendered training and evaluation sets of the toy world: images with captions and ground truth.
+
+A corpus mixes target views (one subject in a random context, captioned with the generic prompt), input views
+(captioned "a portrait of a ..., plain background") and person + pet scenes. Everything is a function of the seed.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .render import render_input, render_scene, render_target
+from .world import (
+    DOMAINS,
+    FACTOR_NAMES,
+    Identity,
+    generic_caption,
+    input_caption,
+    sample_context,
+    sample_identities,
+    scene_prompt,
+)
+
+
+def _render_one(job: tuple) -> np.ndarray:
+    kind, subject, context, size, seed = job
+    if kind == "input":
+        image = render_input(subject, size=size, seed=seed)
+    elif kind == "target":
+        image = render_target(subject, context, size=size, seed=seed)
+    else:
+        image = render_scene(subject[0], subject[1], context, size=size, seed=seed)
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def render_jobs(jobs: list[tuple], workers: int, desc: str) -> torch.Tensor:
+    """Render ``(kind, subject, context, size, seed)`` jobs -> (N, 3, S, S) uint8; kind is "input", "target" (subject
+    an Identity) or "scene" (subject a (person, pet) pair). ``workers`` > 1 renders in that many processes."""
+    if workers <= 1 or len(jobs) < 256:
+        arrays = [_render_one(job) for job in tqdm(jobs, desc=desc, leave=False)]
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            arrays = list(tqdm(pool.map(_render_one, jobs, chunksize=64), total=len(jobs), desc=desc, leave=False))
+    return torch.from_numpy(np.stack(arrays))
+
+
+@dataclass
+class Corpus:
+    """``images`` (N, 3, S, S) uint8 with their captions; ``factors`` (N, 5) context value indices (-1 for input
+    views); ``domains`` (N,) 0 person, 1 pet, 2 person + pet scene; ``kinds`` "target" / "input" / "scene"."""
+
+    images: torch.Tensor
+    captions: list[str]
+    factors: torch.Tensor
+    domains: torch.Tensor
+    kinds: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def factor_labels(self) -> dict[str, torch.Tensor]:
+        return {f: self.factors[:, i] for i, f in enumerate(FACTOR_NAMES)}
+
+    def subset(self, index) -> Corpus:
+        index = torch.as_tensor(index)
+        return Corpus(self.images[index], [self.captions[i] for i in index.tolist()], self.factors[index],
+                      self.domains[index], [self.kinds[i] for i in index.tolist()])
+
+
+def make_corpus(count: int, seed: int, size: int = 64, held_out: bool = False, workers: int = 2,
+                input_fraction: float = 0.1, scene_fraction: float = 0.1, identity_pool: int = 4000,
+                desc: str = "render") -> Corpus:
+    """``count`` renders of identities from one side of the split (train unless ``held_out``); captions draw their
+    template at random. Domains alternate; ``input_fraction`` are input views, ``scene_fraction`` person + pet scenes."""
+    rng = np.random.default_rng(seed)
+    pools = {d: sample_identities(d, min(identity_pool, max(1, count)), rng, held_out=held_out) for d in DOMAINS}
+
+    def pick(domain: str) -> Identity:
+        pool = pools[domain]
+        return pool[int(rng.integers(len(pool)))]
+
+    jobs, captions, factors, domains, kinds = [], [], [], [], []
+    for i in range(count):
+        u = rng.random()
+        context = sample_context(rng)
+        if u < scene_fraction:
+            kind, subject, domain = "scene", (pick("person"), pick("pet")), 2
+            caption = scene_prompt("person", "pet", context, rng)
+        else:
+            domain = i % 2
+            subject = pick(DOMAINS[domain])
+            if u < scene_fraction + input_fraction:
+                kind, caption = "input", input_caption(DOMAINS[domain])
+            else:
+                kind, caption = "target", generic_caption(DOMAINS[domain], context, rng)
+        jobs.append((kind, subject, context if kind != "input" else None, size, int(rng.integers(2**31))))
+        captions.append(caption)
+        factors.append(tuple(context.values) if kind != "input" else (-1,) * len(FACTOR_NAMES))
+        domains.append(domain)
+        kinds.append(kind)
+    images = render_jobs(jobs, workers, desc)
+    return Corpus(images, captions, torch.tensor(factors, dtype=torch.long).view(-1, len(FACTOR_NAMES)),
+                  torch.tensor(domains, dtype=torch.long), kinds)

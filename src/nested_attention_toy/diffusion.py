@@ -1,0 +1,90 @@
+"""The toy world's denoiser: a diffusers `UNet2DConditionModel` on 16 x 16 x 4 latents, conditioned on the toy
+CLIP's text tower, trained from scratch text-to-image (epsilon prediction, SD 1.5's noise schedule) with
+min-SNR loss weighting and an EMA of the weights."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+
+from .metric_models import bf16_autocast_supported
+
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def make_unet(cross_attention_dim: int, widths=(32, 64, 128), sample_size: int = 16, latent_channels: int = 4) -> UNet2DConditionModel:
+    """Cross-attention at every resolution (16, 8 and 4 latent pixels), as SD 1.5 has it at three of its four."""
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels, layers_per_block=1,
+        block_out_channels=tuple(widths), down_block_types=("CrossAttnDownBlock2D",) * len(widths),
+        up_block_types=("CrossAttnUpBlock2D",) * len(widths), cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4, norm_num_groups=16,
+    )
+
+
+def training_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(**SCHEDULE, prediction_type="epsilon", clip_sample=False)
+
+
+def sampling_scheduler() -> DPMSolverMultistepScheduler:
+    """DPM-Solver++ (2M), the pipeline's scheduler: good samples in 20 steps."""
+    return DPMSolverMultistepScheduler(**SCHEDULE, prediction_type="epsilon", steps_offset=1)
+
+
+def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std: torch.Tensor, scaling_factor: float,
+               text_states: torch.Tensor, null_state: torch.Tensor, steps: int, batch_size: int = 64, lr: float = 5e-4,
+               caption_dropout: float = 0.1, snr_gamma: float = 5.0, ema_decay: float = 0.999, seed: int = 0,
+               device: str = "cpu", progress=None) -> tuple[UNet2DConditionModel, list[float]]:
+    """Train on precomputed latents (posterior mean and std, sampled every step) and text encoder states.
+
+    ``text_states`` (N, L, D) for the N latents, ``null_state`` (L, D) the empty prompt's, used for
+    ``caption_dropout`` of the samples so that classifier-free guidance works. Returns the EMA model and the loss
+    every 50 steps.
+    """
+    device = torch.device(device)
+    unet.to(device).train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    amp = device.type == "cuda" and bf16_autocast_supported(device)  # on CPUs bf16 does not speed this UNet up
+    scheduler = training_scheduler()
+    alphas = scheduler.alphas_cumprod.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    warmup = max(1, steps // 25)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    losses, running = [], 0.0
+    for step in range(steps):
+        index = torch.randint(len(latent_mean), (batch_size,), generator=generator)
+        noise_in = torch.randn(latent_mean[index].shape, generator=generator)
+        latents = ((latent_mean[index].float() + latent_std[index].float() * noise_in) * scaling_factor).to(device)
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator).to(device)
+        states = text_states[index].float()
+        drop = torch.rand(batch_size, generator=generator) < caption_dropout
+        states[drop] = null_state.float()
+        noisy = scheduler.add_noise(latents, noise, t)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            pred = unet(noisy, t, states.to(device)).sample.float()
+        snr = alphas[t] / (1 - alphas[t])
+        weight = snr.clamp(max=snr_gamma) / snr  # min-SNR-gamma (Hang et al. 2023), epsilon form
+        loss = (weight * (pred - noise).pow(2).flatten(1).mean(1)).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), unet.parameters()):
+                e.lerp_(p, 1 - decay)
+        running += loss.item()
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            losses.append(running / ((step % 50) + 1))
+            running = 0.0
+        if progress is not None:
+            progress.update(1)
+    unet.to("cpu")
+    return ema.to("cpu").eval(), losses

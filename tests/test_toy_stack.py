@@ -1,0 +1,152 @@
+"""The toy world's model stack: tokenizer, build path, and the shipped models (plain diffusers / transformers loads,
+metric models at their bars on fresh held-out renders)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from transformers import CLIPModel, CLIPTokenizer, CLIPVisionModel
+
+from nested_attention.tiny import write_clip_tokenizer
+from nested_attention_toy.assets import is_shipped, model_path, shipped_path
+from nested_attention_toy.autoencoder import make_vae, reconstruction_psnr, train_vae
+from nested_attention_toy.build_metrics import retrieval_sets
+from nested_attention_toy.corpus import make_corpus
+from nested_attention_toy.metric_models import FactorClassifier, IdentityNet, head_accuracy, retrieval_top1
+from nested_attention_toy.text_image import clip_processor, pixel_values, tokenize, train_clip
+from nested_attention_toy.world import (
+    DOMAINS,
+    SUBJECT_WORDS,
+    input_caption,
+    prompt,
+    sample_context,
+    sample_identities,
+    scene_prompt,
+    vocabulary,
+)
+
+from test_cli import run_cli
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return write_clip_tokenizer(tmp_path_factory.mktemp("toy-tok"), vocabulary(), max_length=32)
+
+
+def test_tokenizer_round_trip_through_clip_tokenizer(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    loaded = CLIPTokenizer.from_pretrained(tmp_path)
+    assert loaded.model_max_length == 32
+    for word in vocabulary():  # every word of the world is a single token
+        assert len(loaded(word, add_special_tokens=False).input_ids) == 1, word
+    rng = np.random.default_rng(0)
+    texts = [input_caption("pet")] + [
+        f(sample_context(rng), rng) for _ in range(100)
+        for f in (lambda c, r: prompt("person", c, r), lambda c, r: scene_prompt("woman", "dog", c, r))
+    ]
+    for text in texts:
+        ids = loaded(text).input_ids
+        assert len(ids) <= 32
+        assert loaded.decode(ids, skip_special_tokens=True).replace(" ,", ",") == text
+    # words outside the vocabulary still tokenize, into pieces, like with a real CLIP tokenizer
+    assert len(loaded("zebra", add_special_tokens=False).input_ids) > 1
+
+
+def test_clip_preprocessing_matches_its_image_processor():
+    images = make_corpus(4, seed=3, workers=1).images
+    processor = clip_processor()
+    expected = processor([im.permute(1, 2, 0).numpy() for im in images], return_tensors="pt").pixel_values
+    torch.testing.assert_close(pixel_values(images), expected, atol=1e-4, rtol=0)
+
+
+def test_corpus_is_deterministic_and_respects_the_split():
+    a = make_corpus(40, seed=5, workers=1)
+    b = make_corpus(40, seed=5, workers=1)
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    assert set(a.kinds) <= {"target", "input", "scene"}
+    held = make_corpus(20, seed=5, held_out=True, workers=1, input_fraction=0, scene_fraction=0)
+    assert (held.factors >= 0).all() and held.kinds == ["target"] * 20
+
+
+def test_clip_and_vae_learn_on_a_small_corpus(tokenizer):
+    from nested_attention_toy.text_image import clip_config
+
+    corpus = make_corpus(128, seed=1, workers=1)
+    torch.manual_seed(0)
+    clip = CLIPModel(clip_config(tokenizer, width=32, layers=1))
+    losses = train_clip(clip, tokenizer, corpus.images, corpus.captions, steps=100, batch_size=32, lr=3e-3)
+    assert losses[-1] < losses[0] - 0.3, losses
+    vae = make_vae(width=16)
+    before = reconstruction_psnr(vae, corpus.images[:32])
+    train_vae(vae, corpus.images, steps=60, batch_size=16, lr=3e-3)
+    assert reconstruction_psnr(vae, corpus.images[:32]) > before + 3
+
+
+def test_smoke_build_runs_end_to_end_and_loads_with_plain_diffusers(tmp_path):
+    out = tmp_path / "build"
+    assert run_cli("toy", "build", "--out", str(out), "--smoke", "--workers", "1") == 0
+    record = json.loads((out / "build.json").read_text())
+    assert set(record["stages"]) == {"tokenizer", "corpus", "metrics", "clip", "vae", "unet", "pipeline", "evaluate"}
+    stack = record["measurements"]["stack"]
+    for key in ("vae_psnr_db", "clip_zero_shot_accuracy", "base_prompt_factor_accuracy", "base_clip_t", "oracle_clip_t"):
+        assert key in stack
+    assert (out / "samples.png").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.float32)
+    image = pipe("a photo of a pet on the beach", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+    # a second build never overwrites
+    assert run_cli("toy", "build", "--out", str(out), "--smoke") == 2
+
+
+# ------------------------------------------------------------------------------------------ the shipped stack
+
+def test_the_toy_model_is_shipped_and_small():
+    assert is_shipped(), "the toy stack is missing from src/nested_attention_toy/weights"
+    assert model_path("toy") == shipped_path("pipeline")
+    files = [f for f in shipped_path().rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) < 30 * 2**20
+    assert not any(f.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt") for f in files)  # safetensors only
+
+
+@pytest.fixture(scope="module")
+def shipped_pipe():
+    pipe = StableDiffusionPipeline.from_pretrained(model_path("toy"), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_shipped_pipeline_loads_with_plain_diffusers_and_generates(shipped_pipe):
+    assert type(shipped_pipe.unet).__name__ == "UNet2DConditionModel"
+    assert type(shipped_pipe.vae).__name__ == "AutoencoderKL"
+    generator = torch.Generator().manual_seed(0)
+    images = shipped_pipe(["a photo of a person on the beach, large, in the center"] * 2, num_inference_steps=8,
+                          generator=generator, output_type="np").images
+    assert images.shape == (2, 64, 64, 3) and np.isfinite(images).all()
+    assert images.std() > 0.05 and np.abs(images[0] - images[1]).mean() > 0.01  # not blank, seeds differ
+    # the adapter's backbone: the same CLIP vision tower, loadable as a plain CLIPVisionModel
+    vision = CLIPVisionModel.from_pretrained(shipped_path("clip"))
+    assert vision.config.image_size == 64
+
+
+def test_shipped_metric_models_reach_their_bars_on_fresh_held_out_renders():
+    """Fresh held-out identities and contexts (seed 2026, never used by the build): factor accuracy >= 0.95 per
+    factor on 400 renders; identity retrieval top-1 among 50 held-out identities >= 0.9 (2 queries each)."""
+    classifier = FactorClassifier.from_pretrained(shipped_path("metrics/factor_classifier"))
+    renders = make_corpus(400, seed=2026, held_out=True, workers=1, input_fraction=0, scene_fraction=0)
+    accuracy = head_accuracy(classifier, renders.images, renders.factor_labels())
+    assert min(accuracy.values()) >= 0.95, accuracy
+    for d, domain in enumerate(DOMAINS):
+        net = IdentityNet.from_pretrained(shipped_path(f"metrics/identity_{domain}"))
+        identities = sample_identities(domain, 50, np.random.default_rng(2026 + d), held_out=True)
+        gallery, queries, ids = retrieval_sets(domain, identities, 2, 64, 2027 + d, workers=1)
+        assert retrieval_top1(net, gallery, queries, ids) >= 0.9, domain
+
+
+def test_shipped_tokenizer_knows_every_subject_word():
+    tokenizer = CLIPTokenizer.from_pretrained(shipped_path("pipeline/tokenizer"))
+    for words in SUBJECT_WORDS.values():
+        for word in words:
+            assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1
+    assert tokenize(tokenizer, ["a pet"]).shape == (1, 32)
