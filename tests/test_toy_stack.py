@@ -26,7 +26,6 @@ from nested_attention_toy.world import (
     scene_prompt,
     vocabulary,
 )
-
 from test_cli import run_cli
 
 
@@ -93,7 +92,7 @@ def test_smoke_build_runs_end_to_end_and_loads_with_plain_diffusers(tmp_path):
     for key in ("vae_psnr_db", "clip_zero_shot_accuracy", "base_prompt_factor_accuracy", "base_clip_t", "oracle_clip_t"):
         assert key in stack
     assert (out / "samples.png").is_file()
-    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline")  # exactly as a user loads SD 1.5
     image = pipe("a photo of a pet on the beach", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 64, 64, 3)
     # a second build never overwrites
@@ -112,7 +111,7 @@ def test_the_toy_model_is_shipped_and_small():
 
 @pytest.fixture(scope="module")
 def shipped_pipe():
-    pipe = StableDiffusionPipeline.from_pretrained(model_path("toy"), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(model_path("toy"))  # no project code, no dtype: plain diffusers
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

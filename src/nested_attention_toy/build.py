@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -180,10 +179,13 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
         requires_safety_checker=False,
     )
     pipe.to(torch.float16).save_pretrained(out / "pipeline")
+    # diffusers upcasts its fp16 weights to fp32 on a plain from_pretrained(), transformers 5 keeps them fp16: the
+    # text encoder (its values are fp16 already, so nothing changes) is stored in fp32 for a plain load to run
+    text_encoder.to(torch.float32).save_pretrained(out / "pipeline" / "text_encoder")
     stage("pipeline", time.perf_counter() - t)
 
     t = time.perf_counter()
-    record["measurements"]["stack"] = evaluate_stack(out, size, seed=seed + 500, workers=workers, log=log)
+    record["measurements"]["stack"] = evaluate_stack(out, size, seed=seed + 500, workers=workers, device=device, log=log)
     stage("evaluate", time.perf_counter() - t)
 
     record["seconds"] = round(time.perf_counter() - started, 1)
@@ -200,8 +202,3 @@ def _count(model: torch.nn.Module) -> int:
 
 def _bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def remove_partial(out: Path) -> None:
-    """Delete a build folder that a failed or interrupted build left behind."""
-    shutil.rmtree(out, ignore_errors=True)

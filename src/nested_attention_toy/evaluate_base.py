@@ -12,7 +12,7 @@ from PIL import Image
 from .corpus import make_corpus
 from .metric_models import FactorClassifier, head_accuracy
 from .render import example_context, render_target
-from .world import CONTEXT_FACTORS, DOMAINS, FACTOR_NAMES, generic_caption, sample_context, sample_identities
+from .world import DOMAINS, FACTOR_NAMES, generic_caption, sample_context, sample_identities
 
 
 def load_stack(root: str | Path):
@@ -38,24 +38,27 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_sc
         generators = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch_size]]
         images = pipe(prompts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance_scale,
                       generator=generators, output_type="np").images
-        out.append(torch.from_numpy(np.round(images * 255).astype(np.uint8)).permute(0, 3, 1, 2))
+        out.append(torch.from_numpy(np.round(images * 255).astype(np.uint8)).permute(0, 3, 1, 2))  # on the CPU
         if progress is not None:
             progress.update(len(generators))
     return torch.cat(out)
 
 
-def evaluate_stack(root: str | Path, size, seed: int, workers: int = 2, log=print) -> dict:
-    """Every quality measurement of the issue on held-out identities; writes ``root/samples.png``."""
+def evaluate_stack(root: str | Path, size, seed: int, workers: int = 2, device: str = "cpu", log=print) -> dict:
+    """Every quality measurement of the issue on held-out identities; writes ``root/samples.png``. Generation runs
+    on ``device``; the measurements on the CPU."""
     from tqdm.auto import tqdm
 
     from .autoencoder import reconstruction_psnr
     from .text_image import clip_similarity, zero_shot_accuracy
 
     pipe, clip, tokenizer, classifier = load_stack(root)
+    pipe.to(device)
     results: dict = {}
     held_out = make_corpus(size.eval_renders, seed=seed, held_out=True, workers=workers, input_fraction=0.0,
                            scene_fraction=0.0, desc="held-out renders")
-    results["vae_psnr_db"] = reconstruction_psnr(pipe.vae, held_out.images)
+    results["vae_psnr_db"] = reconstruction_psnr(pipe.vae.to("cpu"), held_out.images)
+    pipe.vae.to(device)
     log(f"VAE reconstruction PSNR on {len(held_out)} held-out renders: {results['vae_psnr_db']:.2f} dB")
     results["clip_zero_shot_accuracy"] = zero_shot_accuracy(clip, tokenizer, held_out.images, held_out.factors,
                                                             held_out.domains, seed=seed)
@@ -109,5 +112,3 @@ def sample_sheet(pipe, size, seed: int, columns: int = 8, rows_per_domain: int =
 def _fmt(values: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in values.items())
 
-
-__all__ = ["evaluate_stack", "generate", "load_stack", "sample_sheet", "CONTEXT_FACTORS"]
