@@ -149,3 +149,12 @@ def test_shipped_tokenizer_knows_every_subject_word():
         for word in words:
             assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1
     assert tokenize(tokenizer, ["a pet"]).shape == (1, 32)
+
+
+def test_generate_command_runs_the_shipped_model_by_name(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "base.png"
+    assert run_cli("generate", "--model", "toy", "--prompt", "a cartoon of a sleepy pet in the desert, large, on the left",
+                   "--steps", "4", "--guidance", "5", "--out", str(out), "--device", "cpu") == 0
+    assert Image.open(out).size == (64, 64)

@@ -40,6 +40,8 @@ class BuildSize:
     corpus: int
     metric_train: int
     metric_epochs: int
+    identity_train: int
+    identity_epochs: int
     clip_steps: int
     vae_steps: int
     unet_steps: int
@@ -56,10 +58,10 @@ class BuildSize:
     identity_width: int = 48
 
 
-FULL = BuildSize(corpus=60000, metric_train=40000, metric_epochs=7, clip_steps=320, vae_steps=1200, unet_steps=7600,
-                 eval_renders=2000, eval_generations=400, eval_identities=50)
-SMOKE = BuildSize(corpus=600, metric_train=400, metric_epochs=1, clip_steps=10, vae_steps=10, unet_steps=10,
-                  eval_renders=64, eval_generations=8, eval_identities=10, sample_steps=4,
+FULL = BuildSize(corpus=60000, metric_train=40000, metric_epochs=8, identity_train=30000, identity_epochs=7,
+                 clip_steps=320, vae_steps=1200, unet_steps=7600, eval_renders=2000, eval_generations=400, eval_identities=50)
+SMOKE = BuildSize(corpus=600, metric_train=400, metric_epochs=1, identity_train=200, identity_epochs=1,
+                  clip_steps=10, vae_steps=10, unet_steps=10, eval_renders=64, eval_generations=8, eval_identities=10, sample_steps=4,
                   unet_widths=(16, 32), clip_width=64, vae_width=16, identity_width=16)
 
 
@@ -128,7 +130,8 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
     metrics = build_metric_models(out / "metrics", train_count=size.metric_train, epochs=size.metric_epochs,
                                   seed=seed + 100, workers=workers, eval_identities=size.eval_identities,
                                   identity_width=size.identity_width, device=device, test_count=size.eval_renders,
-                                  queries_per_identity=10 if size.eval_renders >= 1000 else 2, log=log)
+                                  queries_per_identity=10 if size.eval_renders >= 1000 else 2,
+                                  identity_count=size.identity_train, identity_epochs=size.identity_epochs, log=log)
     record["measurements"]["metric_models"] = {k: v for k, v in metrics.items() if not k.endswith("losses")}
     stage("metrics", time.perf_counter() - t)
 

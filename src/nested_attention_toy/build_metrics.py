@@ -73,10 +73,16 @@ def retrieval_sets(domain, identities, queries_per_identity, size, seed, workers
 
 def build_metric_models(out: Path, size: int = 64, train_count: int = 40000, epochs: int = 6, seed: int = 0,
                         workers: int = 2, eval_identities: int = 50, identity_width: int = 48, device: str = "cpu",
-                        test_count: int = 2000, queries_per_identity: int = 10, log=print) -> dict:
-    """Train and save `out/factor_classifier` and `out/identity_<domain>`; return the held-out measurements."""
+                        test_count: int = 2000, queries_per_identity: int = 10, identity_count: int | None = None,
+                        identity_epochs: int | None = None, log=print) -> dict:
+    """Train and save `out/factor_classifier` (``train_count`` renders, ``epochs``) and `out/identity_<domain>`
+    (``identity_count`` renders per domain, default half of ``train_count``, ``identity_epochs``, default ``epochs``);
+    return the held-out measurements."""
+    identity_count = train_count // 2 if identity_count is None else identity_count
+    identity_epochs = epochs if identity_epochs is None else identity_epochs
     torch.manual_seed(seed)
-    results: dict = {"train_count": train_count, "epochs": epochs, "size": size}
+    results: dict = {"train_count": train_count, "epochs": epochs, "identity_count": identity_count,
+                     "identity_epochs": identity_epochs, "size": size}
     started = time.perf_counter()
 
     train = make_set(DOMAINS, train_count, held_out=False, size=size, seed=seed, workers=workers, desc="factor train")
@@ -89,11 +95,11 @@ def build_metric_models(out: Path, size: int = 64, train_count: int = 40000, epo
     log(f"factor classifier: held-out accuracy {results['factor_accuracy']}")
 
     for d, domain in enumerate(DOMAINS):
-        train = make_set((domain,), train_count // 2, held_out=False, size=size, seed=seed + 10 + d, workers=workers,
+        train = make_set((domain,), identity_count, held_out=False, size=size, seed=seed + 10 + d, workers=workers,
                          input_fraction=0.25, desc=f"{domain} train")
         heads = {a: len(attribute_values(domain, a)) for a in attribute_names(domain)}
         net = IdentityNet(MetricConfig(heads, image_size=size, width=identity_width))
-        train_multihead(net, train.images, train.attributes, epochs=epochs, seed=seed, device=device)
+        train_multihead(net, train.images, train.attributes, epochs=identity_epochs, seed=seed, device=device)
         test = make_set((domain,), test_count, held_out=True, size=size, seed=seed + 20 + d, workers=workers, desc=f"{domain} test")
         results[f"identity_{domain}_attribute_accuracy"] = head_accuracy(net, test.images, test.attributes)
         identities = sample_identities(domain, eval_identities, np.random.default_rng(seed + 30 + d), held_out=True)
