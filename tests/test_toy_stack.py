@@ -131,15 +131,15 @@ def test_shipped_pipeline_loads_with_plain_diffusers_and_generates(shipped_pipe)
 
 def test_shipped_metric_models_reach_their_bars_on_fresh_held_out_renders():
     """Fresh held-out identities and contexts (seed 2026, never used by the build): factor accuracy >= 0.95 per
-    factor on 400 renders; identity retrieval top-1 among 50 held-out identities >= 0.9 (2 queries each)."""
+    factor on 1,000 renders; identity retrieval top-1 among 50 held-out identities >= 0.9 (4 queries each)."""
     classifier = FactorClassifier.from_pretrained(shipped_path("metrics/factor_classifier"))
-    renders = make_corpus(400, seed=2026, held_out=True, workers=1, input_fraction=0, scene_fraction=0)
+    renders = make_corpus(1000, seed=2026, held_out=True, workers=1, input_fraction=0, scene_fraction=0)
     accuracy = head_accuracy(classifier, renders.images, renders.factor_labels())
     assert min(accuracy.values()) >= 0.95, accuracy
     for d, domain in enumerate(DOMAINS):
         net = IdentityNet.from_pretrained(shipped_path(f"metrics/identity_{domain}"))
         identities = sample_identities(domain, 50, np.random.default_rng(2026 + d), held_out=True)
-        gallery, queries, ids = retrieval_sets(domain, identities, 2, 64, 2027 + d, workers=1)
+        gallery, queries, ids = retrieval_sets(domain, identities, 4, 64, 2027 + d, workers=1)
         assert retrieval_top1(net, gallery, queries, ids) >= 0.9, domain
 
 

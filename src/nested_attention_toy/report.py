@@ -1,0 +1,66 @@
+"""Markdown tables of a toy build's record: ``python -m nested_attention_toy.report [build.json]`` (default: the
+shipped build). docs/toyworld.md pastes this output, so that its numbers are the build's, not transcriptions."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .assets import shipped_path
+
+BARS = {"factor": 0.95, "retrieval": 0.90, "base_factor": 0.85}
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def report(record: dict) -> str:
+    lines = [f"Command: `{record['command']}` (seed {record['seed']}, device {record['device']}); "
+             f"total {record['seconds'] / 60:.1f} min; weights {record['bytes']['total'] / 2**20:.1f} MiB."]
+    v = record["versions"]
+    lines.append(f"Versions: Python {v['python']}, torch {v['torch']}, diffusers {v['diffusers']}, "
+                 f"transformers {v['transformers']}, numpy {v['numpy']}; {v['threads']} torch threads.")
+    lines += ["", _row(["stage", "wall time", "details"]), _row(["---"] * 3)]
+    for name, info in record["stages"].items():
+        details = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items() if k != "seconds")
+        lines.append(_row([name, f"{info['seconds']:.0f} s", details]))
+    metrics = record["measurements"]["metric_models"]
+    stack = record["measurements"]["stack"]
+    lines += ["", _row(["measure (held-out identities)", "result", "bar"]), _row(["---"] * 3)]
+    for factor, acc in metrics["factor_accuracy"].items():
+        lines.append(_row([f"factor classifier accuracy: {factor}", _pct(acc), ">= 95 %"]))
+    for domain in ("person", "pet"):
+        lines.append(_row([f"identity retrieval top-1 among {record['size']['eval_identities']}: {domain}",
+                           _pct(metrics[f"identity_{domain}_top1"]), ">= 90 %"]))
+    lines.append(_row(["VAE reconstruction PSNR", f"{stack['vae_psnr_db']:.2f} dB", "—"]))
+    for factor, acc in stack["clip_zero_shot_accuracy"].items():
+        lines.append(_row([f"CLIP zero-shot accuracy: {factor}", _pct(acc), "—"]))
+    g = stack["base_generation"]
+    lines.append(_row([f"base model prompt-factor accuracy ({g['count']} generations in random contexts, "
+                       f"{g['steps']} steps, guidance {g['guidance_scale']}; the classifier on real renders)", "", ""]))
+    for factor, acc in stack["base_prompt_factor_accuracy"].items():
+        oracle = stack.get("oracle_factor_accuracy", {}).get(factor)
+        lines.append(_row([f"&nbsp;&nbsp;{factor}", _pct(acc) + (f" ({_pct(oracle)})" if oracle is not None else ""), ">= 85 %"]))
+    lines.append(_row(["CLIP-T: base generations / real renders", f"{stack['base_clip_t']:.3f} / {stack['oracle_clip_t']:.3f}", "—"]))
+    for domain in ("person", "pet"):
+        attrs = metrics.get(f"identity_{domain}_attribute_accuracy", {})
+        if attrs:
+            lines.append("")
+            lines.append(f"{domain} attribute accuracy: " + ", ".join(f"{k} {_pct(v)}" for k, v in attrs.items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    path = Path(argv[0]) if argv else shipped_path("build.json")
+    print(report(json.loads(path.read_text())))
+
+
+if __name__ == "__main__":
+    main()
