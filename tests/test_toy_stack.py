@@ -158,3 +158,25 @@ def test_generate_command_runs_the_shipped_model_by_name(tmp_path):
     assert run_cli("generate", "--model", "toy", "--prompt", "a cartoon of a sleepy pet in the desert, large, on the left",
                    "--steps", "4", "--guidance", "5", "--out", str(out), "--device", "cpu") == 0
     assert Image.open(out).size == (64, 64)
+
+
+def test_triplets_are_read_by_the_trainer_and_use_train_identities_only(tmp_path):
+    from PIL import Image
+
+    from nested_attention_toy.triplets import write_triplets
+    from nested_attention_toy.world import identity_from_index
+    from nested_attention_train.data import read_metadata
+
+    path = write_triplets(tmp_path / "a", "pet", 12, seed=3, subject_images=2, workers=1)
+    records, problems = read_metadata(path.parent)
+    assert len(records) == 12 and not problems
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all(not identity_from_index("pet", line["identity"]).held_out for line in lines)
+    assert all(r.word == "pet" and len(r.subject_images) == 2 for r in records)
+    assert Image.open(records[0].target_image).size == (64, 64)
+    again = write_triplets(tmp_path / "b", "pet", 12, seed=3, subject_images=2, workers=1)
+    assert again.read_text() == path.read_text()
+    assert (tmp_path / "a/targets/0000005.png").read_bytes() == (tmp_path / "b/targets/0000005.png").read_bytes()
+    assert run_cli("toy", "data", "--out", str(tmp_path / "c"), "--domain", "person", "--count", "3", "--workers", "1") == 0
+    assert len(read_metadata(tmp_path / "c")[0]) == 3
+    assert run_cli("toy", "data", "--out", str(tmp_path / "c"), "--domain", "person", "--count", "3") == 2  # not empty

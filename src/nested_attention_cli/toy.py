@@ -1,4 +1,4 @@
-"""`nested-attention toy ...`: the toy world's commands (`toy build`)."""
+"""`nested-attention toy ...`: the toy world's commands (`toy build`, `toy data`)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ examples:
 
 def add_parser(commands) -> None:
     """Register `toy` (with its `build` sub-command) on the top-level sub-command parsers."""
-    toy = commands.add_parser("toy", help="the toy world: rebuild its models (toy build)",
+    toy = commands.add_parser("toy", help="the toy world: rebuild its models (toy build), training triplets (toy data)",
                               description="The toy world of cartoon persons and pets with ground-truth identity.")
     sub = toy.add_subparsers(title="commands", dest="toy_command", metavar="COMMAND", required=True)
     build = sub.add_parser("build", help="rebuild the toy model stack from scratch", description=BUILD_DESCRIPTION,
@@ -41,6 +41,34 @@ def add_parser(commands) -> None:
                        help="where to train (default: cuda when available)")
     build.add_argument("--workers", type=positive_int, default=2, help="rendering processes (default: 2)")
     build.set_defaults(run=run_build)
+
+    data = sub.add_parser("data", help="write training triplets (input view -> prompt -> target) of train identities",
+                          description="Write toy-world training triplets for `nested-attention train`: a folder with "
+                                      "metadata.jsonl, subjects/ and targets/ (train identities only).",
+                          epilog="example:\n  nested-attention toy data --out data/toy-person --domain person --count 50000",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    data.add_argument("--out", type=Path, required=True, metavar="DIR", help="new (or empty) folder")
+    data.add_argument("--domain", choices=("person", "pet"), required=True, help="which subjects")
+    data.add_argument("--count", type=positive_int, required=True, metavar="N", help="number of triplets")
+    data.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    data.add_argument("--subject-images", type=positive_int, default=1, metavar="K",
+                      help="input views per triplet (default: 1)")
+    data.add_argument("--identities", type=positive_int, metavar="N",
+                      help="use at most N distinct identities (default: one per triplet)")
+    data.add_argument("--size", type=int, choices=(64, 128), default=64, help="image size (default: 64)")
+    data.add_argument("--workers", type=positive_int, default=2, help="rendering processes (default: 2)")
+    data.set_defaults(run=run_data)
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from nested_attention_toy.triplets import write_triplets
+
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise NestedAttentionError(f"--out {args.out} exists and is not an empty folder; give a new folder.")
+    path = write_triplets(args.out, args.domain, args.count, seed=args.seed, size=args.size,
+                          subject_images=args.subject_images, identities=args.identities, workers=args.workers)
+    print(f"wrote {args.count} {args.domain} triplets: {path}")
+    return 0
 
 
 def run_build(args: argparse.Namespace) -> int:

@@ -1,0 +1,68 @@
+"""Training triplets of the toy world for the adapter trainer: subject input view(s) -> prompt -> target view.
+
+``write_triplets`` writes a folder the trainer reads as it is (``metadata.jsonl`` + PNGs; convert it to WebDataset
+shards with ``python -m nested_attention_train.make_shards`` for streaming). Identities come from the training side
+of the split only; each line also records the identity index and the context, for analysis.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .render import render_input, render_target
+from .world import FACTOR_NAMES, identity_from_index, prompt, sample_context, sample_identities
+
+
+def _write_one(job: tuple) -> None:
+    root, domain, index, context_values, size, seeds, name = job
+    from .world import Context
+
+    identity = identity_from_index(domain, index)
+    for k, seed in enumerate(seeds[1:]):
+        render_input(identity, size=size, seed=seed).save(root / "subjects" / f"{name}-{k}.png")
+    render_target(identity, Context(tuple(context_values)), size=size, seed=seeds[0]).save(root / "targets" / f"{name}.png")
+
+
+def write_triplets(out: str | Path, domain: str, count: int, seed: int = 0, size: int = 64, subject_images: int = 1,
+                   identities: int | None = None, workers: int = 2) -> Path:
+    """Write ``count`` triplets of ``domain`` (train identities only) to the new folder ``out``; returns the
+    metadata.jsonl path. ``identities`` bounds how many distinct identities are used (default: as many as
+    triplets, so most appear once); ``subject_images`` input views per triplet, each with its own pose jitter."""
+    root = Path(out)
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"{root} is not empty; give a new folder.")
+    if count < 1 or subject_images < 1:
+        raise ValueError("count and subject_images must be >= 1")
+    (root / "subjects").mkdir(parents=True, exist_ok=True)
+    (root / "targets").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    pool = sample_identities(domain, min(identities or count, count), rng, held_out=False)
+    jobs, lines = [], []
+    for i in range(count):
+        identity = pool[i % len(pool)] if identities is None else pool[int(rng.integers(len(pool)))]
+        context = sample_context(rng, domain)
+        seeds = [int(s) for s in rng.integers(2**31, size=1 + subject_images)]
+        name = f"{i:07d}"
+        jobs.append((root, domain, identity.index, tuple(context.values), size, seeds, name))
+        lines.append({
+            "subject": [f"subjects/{name}-{k}.png" for k in range(subject_images)],
+            "target": f"targets/{name}.png",
+            "prompt": prompt(domain, context, rng),
+            "word": domain,
+            "identity": identity.index,
+            "context": dict(zip(FACTOR_NAMES, (int(v) for v in context.values))),
+        })
+    if workers > 1 and count >= 256:
+        with ProcessPoolExecutor(workers) as pool_:
+            list(tqdm(pool_.map(_write_one, jobs, chunksize=64), total=count, desc=f"{domain} triplets", leave=False))
+    else:
+        for job in tqdm(jobs, desc=f"{domain} triplets", leave=False):
+            _write_one(job)
+    path = root / "metadata.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
