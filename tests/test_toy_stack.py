@@ -99,6 +99,13 @@ def test_smoke_build_runs_end_to_end_and_loads_with_plain_diffusers(tmp_path):
     assert run_cli("toy", "build", "--out", str(out), "--smoke") == 2
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for machines without CUDA")
+def test_build_on_cuda_without_a_gpu_is_refused(tmp_path, capsys):
+    assert run_cli("toy", "build", "--out", str(tmp_path / "x"), "--smoke", "--device", "cuda") == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 # ------------------------------------------------------------------------------------------ the shipped stack
 
 def test_the_toy_model_is_shipped_and_small():
@@ -131,9 +138,9 @@ def test_shipped_pipeline_loads_with_plain_diffusers_and_generates(shipped_pipe)
 
 def test_shipped_metric_models_reach_their_bars_on_fresh_held_out_renders():
     """Fresh held-out identities and contexts (seed 2026, never used by the build): factor accuracy >= 0.95 per
-    factor on 1,000 renders; identity retrieval top-1 among 50 held-out identities >= 0.9 (4 queries each)."""
+    factor on 2,000 renders; identity retrieval top-1 among 50 held-out identities >= 0.9 (4 queries each)."""
     classifier = FactorClassifier.from_pretrained(shipped_path("metrics/factor_classifier"))
-    renders = make_corpus(1000, seed=2026, held_out=True, workers=1, input_fraction=0, scene_fraction=0)
+    renders = make_corpus(2000, seed=2026, held_out=True, workers=1, input_fraction=0, scene_fraction=0)
     accuracy = head_accuracy(classifier, renders.images, renders.factor_labels())
     assert min(accuracy.values()) >= 0.95, accuracy
     for d, domain in enumerate(DOMAINS):
