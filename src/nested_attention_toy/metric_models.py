@@ -96,8 +96,8 @@ class IdentityNet(MultiHeadNet):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, sum of classes): the square roots of the attribute probabilities, concatenated and
         L2-normalized. The cosine of two embeddings is then the mean over attributes of the Bhattacharyya
-        coefficient of the two predicted distributions (1: the same, 0: disjoint); on held-out pets it retrieves
-        about one point better than plain probabilities."""
+        coefficient of the two predicted distributions (1: the same, 0: disjoint); on held-out pets it retrieved
+        0.7 points better than plain probabilities (mean of 4 fresh sets of 50 identities)."""
         roots = [logits.softmax(-1).sqrt() for logits in self(images).values()]
         return F.normalize(torch.cat(roots, dim=-1), dim=-1)
 
