@@ -4,12 +4,11 @@ cheaper than whole images, and runs on whole images afterwards."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from .loop import LossLog, warmup_cosine
 from .metric_models import bf16_autocast_supported
 
 
@@ -36,10 +35,9 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, steps: int, batch_size: 
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    schedule = warmup_cosine(optimizer, steps, warmup)
     size = images.shape[-1]
-    losses, running = [], 0.0
+    log = LossLog(steps)
     for step in range(steps):
         index = torch.randint(len(images), (batch_size,), generator=generator)
         x0, y0 = (int(v) for v in torch.randint(0, size - crop + 1, (2,), generator=generator))
@@ -53,14 +51,11 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, steps: int, batch_size: 
         loss.backward()
         optimizer.step()
         schedule.step()
-        running += loss.item()
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            losses.append(running / ((step % 50) + 1))
-            running = 0.0
+        log.add(step, loss)
         if progress is not None:
             progress.update(1)
     vae.to("cpu", memory_format=torch.contiguous_format).eval()
-    return losses
+    return log.means
 
 
 @torch.no_grad()

@@ -5,11 +5,11 @@ min-SNR loss weighting and an EMA of the weights."""
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 
+from .loop import LossLog, warmup_cosine
 from .metric_models import bf16_autocast_supported
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -53,9 +53,8 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     warmup = max(1, steps // 25)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
-    losses, running = [], 0.0
+    schedule = warmup_cosine(optimizer, steps, warmup, floor=0.1)
+    log = LossLog(steps)
     for step in range(steps):
         index = torch.randint(len(latent_mean), (batch_size,), generator=generator)
         noise_in = torch.randn(latent_mean[index].shape, generator=generator)
@@ -80,11 +79,8 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
         with torch.no_grad():
             for e, p in zip(ema.parameters(), unet.parameters()):
                 e.lerp_(p, 1 - decay)
-        running += loss.item()
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            losses.append(running / ((step % 50) + 1))
-            running = 0.0
+        log.add(step, loss)
         if progress is not None:
             progress.update(1)
     unet.to("cpu")
-    return ema.to("cpu").eval(), losses
+    return ema.to("cpu").eval(), log.means

@@ -13,6 +13,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from nested_attention.encoder import CLIPImageProcessor
 
+from .loop import LossLog, warmup_cosine
 from .metric_models import bf16_autocast_supported
 from .world import CONTEXT_FACTORS, DOMAINS, FACTOR_NAMES, Context, generic_caption
 
@@ -64,9 +65,8 @@ def train_clip(model: CLIPModel, tokenizer: CLIPTokenizer, images: torch.Tensor,
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                                   lr=lr, betas=(0.9, 0.98), eps=1e-6)
     warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    losses, running = [], 0.0
+    schedule = warmup_cosine(optimizer, steps, warmup)
+    log = LossLog(steps)
     order, cursor = torch.randperm(len(images), generator=generator), 0
     for step in range(steps):
         if cursor + batch_size > len(images):
@@ -82,14 +82,11 @@ def train_clip(model: CLIPModel, tokenizer: CLIPTokenizer, images: torch.Tensor,
         schedule.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        running += out.loss.item()
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            losses.append(running / ((step % 50) + 1))
-            running = 0.0
+        log.add(step, out.loss)
         if progress is not None:
             progress.update(1)
     model.to("cpu").eval()
-    return losses
+    return log.means
 
 
 @torch.no_grad()
