@@ -12,12 +12,13 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from nested_attention.adapter import NestedAdapter
+from nested_attention.config import CONFIG_NAME
 from nested_attention.errors import NestedAttentionError
 from nested_attention.images import load_image
 from nested_attention.pipeline import NestedAttention
 from nested_attention.subject import Subject
 from nested_attention.tiny import TINY_ADAPTER_CONFIG, tiny_image_encoder, tiny_sd_pipeline, tiny_sdxl_pipeline
-from nested_attention_toy.assets import model_path
+from nested_attention_toy.assets import ADAPTER_NAMES, adapter_path, model_path
 
 TINY_MODELS = {"tiny-sd": tiny_sd_pipeline, "tiny-sdxl": tiny_sdxl_pipeline}
 RANDOM_ADAPTER = "random"
@@ -265,7 +266,7 @@ def note_conversion(path: str) -> None:
 def load_adapter_folder(spec: SubjectSpec) -> NestedAdapter | None:
     """The adapter of a subject from its folder; None for `random` (built once the UNet is loaded)."""
     if spec.adapter != RANDOM_ADAPTER:
-        return NestedAdapter.from_pretrained(spec.adapter, image_encoder=spec.image_encoder)
+        return NestedAdapter.from_pretrained(adapter_source(spec.adapter), image_encoder=spec.image_encoder)
     if spec.image_encoder is not None:
         raise NestedAttentionError(
             f"--image-encoder does not apply to --adapter {RANDOM_ADAPTER}, which uses a tiny random image "
@@ -274,6 +275,19 @@ def load_adapter_folder(spec: SubjectSpec) -> NestedAdapter | None:
     print(f"note: --adapter {RANDOM_ADAPTER} is untrained: it checks the plumbing, it carries no identity.",
           file=sys.stderr)
     return None
+
+
+def adapter_source(adapter: str) -> str:
+    """--adapter: a shipped adapter's name (``toy-person``, ``toy-pet``) -> its folder; anything else unchanged."""
+    if adapter not in ADAPTER_NAMES:
+        return adapter
+    path = adapter_path(adapter)
+    if not (path / CONFIG_NAME).is_file():
+        raise NestedAttentionError(
+            f"--adapter {adapter}: the shipped adapter is missing from this installation ({path}); reinstall the "
+            f"package, or train one with nested-attention train --config configs/{adapter}.yaml and pass its folder."
+        )
+    return str(path)
 
 
 def random_adapter(unet: torch.nn.Module, seed: int = 0, word: str = RANDOM_ADAPTER_WORD) -> NestedAdapter:

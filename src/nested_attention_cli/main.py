@@ -25,6 +25,8 @@ examples:
   nested-attention train --config configs/tiny-cpu.yaml data=my-triplets/
   nested-attention generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
       --adapter adapters/person --image me.jpg --prompt "a watercolor painting of a person"
+  nested-attention evaluate --model toy --adapter toy-person --baseline \\
+      --subjects subjects/ --prompts prompts.txt --lam 1 2 3 --out eval/
   nested-attention generate --help
 
 Errors in the input are reported as one line starting with "error:" (exit code 2).
@@ -51,7 +53,7 @@ def quiet_libraries() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with its `generate` and `demo` sub-commands."""
-    from . import demo, generate, toy  # after quiet_libraries(): these import diffusers' pipelines
+    from . import demo, evaluate, generate, toy  # after quiet_libraries(): these import diffusers' pipelines
 
     parser = argparse.ArgumentParser(
         prog="nested-attention",
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
     generate.add_parser(commands)
     demo.add_parser(commands)
+    evaluate.add_parser(commands)
     toy.add_parser(commands)
     commands.add_parser("train", help="train an adapter on your triplets (nested-attention train --help)",
                         add_help=False)  # dispatched to nested_attention_train.main before parsing

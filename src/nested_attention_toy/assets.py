@@ -7,6 +7,7 @@ from pathlib import Path
 
 SHIPPED = Path(__file__).parent / "weights"
 MODEL_NAMES = {"toy": "pipeline"}  # name -> folder under SHIPPED
+ADAPTER_NAMES = {"toy-person": "adapters/person", "toy-pet": "adapters/pet"}  # trained by `nested-attention train`
 
 
 def shipped_path(part: str = "") -> Path:
@@ -21,4 +22,10 @@ def is_shipped() -> bool:
 def model_path(name: str) -> Path | None:
     """The folder of a shipped model name (``"toy"``), or None if ``name`` is not one."""
     part = MODEL_NAMES.get(name)
+    return None if part is None else SHIPPED / part
+
+
+def adapter_path(name: str) -> Path | None:
+    """The folder of a shipped adapter name (``"toy-person"``), or None if ``name`` is not one."""
+    part = ADAPTER_NAMES.get(name)
     return None if part is None else SHIPPED / part

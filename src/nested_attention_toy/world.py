@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -383,6 +384,32 @@ def scene_prompt(
     template = _SCENE_TEMPLATES[0] if rng is None else _SCENE_TEMPLATES[int(rng.integers(len(_SCENE_TEMPLATES)))]
     return _fill(template, _check_word(person_word), context, pet=_check_word(pet_word), pet_expression=expression)
 
+
+def prompt_factors(text: str) -> dict[str, str]:
+    """The context factors a prompt names, read back from its words: ``{"scene": "beach", "style": "photo", ...}``.
+
+    Works on any wording that uses the world's phrases (every prompt and caption here, and hand-written ones such as
+    "a sad person in the forest, pencil sketch"). A factor is left out when the prompt names none of its values or
+    several different ones (in a person + pet prompt, two different expressions).
+    """
+    words = " " + re.sub(r"[^a-z]+", " ", text.lower()).strip() + " "
+    found: dict[str, str] = {}
+    for factor, phrases in _FACTOR_PHRASES.items():
+        named = {value for value, options in phrases.items() if any(f" {o} " in words for o in options)}
+        if len(named) == 1:
+            found[factor] = named.pop()
+    return found
+
+
+def _factor_phrases() -> dict[str, dict[str, tuple[str, ...]]]:
+    phrases = {f: {v: (v,) for v in values} for f, values in CONTEXT_FACTORS.items()}
+    phrases["scene"] = {v: (_SCENE_PHRASE[v],) for v in CONTEXT_FACTORS["scene"]}
+    phrases["style"] = {v: tuple({_STYLE_NOUN[v], _STYLE_TAG[v], v}) for v in CONTEXT_FACTORS["style"]}
+    phrases["position"] = {v: (_POSITION_PHRASE[v],) for v in CONTEXT_FACTORS["position"]}
+    return phrases
+
+
+_FACTOR_PHRASES = _factor_phrases()
 
 _INPUT_TEMPLATE = "a portrait of {a} {subject}, plain background"
 

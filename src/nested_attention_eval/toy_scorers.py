@@ -1,0 +1,76 @@
+"""The toy world's scores, against ground truth: identity with the shipped identity networks, prompt following
+with the prompt-factor classifier (each factor the prompt names, read back from its words)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from nested_attention.errors import NestedAttentionError
+from nested_attention_toy.assets import shipped_path
+from nested_attention_toy.metric_models import FactorClassifier, IdentityNet
+from nested_attention_toy.world import CONTEXT_FACTORS, DOMAINS, SUBJECT_WORDS, prompt_factors
+
+from .scorers import IdentityEmbedder, PromptScorer
+
+
+def domain_of(word: str | None) -> str:
+    """The toy domain of a subject word ("woman" -> "person", "puppy" -> "pet")."""
+    for domain, words in SUBJECT_WORDS.items():
+        if word in words:
+            return domain
+    raise NestedAttentionError(
+        f"--identity toy needs a toy subject word to pick the person or pet network, got {word!r}; "
+        f"use --identity toy-person or toy-pet."
+    )
+
+
+def to_uint8(images: list[Image.Image], size: int) -> torch.Tensor:
+    """PIL images -> (N, 3, size, size) uint8, resized if they are not ``size`` pixels already."""
+    arrays = [np.asarray(i.convert("RGB").resize((size, size), Image.BICUBIC) if i.size != (size, size) else i.convert("RGB"))
+              for i in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+class ToyIdentityEmbedder(IdentityEmbedder):
+    """The shipped identity network of ``domain`` (trained on train identities only)."""
+
+    def __init__(self, domain: str):
+        if domain not in DOMAINS:
+            raise NestedAttentionError(f"The toy world has domains {DOMAINS}; got {domain!r}.")
+        self.name = "id"
+        self.domain = domain
+        self.net = IdentityNet.from_pretrained(shipped_path(f"metrics/identity_{domain}"))
+        self.size = self.net.config.image_size
+
+    def embed(self, images: list[Image.Image]) -> torch.Tensor:
+        x = to_uint8(images, self.size)
+        return torch.cat([self.net.embed(x[i : i + 256].float() / 127.5 - 1) for i in range(0, len(x), 256)])
+
+
+class ToyFactorScorer(PromptScorer):
+    """``prompt_accuracy``: the fraction of the factors a prompt names that the classifier sees in the image; plus a
+    0/1 column ``factor_<name>`` per named factor. None where a prompt names no factor."""
+
+    name = "prompt_accuracy"
+
+    def __init__(self):
+        self.classifier = FactorClassifier.from_pretrained(shipped_path("metrics/factor_classifier"))
+        self.size = self.classifier.config.image_size
+
+    def score(self, images: list[Image.Image], prompts: list[str]) -> dict[str, list[float | None]]:
+        x = to_uint8(images, self.size)
+        predicted = {f: torch.cat([p[f] for p in (self.classifier.predict(x[i : i + 256].float() / 127.5 - 1)
+                                                   for i in range(0, len(x), 256))]) for f in CONTEXT_FACTORS}
+        columns: dict[str, list[float | None]] = {self.name: []} | {f"factor_{f}": [] for f in CONTEXT_FACTORS}
+        for row, prompt in enumerate(prompts):
+            named = prompt_factors(prompt)
+            hits = []
+            for factor, values in CONTEXT_FACTORS.items():
+                hit = None if factor not in named else float(int(predicted[factor][row]) == values.index(named[factor]))
+                columns[f"factor_{factor}"].append(hit)
+                if hit is not None:
+                    hits.append(hit)
+            columns[self.name].append(float(np.mean(hits)) if hits else None)
+        return columns
