@@ -92,7 +92,7 @@ def parse_adapter(text: str) -> tuple[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     from nested_attention.adapter import NestedAdapter
-    from nested_attention_eval.harness import Evaluator, Plan, Setting, load_subjects, read_prompts
+    from nested_attention_eval.harness import Evaluator, Plan, Setting, fill_word, load_subjects, read_prompts
     from nested_attention_eval.report import write_reports
     from nested_attention_eval.scorers import identity_embedder, prompt_scorer
     from nested_attention.images import load_image
@@ -117,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
             adapters.append((name, NestedAdapter.from_pretrained(adapter_source(path))))
     words = [args.word or (a.config.word if a is not None else RANDOM_ADAPTER_WORD) for _, a in adapters]
     base_word = args.word or (words[0] if words else RANDOM_ADAPTER_WORD)
+    bound = [(name, word) for (name, _), word in zip(adapters, words)] + ([("base model", base_word)] if args.baseline else [])
+    for name, word in bound:  # before any model is loaded
+        for prompt in prompts:
+            fill_word(prompt, word, name)
     identity_spec = args.identity or ("toy" if args.model == "toy" else None)
     prompt_specs = args.prompt_score or (["toy", "toy-clip"] if args.model == "toy" else [])
     identity = identity_embedder(identity_spec, word=words[0] if words else base_word) if identity_spec else None

@@ -76,18 +76,23 @@ class Plan:
             raise NestedAttentionError(f"Two settings share a name: {names}; name each adapter differently.")
 
     def prompt_for(self, setting: Setting, prompt: str) -> str:
-        text = prompt.replace("{word}", setting.word)
-        if f" {setting.word.lower()} " not in f" {''.join(c if c.isalnum() else ' ' for c in text.lower())} ":
-            raise NestedAttentionError(
-                f"The prompt {prompt!r} does not contain the subject word {setting.word!r} of {setting.name}; write "
-                f"the word in it, or {{word}} to have each setting's word filled in."
-            )
-        return text
+        return fill_word(prompt, setting.word, setting.name)
 
     def jobs(self, setting: Setting) -> list[Job]:
         lams: Sequence[float | None] = [None] if setting.adapter is None else self.lams
         return [Job(setting.name, identity, self.prompt_for(setting, p), lam, seed)
                 for identity in self.subjects for lam in lams for p in self.prompts for seed in self.seeds]
+
+
+def fill_word(prompt: str, word: str, setting: str) -> str:
+    """``prompt`` with ``{word}`` replaced by ``word``, which it must then contain as a word."""
+    text = prompt.replace("{word}", word)
+    if f" {word.lower()} " not in f" {''.join(c if c.isalnum() else ' ' for c in text.lower())} ":
+        raise NestedAttentionError(
+            f"The prompt {prompt!r} does not contain the subject word {word!r} of {setting}; write the word in it, "
+            f"or {{word}} to have each setting's word filled in."
+        )
+    return text
 
 
 def load_subjects(folder: str | Path) -> dict[str, list[Path]]:
@@ -145,7 +150,7 @@ class Evaluator:
     def run(self, plan: Plan) -> list[dict]:
         from tqdm.auto import tqdm
 
-        done = {r["key"] for r in read_records(self.records_path)}
+        done = {r["key"] for r in self._repair()}
         todo = {s.name: [j for j in plan.jobs(s) if j.key not in done] for s in plan.settings}
         references = self._references(plan) if self.identity is not None else None
         na = NestedAttention(self.pipe)
@@ -158,6 +163,14 @@ class Evaluator:
             na.uninstall()
         wanted = {j.key for s in plan.settings for j in plan.jobs(s)}  # a resumed folder may hold other plans' records
         return [r for r in read_records(self.records_path) if r["key"] in wanted]
+
+    def _repair(self) -> list[dict]:
+        """The records so far; a line an interruption cut short is dropped from the file, so appending goes on
+        from a clean line end."""
+        records = read_records(self.records_path)
+        if self.records_path.is_file() and self.records_path.read_text() != "".join(json.dumps(r) + "\n" for r in records):
+            self.records_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return records
 
     # ---- one setting ---------------------------------------------------------------------------------------
 
