@@ -211,3 +211,16 @@ def test_evaluate_bad_input(tmp_path, capsys):
     assert "tiny-sd is a tiny" not in err  # refused before any model is loaded
     assert main([*base[:4], str(tmp_path / "missing"), *base[5:], "--baseline"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_toy_eval_writes_every_key(tmp_path, capsys):
+    argv = ["toy", "eval", "--identities", "2", "--contexts", "1", "--scenes", "1", "--steps", "1",
+            "--adapter-person", "random", "--adapter-pet", "random", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for prefix in ("", "baseline_", "oracle_"):
+        for key in ("id_top1", "id_similarity", "prompt_accuracy", "clip_t", "scene_person_top1", "scene_pet_top1", "scene_both_top1"):
+            assert 0 <= metrics[prefix + key] <= 1 or key in ("id_similarity", "clip_t"), prefix + key
+        assert metrics["person"][prefix + "id_top1"] in (0.0, 0.5, 1.0)
+    assert metrics["oracle_id_top1"] == 1.0  # real renders of 2 subjects: the identity networks tell them apart
+    assert (tmp_path / "samples.png").is_file() and "metrics.json" in capsys.readouterr().out
