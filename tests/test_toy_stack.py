@@ -2,6 +2,7 @@
 metric models at their bars on fresh held-out renders)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,3 +188,22 @@ def test_triplets_are_read_by_the_trainer_and_use_train_identities_only(tmp_path
     assert run_cli("toy", "data", "--out", str(tmp_path / "c"), "--domain", "person", "--count", "3", "--workers", "1") == 0
     assert len(read_metadata(tmp_path / "c")[0]) == 3
     assert run_cli("toy", "data", "--out", str(tmp_path / "c"), "--domain", "person", "--count", "3") == 2  # not empty
+
+
+@pytest.mark.parametrize("domain", ["person", "pet"])
+def test_toy_config_trains_a_self_contained_adapter(tmp_path, domain):
+    """configs/toy-*.yaml on the shipped toy model: two steps, then the exported adapter loads with no name to
+    resolve (its image encoder travels in image_encoder/) and equals the toy CLIP's vision tower."""
+    from nested_attention import NestedAdapter
+
+    config = Path(__file__).parents[1] / "configs" / f"toy-{domain}.yaml"
+    assert run_cli("toy", "data", "--out", str(tmp_path / "data"), "--domain", domain, "--count", "8", "--workers", "1") == 0
+    from nested_attention_train.trainer import main as train_main
+
+    assert train_main(["--config", str(config), f"data={tmp_path / 'data'}", f"output_dir={tmp_path / 'run'}", "max_steps=2",
+                       "train_batch_size=4", "num_workers=0", "lr_warmup_steps=1", "checkpoint_every=2"]) == 0
+    adapter = NestedAdapter.from_pretrained(tmp_path / "run" / "adapter")
+    assert adapter.config.word == domain and adapter.config.image_encoder == "toy"
+    reference = CLIPVisionModel.from_pretrained(shipped_path("clip"))
+    for (name, a), (_, b) in zip(adapter.encoder.image_encoder.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a.float(), b.float()), name

@@ -19,8 +19,8 @@ class TrainConfig:
     """Every knob of a training run. `configs/*.yaml` hold the paper's recipes and a tiny CPU one."""
 
     # what to train on
-    pretrained_model: str = "tiny-sd"  # diffusers pipeline folder or hub id; tiny-sd / tiny-sdxl: random, for tests
-    image_encoder: str = "tiny"  # CLIP vision folder or hub id; tiny: random, for tests
+    pretrained_model: str = "tiny-sd"  # pipeline folder or hub id; toy: the shipped toy model; tiny-sd / tiny-sdxl: random, for tests
+    image_encoder: str = "tiny"  # CLIP vision folder or hub id; toy: the toy CLIP's; tiny: random, for tests
     data: str = ""  # folder with metadata.jsonl, a .jsonl file, or WebDataset shards (e.g. data/{000..099}.tar)
     word: str = "person"  # the subject word in the prompts (default for records that name none)
     output_dir: str = "outputs/train"

@@ -18,6 +18,30 @@ from .config import TrainConfig
 
 TINY_PIPELINES = {"tiny-sd": tiny_sd_pipeline, "tiny-sdxl": tiny_sdxl_pipeline}
 TINY_IMAGE_ENCODER = "tiny"
+TOY = "toy"  # the shipped toy world stack: its pipeline, and its CLIP's vision tower as image encoder
+# image encoders that are names, not paths: an adapter trained on one carries it in image_encoder/
+NAMED_IMAGE_ENCODERS = (TINY_IMAGE_ENCODER, TOY)
+
+
+def resolve_model(name: str) -> str:
+    """``toy`` -> the shipped toy pipeline folder; anything else unchanged."""
+    if name != TOY:
+        return name
+    from nested_attention_toy.assets import is_shipped, model_path
+
+    if not is_shipped():
+        raise NestedAttentionError("pretrained_model: toy is missing from this installation; reinstall the package, "
+                                   "or rebuild it with nested-attention toy build --out DIR and give DIR/pipeline.")
+    return str(model_path(TOY))
+
+
+def resolve_image_encoder(name: str) -> str:
+    """``toy`` -> the shipped toy CLIP folder (its vision tower and image processor); anything else unchanged."""
+    if name != TOY:
+        return name
+    from nested_attention_toy.assets import shipped_path
+
+    return str(shipped_path("clip"))
 
 
 @dataclass
@@ -42,7 +66,7 @@ class BaseModel:
 
 def load_base_model(config: TrainConfig) -> BaseModel:
     """The base pipeline, frozen (a tiny random one for `tiny-sd` / `tiny-sdxl`)."""
-    name = config.pretrained_model
+    name = resolve_model(config.pretrained_model)
     if name in TINY_PIPELINES:
         pipe = TINY_PIPELINES[name](seed=0, tokenizer_dir=tempfile.mkdtemp(prefix="na-train-tok-"))
     else:
@@ -67,15 +91,19 @@ def load_base_model(config: TrainConfig) -> BaseModel:
 def load_adapter(config: TrainConfig, unet: torch.nn.Module) -> NestedAdapter:
     """The adapter to train: from `init_adapter` (phase 2), else fresh for this UNet; fp32, train mode.
 
-    An exported adapter of a `tiny` run carries its image encoder in `image_encoder/`; otherwise the CLIP model
-    comes from `config.image_encoder`.
+    An exported adapter of a `tiny` or `toy` run carries its image encoder in `image_encoder/`; otherwise the CLIP
+    model comes from `config.image_encoder`.
     """
     tiny = config.image_encoder == TINY_IMAGE_ENCODER
+    named = config.image_encoder in NAMED_IMAGE_ENCODERS
     if config.init_adapter:
-        adapter = NestedAdapter.from_pretrained(config.init_adapter, image_encoder=None if tiny else config.image_encoder)
+        adapter = NestedAdapter.from_pretrained(config.init_adapter, image_encoder=None if named else config.image_encoder)
         adapter.check_compatible(cross_attention_layers(unet))
     else:
-        image_encoder, processor = tiny_image_encoder(seed=config.seed) if tiny else load_image_encoder(config.image_encoder)
+        if tiny:
+            image_encoder, processor = tiny_image_encoder(seed=config.seed)
+        else:
+            image_encoder, processor = load_image_encoder(resolve_image_encoder(config.image_encoder))
         torch.manual_seed(config.seed)
         adapter = NestedAdapter.for_unet(
             unet, image_encoder, config.image_encoder, image_processor=processor, **config.adapter_kwargs
