@@ -6,13 +6,19 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_adapter, subject_image
 
+from conftest import make_adapter, subject_image
 from nested_attention.errors import NestedAttentionError
 from nested_attention_cli.main import main
 from nested_attention_eval.harness import Evaluator, Plan, Setting, read_records, summarize
 from nested_attention_eval.report import write_reports
-from nested_attention_eval.scorers import HFImageEmbedder, IdentityEmbedder, OnnxFaceEmbedder, identity_embedder, prompt_scorer
+from nested_attention_eval.scorers import (
+    HFImageEmbedder,
+    IdentityEmbedder,
+    OnnxFaceEmbedder,
+    identity_embedder,
+    prompt_scorer,
+)
 from nested_attention_toy.render import render_input
 from nested_attention_toy.world import DOMAINS, generic_caption, prompt_factors, sample_context, sample_identities
 

@@ -92,10 +92,10 @@ def parse_adapter(text: str) -> tuple[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     from nested_attention.adapter import NestedAdapter
+    from nested_attention.images import load_image
     from nested_attention_eval.harness import Evaluator, Plan, Setting, fill_word, load_subjects, read_prompts
     from nested_attention_eval.report import write_reports
     from nested_attention_eval.scorers import identity_embedder, prompt_scorer
-    from nested_attention.images import load_image
 
     if not args.adapter and not args.baseline:
         raise NestedAttentionError("Nothing to evaluate: give at least one --adapter, or --baseline for the base model.")

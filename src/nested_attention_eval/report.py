@@ -42,8 +42,8 @@ def write_plot(rows: list[dict], path: Path) -> bool:
     figure, axes = plt.subplots(1, len(x_columns), figsize=(5.2 * len(x_columns), 4.2), squeeze=False)
     for ax, x_column in zip(axes[0], x_columns):
         for setting in dict.fromkeys(row["setting"] for row in rows):
-            points = sorted(((r["lam"] or 0.0, r[x_column], r[y_column]) for r in rows
-                             if r["setting"] == setting and r.get(x_column) is not None and r.get(y_column) is not None))
+            points = sorted((r["lam"] or 0.0, r[x_column], r[y_column]) for r in rows
+                             if r["setting"] == setting and r.get(x_column) is not None and r.get(y_column) is not None)
             if not points:
                 continue
             lams, xs, ys = zip(*points)

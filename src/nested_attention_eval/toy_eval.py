@@ -26,7 +26,15 @@ from PIL import Image
 
 from nested_attention import NestedAttention, Subject
 from nested_attention_toy.render import render_input, render_scene, render_target
-from nested_attention_toy.world import CONTEXT_FACTORS, DOMAINS, FACTOR_NAMES, generic_caption, sample_context, sample_identities, scene_prompt
+from nested_attention_toy.world import (
+    CONTEXT_FACTORS,
+    DOMAINS,
+    FACTOR_NAMES,
+    generic_caption,
+    sample_context,
+    sample_identities,
+    scene_prompt,
+)
 
 from .toy_scorers import ToyIdentityEmbedder, to_uint8
 
