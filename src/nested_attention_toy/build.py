@@ -49,6 +49,7 @@ class BuildSize:
     eval_generations: int
     eval_identities: int
     unet_batch: int = 32
+    vae_batch: int = 16
     unet_lr: float = 4e-4
     sample_steps: int = 20
     guidance_scale: float = 5.0
@@ -59,7 +60,7 @@ class BuildSize:
 
 
 FULL = BuildSize(corpus=60000, metric_train=40000, metric_epochs=8, identity_train=30000, identity_epochs=7,
-                 clip_steps=320, vae_steps=1200, unet_steps=7600, eval_renders=2000, eval_generations=400, eval_identities=50)
+                 clip_steps=320, vae_steps=6000, unet_steps=8800, eval_renders=2000, eval_generations=400, eval_identities=50)
 SMOKE = BuildSize(corpus=600, metric_train=400, metric_epochs=1, identity_train=200, identity_epochs=1,
                   clip_steps=10, vae_steps=10, unet_steps=10, eval_renders=64, eval_generations=8, eval_identities=10, sample_steps=4,
                   unet_widths=(16, 32), clip_width=64, vae_width=16, identity_width=16)
@@ -151,7 +152,8 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
     torch.manual_seed(seed + 300)
     vae = make_vae(size.vae_width)
     with _bar(size.vae_steps, "vae") as bar:
-        vae_losses = train_vae(vae, corpus.images, size.vae_steps, seed=seed + 300, device=device, progress=bar)
+        vae_losses = train_vae(vae, corpus.images, size.vae_steps, batch_size=size.vae_batch, seed=seed + 300,
+                               device=device, progress=bar)
     means, stds = encode_latents(vae, corpus.images)
     scaling_factor = float(1.0 / means.flatten().std())
     vae.register_to_config(scaling_factor=scaling_factor)
