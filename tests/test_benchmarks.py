@@ -1,0 +1,81 @@
+"""The benchmark suites' --smoke paths, in-process on a CPU: they run, write what docs/performance.md promises,
+and compare equal math (ours against the materializing reference)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ sits beside src/, not installed
+
+from benchmarks import attention_layer, train_step, unet_step  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes gain nothing from threads, and lose a lot on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_smoke(module, tmp_path) -> dict:
+    out = tmp_path / f"{module.SUITE}.json"
+    payload = module.main(["--device", "cpu", "--smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    assert out.with_suffix(".md").read_text().count("\n|") >= 3  # header, rule, a row at least
+    assert payload["suite"] == module.SUITE
+    assert {"torch", "diffusers", "device", "dtype", "preset"} <= payload["environment"].keys()
+    return payload
+
+
+def test_attention_layer_smoke(tmp_path):
+    payload = run_smoke(attention_layer, tmp_path)
+    assert {"matmul", "results", "checks", "floor"} <= payload.keys()
+    rows = {(r["method"], r["n_q"]): r for r in payload["results"]}
+    assert set(rows) == {("vanilla", None), ("ip-adapter-16", None), ("ours", 8), ("ours-processor", 8),
+                         ("ip-adapter-8", 8), ("naive", 8)}
+    for row in rows.values():
+        assert {"ms", "time", "peak_bytes", "time_vs_vanilla", "memory_vs_vanilla"} <= row.keys()
+        assert row["ms"] > 0 and row["peak_bytes"] > 0
+    assert rows[("vanilla", None)]["time_vs_vanilla"] == 1.0
+    [check] = payload["checks"]
+    assert check["relative_diff"] <= 1e-4  # ours == naive == the processor path, in fp32
+    assert check["subject_effect"] > 1e-2  # and the subject really changes the output
+    [floor] = payload["floor"]
+    assert {"extra_gflops", "extra_floor_ms", "extra_ms", "extra_vs_floor", "naive_memory_over_ours"} <= floor.keys()
+    # the reference really holds the (B, H, N, T, d) tensor; ours never does
+    shape = attention_layer.SHAPES["smoke"][0]
+    materialized = 2 * shape.queries * attention_layer.TEXT_TOKENS * shape.width * 4
+    assert rows[("naive", 8)]["peak_bytes"] >= materialized > rows[("ours", 8)]["peak_bytes"]
+
+
+def test_ours_matches_naive_reference():
+    shape = attention_layer.LayerShape("odd", queries=30, width=48, heads=3, text_dim=20)
+    check = attention_layer.check_equal_math(shape, n_q=5, device=torch.device("cpu"))
+    assert check["relative_diff"] <= 1e-4 and check["negative_row_diff"] <= 1e-5
+
+
+def test_unet_step_smoke(tmp_path):
+    payload = run_smoke(unet_step, tmp_path)
+    assert {"unet_config", "resolution", "steps", "results"} <= payload.keys()
+    rows = {r["method"]: r for r in payload["results"]}
+    assert list(rows) == ["vanilla", "nested-8", "ip-adapter-16"]
+    for row in rows.values():
+        assert {"step_ms", "step_vs_vanilla", "image_s", "image_vs_vanilla", "peak_bytes", "step_flops",
+                "flops_vs_vanilla"} <= row.keys()
+    nested = rows["nested-8"]
+    assert 1 < nested["flops_vs_vanilla"] < 1.01  # the nested FLOPs are counted, and small
+    assert {"kv_ms", "kv_gflops", "kv_cache_mib", "kv_every_step_s"} <= nested.keys()
+
+
+def test_train_step_smoke(tmp_path):
+    payload = run_smoke(train_step, tmp_path)
+    assert {"matmul", "results", "num_queries"} <= payload.keys()
+    [row] = payload["results"]
+    assert {"samples_per_s", "peak_gib", "model_tflops_per_step", "hardware_tflops_per_step", "mfu", "hfu"} <= row.keys()
+    assert row["samples_per_s"] > 0 and row["peak_gib"] > row["state_gib"] > 0
+    assert row["hardware_tflops_per_step"] > row["model_tflops_per_step"] > 0  # checkpointing recomputes forward
