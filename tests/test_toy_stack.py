@@ -20,6 +20,7 @@ from nested_attention_toy.text_image import clip_processor, pixel_values, tokeni
 from nested_attention_toy.world import (
     DOMAINS,
     SUBJECT_WORDS,
+    identity_count,
     input_caption,
     prompt,
     sample_context,
@@ -188,6 +189,25 @@ def test_triplets_are_read_by_the_trainer_and_use_train_identities_only(tmp_path
     assert run_cli("toy", "data", "--out", str(tmp_path / "c"), "--domain", "person", "--count", "3", "--workers", "1") == 0
     assert len(read_metadata(tmp_path / "c")[0]) == 3
     assert run_cli("toy", "data", "--out", str(tmp_path / "c"), "--domain", "person", "--count", "3") == 2  # not empty
+
+
+def test_more_triplets_than_training_identities_reuse_them(tmp_path, monkeypatch, capsys):
+    """Asking for more triplets than the training side has identities uses every identity, some more than once;
+    asking for more distinct identities than exist is refused in one sentence."""
+    from nested_attention_toy import triplets
+    from nested_attention_toy.world import side_size
+
+    assert side_size("pet", True) + side_size("pet", False) == identity_count("pet")
+    monkeypatch.setattr(triplets, "side_size", lambda domain, held_out: 5)
+    path = triplets.write_triplets(tmp_path / "a", "pet", 12, seed=1, workers=1)
+    identities = [json.loads(line)["identity"] for line in path.read_text().splitlines()]
+    assert len(identities) == 12 and len(set(identities)) == 5
+    with pytest.raises(ValueError, match="training side has 5"):
+        triplets.write_triplets(tmp_path / "b", "pet", 12, identities=6, workers=1)
+    capsys.readouterr()
+    assert run_cli("toy", "data", "--out", str(tmp_path / "c"), "--domain", "pet", "--count", "3",
+                   "--identities", str(side_size("pet", False) + 1)) == 2
+    assert "--identities must be between 1 and" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("domain", ["person", "pet"])

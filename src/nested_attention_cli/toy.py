@@ -127,6 +127,12 @@ def run_data(args: argparse.Namespace) -> int:
 
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise NestedAttentionError(f"--out {args.out} exists and is not an empty folder; give a new folder.")
+    from nested_attention_toy.world import side_size
+
+    available = side_size(args.domain, held_out=False)
+    if args.identities is not None and not 1 <= args.identities <= available:
+        raise NestedAttentionError(f"--identities must be between 1 and {available} (the {args.domain} training "
+                                   f"identities); got {args.identities}.")
     path = write_triplets(args.out, args.domain, args.count, seed=args.seed, size=args.size,
                           subject_images=args.subject_images, identities=args.identities, workers=args.workers)
     print(f"wrote {args.count} {args.domain} triplets: {path}")

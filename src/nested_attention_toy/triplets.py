@@ -15,7 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .render import render_input, render_target
-from .world import FACTOR_NAMES, identity_from_index, prompt, sample_context, sample_identities
+from .world import FACTOR_NAMES, identity_from_index, prompt, sample_context, sample_identities, side_size
 
 
 def _write_one(job: tuple) -> None:
@@ -32,7 +32,7 @@ def write_triplets(out: str | Path, domain: str, count: int, seed: int = 0, size
                    identities: int | None = None, workers: int = 2) -> Path:
     """Write ``count`` triplets of ``domain`` (train identities only) to the new folder ``out``; returns the
     metadata.jsonl path. ``identities`` bounds how many distinct identities are used (default: as many as
-    triplets, so most appear once); ``subject_images`` input views per triplet, each with its own pose jitter."""
+    triplets, or all training identities when there are fewer, so most appear once); ``subject_images`` input views per triplet, each with its own pose jitter."""
     root = Path(out)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; give a new folder.")
@@ -41,7 +41,11 @@ def write_triplets(out: str | Path, domain: str, count: int, seed: int = 0, size
     (root / "subjects").mkdir(parents=True, exist_ok=True)
     (root / "targets").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    pool = sample_identities(domain, min(identities or count, count), rng, held_out=False)
+    available = side_size(domain, held_out=False)
+    if identities is not None and identities > available:
+        raise ValueError(f"asked for {identities} {domain} identities; the training side has {available}")
+    # more triplets than training identities: every identity is used, and some more than once
+    pool = sample_identities(domain, min(identities or count, count, available), rng, held_out=False)
     jobs, lines = [], []
     for i in range(count):
         identity = pool[i % len(pool)] if identities is None else pool[int(rng.integers(len(pool)))]

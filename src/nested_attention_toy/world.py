@@ -8,6 +8,7 @@ fixed vocabulary, and never mention identity attributes. Nothing here draws: see
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -159,6 +160,13 @@ def is_held_out(identity: Identity) -> bool:
     Stable forever: changing it silently mixes evaluation identities into training.
     """
     return _split_hash(identity.domain, identity.index) < HELD_OUT_FRACTION
+
+
+@functools.cache
+def side_size(domain: str, held_out: bool) -> int:
+    """How many identities of ``domain`` lie on the held-out (or the training) side of the split."""
+    _check_domain(domain)
+    return sum((_split_hash(domain, i) < HELD_OUT_FRACTION) == held_out for i in range(identity_count(domain)))
 
 
 def sample_identities(domain: str, n: int, rng: np.random.Generator, held_out: bool) -> list[Identity]:
