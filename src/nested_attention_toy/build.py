@@ -57,13 +57,16 @@ class BuildSize:
     clip_width: int = 128
     vae_width: int = 32
     identity_width: int = 48
+    # word grounding loss on the UNet (grounding.py); 0 trains without it. The shipped stack was built with 0: its
+    # subject words get 1-8 % of a pixel's attention, too little for nested attention (docs/toyworld.md)
+    grounding_weight: float = 0.0
 
 
 FULL = BuildSize(corpus=60000, metric_train=40000, metric_epochs=8, identity_train=30000, identity_epochs=7,
                  clip_steps=320, vae_steps=6000, unet_steps=8800, eval_renders=2000, eval_generations=400, eval_identities=50)
 SMOKE = BuildSize(corpus=600, metric_train=400, metric_epochs=1, identity_train=200, identity_epochs=1,
                   clip_steps=10, vae_steps=10, unet_steps=10, eval_renders=64, eval_generations=8, eval_identities=10, sample_steps=4,
-                  unet_widths=(16, 32), clip_width=64, vae_width=16, identity_width=16)
+                  unet_widths=(16, 32), clip_width=64, vae_width=16, identity_width=16, grounding_weight=0.1)
 
 
 class _Log:
@@ -101,10 +104,11 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
     from .autoencoder import encode_latents, make_vae, train_vae
     from .build_metrics import build_metric_models
     from .corpus import make_corpus
-    from .diffusion import make_unet, sampling_scheduler, train_unet
+    from .diffusion import Grounding, make_unet, sampling_scheduler, train_unet
     from .evaluate_base import evaluate_stack
+    from .grounding import word_positions
     from .text_image import clip_config, clip_processor, tokenize, train_clip
-    from .world import vocabulary
+    from .world import DOMAINS, vocabulary
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -124,7 +128,8 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
     stage("tokenizer", time.perf_counter() - t, vocabulary=len(vocabulary()), tokens=len(tokenizer))
 
     t = time.perf_counter()
-    corpus = make_corpus(size.corpus, seed=seed, held_out=False, workers=workers, desc="corpus")
+    corpus = make_corpus(size.corpus, seed=seed, held_out=False, workers=workers, desc="corpus",
+                         masks=size.grounding_weight > 0)
     stage("corpus", time.perf_counter() - t, images=len(corpus), kinds={k: corpus.kinds.count(k) for k in ("target", "input", "scene")})
 
     t = time.perf_counter()
@@ -167,12 +172,17 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
         ids = tokenize(tokenizer, corpus.captions)
         states = torch.cat([text_encoder(ids[i : i + 512]).last_hidden_state.half() for i in range(0, len(ids), 512)])
         null_state = text_encoder(tokenize(tokenizer, [""])).last_hidden_state[0]
+    grounding = None
+    if size.grounding_weight > 0:
+        words = ["person" if d == 2 else DOMAINS[d] for d in corpus.domains.tolist()]  # scenes: the person's word
+        grounding = Grounding(positions=word_positions(tokenizer, corpus.captions, words), masks=corpus.masks,
+                              has_mask=torch.tensor([k == "target" for k in corpus.kinds]), weight=size.grounding_weight)
     torch.manual_seed(seed + 400)
     unet = make_unet(text_encoder.config.hidden_size, size.unet_widths)
     with _bar(size.unet_steps, "unet") as bar:
         unet, unet_losses = train_unet(unet, means.half(), stds.half(), scaling_factor, states, null_state,
                                        size.unet_steps, batch_size=size.unet_batch, lr=size.unet_lr, seed=seed + 400,
-                                       device=device, progress=bar)
+                                       device=device, progress=bar, grounding=grounding)
     stage("unet", time.perf_counter() - t, parameters=_count(unet), loss_first=unet_losses[0], loss_last=unet_losses[-1])
     del corpus, means, stds, states
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .render import render_input, render_scene, render_target
+from .render import render_input, render_scene, render_target, render_target_with_mask
 from .world import (
     DOMAINS,
     FACTOR_NAMES,
@@ -27,19 +27,29 @@ from .world import (
 
 
 def _render_one(job: tuple) -> np.ndarray:
-    kind, subject, context, size, seed = job
+    """(3, S, S) uint8, or with masks (4, S, S): the subject's coverage (0-255) of a target view as a fourth plane,
+    zeros for the other kinds."""
+    kind, subject, context, size, seed, *masked = job
+    mask = None
     if kind == "input":
         image = render_input(subject, size=size, seed=seed)
+    elif kind == "target" and masked and masked[0]:
+        image, coverage = render_target_with_mask(subject, context, size=size, seed=seed)
+        mask = np.round(coverage * 255).astype(np.uint8)
     elif kind == "target":
         image = render_target(subject, context, size=size, seed=seed)
     else:
         image = render_scene(subject[0], subject[1], context, size=size, seed=seed)
-    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+    array = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+    if not (masked and masked[0]):
+        return array
+    return np.concatenate([array, (mask if mask is not None else np.zeros(array.shape[1:], np.uint8))[None]])
 
 
 def render_jobs(jobs: list[tuple], workers: int, desc: str) -> torch.Tensor:
-    """Render ``(kind, subject, context, size, seed)`` jobs -> (N, 3, S, S) uint8; kind is "input", "target" (subject
-    an Identity) or "scene" (subject a (person, pet) pair). ``workers`` > 1 renders in that many processes."""
+    """Render ``(kind, subject, context, size, seed[, with_mask])`` jobs -> (N, 3, S, S) uint8 (4 planes with masks,
+    see ``_render_one``); kind is "input", "target" (subject an Identity) or "scene" (subject a (person, pet) pair).
+    ``workers`` > 1 renders in that many processes."""
     if workers <= 1 or len(jobs) < 256:
         arrays = [_render_one(job) for job in tqdm(jobs, desc=desc, leave=False)]
     else:
@@ -51,13 +61,15 @@ def render_jobs(jobs: list[tuple], workers: int, desc: str) -> torch.Tensor:
 @dataclass
 class Corpus:
     """``images`` (N, 3, S, S) uint8 with their captions; ``factors`` (N, 5) context value indices (-1 for input
-    views); ``domains`` (N,) 0 person, 1 pet, 2 person + pet scene; ``kinds`` "target" / "input" / "scene"."""
+    views); ``domains`` (N,) 0 person, 1 pet, 2 person + pet scene; ``kinds`` "target" / "input" / "scene";
+    ``masks`` (N, S, S) uint8 subject coverage of the target views (zeros elsewhere), when made with masks."""
 
     images: torch.Tensor
     captions: list[str]
     factors: torch.Tensor
     domains: torch.Tensor
     kinds: list[str] = field(default_factory=list)
+    masks: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -68,14 +80,16 @@ class Corpus:
     def subset(self, index) -> Corpus:
         index = torch.as_tensor(index)
         return Corpus(self.images[index], [self.captions[i] for i in index.tolist()], self.factors[index],
-                      self.domains[index], [self.kinds[i] for i in index.tolist()])
+                      self.domains[index], [self.kinds[i] for i in index.tolist()],
+                      None if self.masks is None else self.masks[index])
 
 
 def make_corpus(count: int, seed: int, size: int = 64, held_out: bool = False, workers: int = 2,
                 input_fraction: float = 0.1, scene_fraction: float = 0.1, identity_pool: int = 4000,
-                desc: str = "render") -> Corpus:
+                desc: str = "render", masks: bool = False) -> Corpus:
     """``count`` renders of identities from one side of the split (train unless ``held_out``); captions draw their
-    template at random. Domains alternate; ``input_fraction`` are input views, ``scene_fraction`` person + pet scenes."""
+    template at random. Domains alternate; ``input_fraction`` are input views, ``scene_fraction`` person + pet scenes.
+    ``masks`` also keeps the target views' subject silhouettes (the images are the same either way)."""
     rng = np.random.default_rng(seed)
     pools = {d: sample_identities(d, min(identity_pool, max(1, count)), rng, held_out=held_out) for d in DOMAINS}
 
@@ -97,11 +111,11 @@ def make_corpus(count: int, seed: int, size: int = 64, held_out: bool = False, w
                 kind, caption = "input", input_caption(DOMAINS[domain])
             else:
                 kind, caption = "target", generic_caption(DOMAINS[domain], context, rng)
-        jobs.append((kind, subject, context if kind != "input" else None, size, int(rng.integers(2**31))))
+        jobs.append((kind, subject, context if kind != "input" else None, size, int(rng.integers(2**31)), masks))
         captions.append(caption)
         factors.append(tuple(context.values) if kind != "input" else (-1,) * len(FACTOR_NAMES))
         domains.append(domain)
         kinds.append(kind)
-    images = render_jobs(jobs, workers, desc)
-    return Corpus(images, captions, torch.tensor(factors, dtype=torch.long).view(-1, len(FACTOR_NAMES)),
-                  torch.tensor(domains, dtype=torch.long), kinds)
+    planes = render_jobs(jobs, workers, desc)
+    return Corpus(planes[:, :3].contiguous(), captions, torch.tensor(factors, dtype=torch.long).view(-1, len(FACTOR_NAMES)),
+                  torch.tensor(domains, dtype=torch.long), kinds, planes[:, 3].contiguous() if masks else None)

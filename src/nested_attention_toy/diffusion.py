@@ -5,10 +5,13 @@ min-SNR loss weighting and an EMA of the weights."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
 
+from .grounding import grounding_loss, install_recorder
 from .loop import LossLog, warmup_cosine
 from .metric_models import bf16_autocast_supported
 
@@ -34,15 +37,27 @@ def sampling_scheduler() -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(**SCHEDULE, prediction_type="epsilon", steps_offset=1)
 
 
+@dataclass
+class Grounding:
+    """What the word grounding loss needs, per training sample: the subject word's token index, the subject's
+    coverage (N, S, S) uint8 and whether it has one (target views only); ``weight`` scales the loss."""
+
+    positions: torch.Tensor
+    masks: torch.Tensor
+    has_mask: torch.Tensor
+    weight: float
+
+
 def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std: torch.Tensor, scaling_factor: float,
                text_states: torch.Tensor, null_state: torch.Tensor, steps: int, batch_size: int = 64, lr: float = 5e-4,
                caption_dropout: float = 0.1, snr_gamma: float = 5.0, ema_decay: float = 0.999, seed: int = 0,
-               device: str = "cpu", progress=None) -> tuple[UNet2DConditionModel, list[float]]:
+               device: str = "cpu", progress=None, grounding: Grounding | None = None) -> tuple[UNet2DConditionModel, list[float]]:
     """Train on precomputed latents (posterior mean and std, sampled every step) and text encoder states.
 
     ``text_states`` (N, L, D) for the N latents, ``null_state`` (L, D) the empty prompt's, used for
-    ``caption_dropout`` of the samples so that classifier-free guidance works. Returns the EMA model and the loss
-    every 50 steps.
+    ``caption_dropout`` of the samples so that classifier-free guidance works. ``grounding`` adds the word
+    grounding loss (see grounding.py) on the samples that have a silhouette. Returns the EMA model and the
+    denoising loss every 50 steps.
     """
     device = torch.device(device)
     unet.to(device).train()
@@ -55,6 +70,7 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
     warmup = max(1, steps // 25)
     schedule = warmup_cosine(optimizer, steps, warmup, floor=0.1)
     log = LossLog(steps)
+    recorder = install_recorder(unet) if grounding is not None and grounding.weight > 0 else None
     for step in range(steps):
         index = torch.randint(len(latent_mean), (batch_size,), generator=generator)
         noise_in = torch.randn(latent_mean[index].shape, generator=generator)
@@ -65,13 +81,21 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
         drop = torch.rand(batch_size, generator=generator) < caption_dropout
         states[drop] = null_state.float()
         noisy = scheduler.add_noise(latents, noise, t)
+        if recorder is not None:
+            recorder.positions, recorder.maps = grounding.positions[index], []
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             pred = unet(noisy, t, states.to(device)).sample.float()
         snr = alphas[t] / (1 - alphas[t])
         weight = snr.clamp(max=snr_gamma) / snr  # min-SNR-gamma (Hang et al. 2023), epsilon form
         loss = (weight * (pred - noise).pow(2).flatten(1).mean(1)).mean()
+        total = loss
+        if recorder is not None:
+            masks = grounding.masks[index].to(device=device, dtype=torch.float32)[:, None] / 255
+            keep = (~drop & grounding.has_mask[index]).to(device)
+            total = loss + grounding.weight * grounding_loss([m.float() for m in recorder.maps], masks, keep)
+            recorder.maps = []
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         schedule.step()
@@ -82,5 +106,7 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
         log.add(step, loss)
         if progress is not None:
             progress.update(1)
+    if recorder is not None:
+        unet.set_attn_processor(AttnProcessor2_0())
     unet.to("cpu")
     return ema.to("cpu").eval(), log.means

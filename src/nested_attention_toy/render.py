@@ -1140,6 +1140,17 @@ def render_target(identity: Identity, context: Context, size: int = 64, seed: in
     identity and every value of the other factors, for controlled comparisons. ``size`` x ``size`` RGB; 64 and 128
     are supported.
     """
+    return _target(identity, context, size, seed, layout_seed, with_mask=False)[0]
+
+
+def render_target_with_mask(identity: Identity, context: Context, size: int = 64, seed: int = 0, *,
+                            layout_seed: int | None = None) -> tuple[Image.Image, np.ndarray]:
+    """``render_target``'s image (the same pixels) and the subject's silhouette: (size, size) float32 coverage in [0, 1]
+    (the subject as drawn, expression symbols included, before the style pass)."""
+    return _target(identity, context, size, seed, layout_seed, with_mask=True)
+
+
+def _target(identity: Identity, context: Context, size: int, seed: int, layout_seed: int | None, with_mask: bool):
     S = 2 * _check_size(size)
     if layout_seed is None:
         rng = _rng("target", seed, DOMAINS.index(identity.domain), identity.index, *context.values)
@@ -1147,8 +1158,23 @@ def render_target(identity: Identity, context: Context, size: int = 64, seed: in
         rng = _rng("layout", layout_seed)
     place = _placement(identity, context, rng, S)
     tilt, look = _pose(identity, rng)
-    img, mask = _compose(context, S, rng, [(identity, context.name("expression"), place, tilt, look)])
-    return _finish(context.name("style"), img, mask, rng)
+    subject = (identity, context.name("expression"), place, tilt, look)
+    img, mask = _compose(context, S, rng, [subject])
+    image = _finish(context.name("style"), img, mask, rng)
+    if not with_mask:
+        return image, None
+    return image, _silhouette(context.name("style"), S, subject)
+
+
+def _silhouette(style: str, S: int, subject) -> np.ndarray:
+    """The coverage of one subject drawn alone on a transparent layer at 2x, averaged down to the image size."""
+    identity, expression, (ox, oy, scale, angle, flip), head_tilt, look = subject
+    layer = Image.new("RGBA", (S, S), (0, 0, 0, 0))
+    ow, oc = _outline(style, scale)
+    boost = 1.3 if scale * _extent(identity) < 0.6 * S else 1.0
+    _draw_subject(_Pen(ImageDraw.Draw(layer), ox, oy, scale, angle, flip, ow, oc), identity, expression, head_tilt, look, boost)
+    alpha = np.asarray(layer, np.float32)[:, :, 3] / 255.0
+    return alpha.reshape(S // 2, 2, S // 2, 2).mean((1, 3))
 
 
 _INPUT_BACKGROUNDS: tuple[RGB, ...] = ((238, 236, 230), (226, 233, 242), (242, 232, 220), (230, 238, 228), (236, 230, 238))
