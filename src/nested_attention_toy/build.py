@@ -58,7 +58,7 @@ class BuildSize:
     vae_width: int = 32
     identity_width: int = 48
     # word grounding loss on the UNet (grounding.py); 0 trains without it. The shipped stack was built with 0: its
-    # subject words get 1-8 % of a pixel's attention, too little for nested attention (docs/toyworld.md)
+    # subject word gets 0.1-3.5 % of a pixel's attention, too little for nested attention (docs/toyworld.md)
     grounding_weight: float = 0.0
 
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from .text_image import tokenize
+
 
 class AttentionMapRecorder:
     """Cross-attention processor that also records, per sample, the attention on one token position.
@@ -79,8 +81,7 @@ def grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, keep: torch.Te
 
 def word_positions(tokenizer, captions: list[str], words: list[str]) -> torch.Tensor:
     """(N,) the token index of ``words[i]`` in ``captions[i]`` as the tokenizer pads them (first occurrence)."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenize(tokenizer, captions)
     word_ids = torch.tensor([tokenizer.convert_tokens_to_ids(tokenizer.tokenize(w))[0] for w in words])
     hits = ids == word_ids[:, None]
     if not bool(hits.any(1).all()):
