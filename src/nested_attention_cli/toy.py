@@ -24,6 +24,7 @@ BUILD_EPILOG = """\
 examples:
   nested-attention toy build --out toy-build
   nested-attention toy build --out /tmp/toy-smoke --smoke
+  nested-attention toy build --out toy-build --reuse shipped   # retrain the text side only
 """
 
 
@@ -40,6 +41,9 @@ def add_parser(commands) -> None:
     build.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="where to train (default: cuda when available)")
     build.add_argument("--workers", type=positive_int, default=2, help="rendering processes (default: 2)")
+    build.add_argument("--reuse", metavar="DIR",
+                       help="copy the metric models and VAE of an earlier build instead of training them (they never see "
+                            "a caption); 'shipped' for the package's own")
     build.set_defaults(run=run_build)
 
     data = sub.add_parser("data", help="write training triplets (input view -> prompt -> target) of train identities",
@@ -151,9 +155,18 @@ def run_build(args: argparse.Namespace) -> int:
         raise NestedAttentionError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu.")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise NestedAttentionError(f"--out {args.out} exists and is not an empty folder; give a new folder.")
+    reuse = None
+    if args.reuse is not None:
+        from nested_attention_toy.assets import shipped_path
+
+        reuse = shipped_path() if args.reuse == "shipped" else Path(args.reuse)
+        missing = [part for part in ("metrics", "pipeline/vae", "build.json") if not (reuse / part).exists()]
+        if missing:
+            raise NestedAttentionError(f"--reuse expects an earlier build folder (or 'shipped'); {reuse} has no "
+                                       f"{', '.join(missing)}.")
     command = "nested-attention " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["toy"] else None
     record = build(args.out, SMOKE if args.smoke else FULL, seed=args.seed, device=device, workers=args.workers,
-                   command=command)
+                   command=command, reuse=reuse)
     print(f"wrote {args.out} ({record['bytes']['total'] / 2**20:.1f} MiB of weights) in {record['seconds'] / 60:.1f} min; "
           f"measurements in {args.out / 'build.json'}, samples in {args.out / 'samples.png'}")
     return 0

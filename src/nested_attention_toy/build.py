@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -57,16 +58,20 @@ class BuildSize:
     clip_width: int = 128
     vae_width: int = 32
     identity_width: int = 48
-    # word grounding loss on the UNet (grounding.py); 0 trains without it. The shipped stack was built with 0: its
-    # subject word gets 0.1-3.5 % of a pixel's attention, too little for nested attention (docs/toyworld.md)
-    grounding_weight: float = 0.0
+    # word grounding loss on the UNet (grounding.py); 0 trains without it. Without it the subject word gets 0.1-3.5 %
+    # of a pixel's attention, too little for nested attention (docs/toyworld.md)
+    grounding_weight: float = 0.1
+    # fraction of target and input captions that also name a few of the subject's attributes before the subject word
+    # (world.described_caption). Without them (the first build) the UNet cannot be steered toward an identity through
+    # the subject word at all, not even by textual inversion (docs/toyworld.md)
+    describe_rate: float = 0.5
 
 
 FULL = BuildSize(corpus=60000, metric_train=40000, metric_epochs=8, identity_train=30000, identity_epochs=7,
                  clip_steps=320, vae_steps=6000, unet_steps=8800, eval_renders=2000, eval_generations=400, eval_identities=50)
 SMOKE = BuildSize(corpus=600, metric_train=400, metric_epochs=1, identity_train=200, identity_epochs=1,
                   clip_steps=10, vae_steps=10, unet_steps=10, eval_renders=64, eval_generations=8, eval_identities=10, sample_steps=4,
-                  unet_widths=(16, 32), clip_width=64, vae_width=16, identity_width=16, grounding_weight=0.1)
+                  unet_widths=(16, 32), clip_width=64, vae_width=16, identity_width=16)
 
 
 class _Log:
@@ -94,9 +99,12 @@ def _bar(total: int, desc: str):
 
 
 def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, device: str = "cpu", workers: int = 2,
-          command: str | None = None) -> dict:
-    """Run every stage into ``out`` (created; must be empty or absent). Returns the build record (build.json)."""
-    from diffusers import StableDiffusionPipeline
+          command: str | None = None, reuse: str | Path | None = None) -> dict:
+    """Run every stage into ``out`` (created; must be empty or absent). Returns the build record (build.json).
+
+    ``reuse``: an earlier build's folder whose metric models and VAE are copied instead of trained (they never see a
+    caption, so a build that changes only the text side need not retrain them: 42 of the 99 minutes)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
     from transformers import CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
 
     from nested_attention.tiny import write_clip_tokenizer
@@ -111,12 +119,21 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
     from .world import DOMAINS, vocabulary
 
     out = Path(out)
+    if reuse is not None:
+        reuse = Path(reuse)
+        missing = [part for part in ("metrics", "pipeline/vae", "build.json") if not (reuse / part).exists()]
+        if missing:
+            raise FileNotFoundError(f"--reuse needs an earlier build folder; {reuse} has no {', '.join(missing)}.")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; give a new folder to --out (a build never overwrites files).")
     out.mkdir(parents=True, exist_ok=True)
     log = _Log(out / "build.log")
     record: dict = {"command": command or " ".join(sys.argv), "seed": seed, "device": device, "size": asdict(size),
                     "versions": _versions(), "stages": {}, "measurements": {}}
+    if reuse is not None:
+        earlier = json.loads((reuse / "build.json").read_text())
+        record["reused"] = {"from": str(reuse), "parts": ["metrics", "vae"],
+                            "build": {k: earlier.get(k) for k in ("command", "seed", "versions", "size")}}
     started = time.perf_counter()
 
     def stage(name: str, seconds: float, **info) -> None:
@@ -129,15 +146,20 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
 
     t = time.perf_counter()
     corpus = make_corpus(size.corpus, seed=seed, held_out=False, workers=workers, desc="corpus",
-                         masks=size.grounding_weight > 0)
+                         masks=size.grounding_weight > 0, describe_rate=size.describe_rate)
     stage("corpus", time.perf_counter() - t, images=len(corpus), kinds={k: corpus.kinds.count(k) for k in ("target", "input", "scene")})
 
     t = time.perf_counter()
-    metrics = build_metric_models(out / "metrics", train_count=size.metric_train, epochs=size.metric_epochs,
-                                  seed=seed + 100, workers=workers, eval_identities=size.eval_identities,
-                                  identity_width=size.identity_width, device=device, test_count=size.eval_renders,
-                                  queries_per_identity=10 if size.eval_renders >= 1000 else 2,
-                                  identity_count=size.identity_train, identity_epochs=size.identity_epochs, log=log)
+    if reuse is not None:
+        shutil.copytree(reuse / "metrics", out / "metrics")
+        metrics = json.loads((reuse / "build.json").read_text())["measurements"]["metric_models"]
+        log(f"metrics: copied from {reuse}")
+    else:
+        metrics = build_metric_models(out / "metrics", train_count=size.metric_train, epochs=size.metric_epochs,
+                                      seed=seed + 100, workers=workers, eval_identities=size.eval_identities,
+                                      identity_width=size.identity_width, device=device, test_count=size.eval_renders,
+                                      queries_per_identity=10 if size.eval_renders >= 1000 else 2,
+                                      identity_count=size.identity_train, identity_epochs=size.identity_epochs, log=log)
     record["measurements"]["metric_models"] = {k: v for k, v in metrics.items() if not k.endswith("losses")}
     stage("metrics", time.perf_counter() - t)
 
@@ -154,16 +176,22 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
     del clip
 
     t = time.perf_counter()
-    torch.manual_seed(seed + 300)
-    vae = make_vae(size.vae_width)
-    with _bar(size.vae_steps, "vae") as bar:
-        vae_losses = train_vae(vae, corpus.images, size.vae_steps, batch_size=size.vae_batch, seed=seed + 300,
-                               device=device, progress=bar)
-    means, stds = encode_latents(vae, corpus.images)
-    scaling_factor = float(1.0 / means.flatten().std())
-    vae.register_to_config(scaling_factor=scaling_factor)
-    stage("vae", time.perf_counter() - t, parameters=_count(vae), loss_first=vae_losses[0], loss_last=vae_losses[-1],
-          scaling_factor=scaling_factor)
+    if reuse is not None:
+        vae = AutoencoderKL.from_pretrained(reuse / "pipeline" / "vae", torch_dtype=torch.float32)
+        scaling_factor = float(vae.config.scaling_factor)
+        means, stds = encode_latents(vae, corpus.images)
+        stage("vae", time.perf_counter() - t, parameters=_count(vae), copied_from=str(reuse), scaling_factor=scaling_factor)
+    else:
+        torch.manual_seed(seed + 300)
+        vae = make_vae(size.vae_width)
+        with _bar(size.vae_steps, "vae") as bar:
+            vae_losses = train_vae(vae, corpus.images, size.vae_steps, batch_size=size.vae_batch, seed=seed + 300,
+                                   device=device, progress=bar)
+        means, stds = encode_latents(vae, corpus.images)
+        scaling_factor = float(1.0 / means.flatten().std())
+        vae.register_to_config(scaling_factor=scaling_factor)
+        stage("vae", time.perf_counter() - t, parameters=_count(vae), loss_first=vae_losses[0], loss_last=vae_losses[-1],
+              scaling_factor=scaling_factor)
 
     t = time.perf_counter()
     # the towers exactly as shipped (fp16 weights), loaded the way any CLIP checkpoint's towers load

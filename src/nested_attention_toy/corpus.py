@@ -18,6 +18,7 @@ from .world import (
     DOMAINS,
     FACTOR_NAMES,
     Identity,
+    described_caption,
     generic_caption,
     input_caption,
     sample_context,
@@ -86,11 +87,14 @@ class Corpus:
 
 def make_corpus(count: int, seed: int, size: int = 64, held_out: bool = False, workers: int = 2,
                 input_fraction: float = 0.1, scene_fraction: float = 0.1, identity_pool: int = 4000,
-                desc: str = "render", masks: bool = False) -> Corpus:
+                desc: str = "render", masks: bool = False, describe_rate: float = 0.0) -> Corpus:
     """``count`` renders of identities from one side of the split (train unless ``held_out``); captions draw their
     template at random. Domains alternate; ``input_fraction`` are input views, ``scene_fraction`` person + pet scenes.
-    ``masks`` also keeps the target views' subject silhouettes (the images are the same either way)."""
+    ``masks`` also keeps the target views' subject silhouettes (the images are the same either way).
+    ``describe_rate`` of the target and input views get a caption that also names a few of the subject's attributes
+    (``described_caption``); it is drawn from its own random stream, so the images do not depend on it."""
     rng = np.random.default_rng(seed)
+    describe_rng = np.random.default_rng([seed, 1])
     pools = {d: sample_identities(d, min(identity_pool, max(1, count)), rng, held_out=held_out) for d in DOMAINS}
 
     def pick(domain: str) -> Identity:
@@ -111,6 +115,8 @@ def make_corpus(count: int, seed: int, size: int = 64, held_out: bool = False, w
                 kind, caption = "input", input_caption(DOMAINS[domain])
             else:
                 kind, caption = "target", generic_caption(DOMAINS[domain], context, rng)
+            if describe_rng.random() < describe_rate:
+                caption = described_caption(subject, context if kind == "target" else None, describe_rng)
         jobs.append((kind, subject, context if kind != "input" else None, size, int(rng.integers(2**31)), masks))
         captions.append(caption)
         factors.append(tuple(context.values) if kind != "input" else (-1,) * len(FACTOR_NAMES))

@@ -2,8 +2,11 @@
 
 An identity is one value per attribute of its domain; its index is the mixed-radix number of those values, so
 identities and the integers ``[0, identity_count(domain))`` are in bijection. A context is one value per context
-factor (scene, style, expression, position, size); prompts and captions are composed from the context only, from a
-fixed vocabulary, and never mention identity attributes. Nothing here draws: see ``render``.
+factor (scene, style, expression, position, size); prompts are composed from the context only, from a fixed
+vocabulary, and never mention identity attributes. Some of the base model's training captions also describe a few of
+the subject's attributes in words placed before the subject word (``described_caption``), as real captions do ("a
+red-haired woman"): that is what teaches a text-to-image model to draw appearance from the subject word's
+embedding, the pathway nested attention writes into. Nothing here draws: see ``render``.
 """
 
 from __future__ import annotations
@@ -51,6 +54,34 @@ COLOR_ATTRIBUTES = {
     "person": ("skin_tone", "hair_color", "shirt_color"),
     "pet": ("fur_color", "marking_color"),
 }
+
+# How a caption names an attribute value: a phrase template per attribute ("{v} hair"), or a phrase per value.
+# "none" values (no glasses, no collar) are never named.
+_DESCRIPTORS: dict[str, dict[str, str | dict[str, str]]] = {
+    "person": {
+        "face_shape": "{v} face",
+        "skin_tone": "{v} skin",
+        "hair_style": "{v} hair",
+        "hair_color": "{v} hair",
+        "eyewear": "{v}",
+        "facial_hair": "{v}",
+        "shirt_color": "{v} shirt",
+        "shirt_pattern": {"plain": "plain shirt", "stripes": "striped shirt", "dots": "dotted shirt", "star": "star shirt"},
+    },
+    "pet": {
+        "species": "{v}",
+        "ear_shape": "{v} ears",
+        "fur_color": "{v} fur",
+        "markings": "{v}",
+        "marking_color": "{v} markings",
+        "tail": "{v} tail",
+        "accessory": "{v}",
+    },
+}
+
+# At most this many attributes per described caption: the longest caption then still fits the toy text encoder's 32
+# tokens with the subject word in it.
+MAX_DESCRIBED = 4
 
 HELD_OUT_FRACTION = 0.2
 
@@ -126,6 +157,23 @@ class Identity:
         parts = ", ".join(f"{name}={value}" for name, value in self.as_dict().items())
         split = "held out" if self.held_out else "train"
         return f"{self.domain} #{self.index} ({split}): {parts}"
+
+
+def attribute_phrase(domain: str, name: str, value: str) -> str | None:
+    """The words a caption uses for one attribute value (``"red hair"``); None for a "none" value."""
+    if value == "none":
+        return None
+    form = _DESCRIPTORS[domain][name]
+    return form[value] if isinstance(form, dict) else form.format(v=value)
+
+
+def describe_attributes(identity: Identity, rng: np.random.Generator, count: int | None = None) -> str:
+    """``count`` (default: a random number from 1 to ``MAX_DESCRIBED``) of the identity's named attributes, in random
+    order, as comma-separated phrases: ``"red hair, beard, striped shirt"``."""
+    phrases = [p for name, value in identity.as_dict().items() if (p := attribute_phrase(identity.domain, name, value))]
+    most = min(MAX_DESCRIBED, len(phrases))
+    k = int(rng.integers(1, most + 1)) if count is None else max(1, min(count, most))
+    return ", ".join(phrases[i] for i in rng.permutation(len(phrases))[:k])
 
 
 def identity_from_index(domain: str, index: int) -> Identity:
@@ -340,13 +388,14 @@ def _articles(text: str) -> str:
     return " ".join(words)
 
 
-def _fill(template: str, subject: str, context: Context, pet: str | None = None, pet_expression: str | None = None) -> str:
+def _fill(template: str, subject: str, context: Context, pet: str | None = None, pet_expression: str | None = None,
+          description: str | None = None) -> str:
     style = context.name("style")
     text = template.format(
         a="{a}",
         style=_STYLE_NOUN[style],
         tag=_STYLE_TAG[style],
-        subject=subject,
+        subject=f"{description} {subject}" if description else subject,
         expression=context.name("expression"),
         scene=_SCENE_PHRASE[context.name("scene")],
         size=context.name("size"),
@@ -378,6 +427,16 @@ def generic_caption(domain: str, context: Context, rng: np.random.Generator | No
     """The prompt with the domain word itself: the caption of a base-model training image. Never names attributes."""
     _check_domain(domain)
     return prompt(domain, context, rng)
+
+
+def described_caption(identity: Identity, context: Context | None, rng: np.random.Generator) -> str:
+    """A base-model training caption naming some of the subject's attributes just before the subject word:
+    ``"a sad red hair, beard person on the beach, small, on the left"``; ``context`` None captions an input view."""
+    description = describe_attributes(identity, rng)
+    if context is None:
+        return _articles(_INPUT_TEMPLATE.format(a="{a}", subject=f"{description} {identity.domain}"))
+    template = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
+    return _fill(template, identity.domain, context, description=description)
 
 
 def scene_prompt(
@@ -428,8 +487,13 @@ def input_caption(domain_word: str) -> str:
 
 
 def vocabulary() -> list[str]:
-    """Every word any prompt, scene prompt or caption can contain, plus the subject words; sorted, distinct."""
+    """Every word any prompt, scene prompt or caption (described ones too) can contain, plus the subject words;
+    sorted, distinct."""
     words: set[str] = {"a", "an", "of", "and", "with"}
+    for domain, attributes in _ATTRIBUTES.items():
+        for name, values in attributes.items():
+            for value in values:
+                words.update((attribute_phrase(domain, name, value) or "").split())
     for template in _TEMPLATES + _SCENE_TEMPLATES + (_INPUT_TEMPLATE,):
         words.update(w for w in template.replace(",", " ").split() if not w.startswith("{"))
     for table in (_STYLE_NOUN, _STYLE_TAG, _SCENE_PHRASE, _POSITION_PHRASE):
