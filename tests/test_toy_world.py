@@ -20,13 +20,18 @@ from nested_attention_toy.world import (
     Context,
     Identity,
     attribute_names,
+    MAX_DESCRIBED,
+    attribute_phrase,
     attribute_values,
+    described_caption,
+    describe_attributes,
     generic_caption,
     identity_count,
     identity_from_index,
     is_held_out,
     prompt,
     sample_context,
+    prompt_factors,
     sample_identities,
     scene_prompt,
     vocabulary,
@@ -166,6 +171,37 @@ def test_prompts_use_the_vocabulary_and_name_the_subject_once():
     assert "an angry" in prompt("person", BASE.replace(expression="angry"))
 
 
+def test_described_captions_name_true_attributes_before_the_subject_word(tmp_path):
+    from nested_attention.tiny import write_clip_tokenizer
+
+    vocab = set(vocabulary())
+    rng = np.random.default_rng(0)
+    for k in range(300):
+        domain = DOMAINS[k % 2]
+        identity = identity_from_index(domain, int(rng.integers(identity_count(domain))))
+        context = sample_context(rng) if k % 3 else None
+        text = described_caption(identity, context, rng)
+        words = text.replace(",", " ").split()
+        assert set(words) <= vocab and words.count(domain) == 1, text
+        before = " " + text[: text.index(f" {domain}")].replace(",", " ") + " "
+        true = [p for n, v in identity.as_dict().items() if (p := attribute_phrase(domain, n, v))]
+        named = [p for p in true if f" {p} " in before]
+        assert 1 <= len(named) <= MAX_DESCRIBED, text
+        for name, values in zip(attribute_names(domain), (attribute_values(domain, n) for n in attribute_names(domain))):
+            for value in values:  # no phrase of a value the identity does not have (except a word shared by both)
+                phrase = attribute_phrase(domain, name, value)
+                if phrase and phrase not in true and not any(phrase in t for t in true):
+                    assert f" {phrase} " not in before, (text, phrase)
+        if context is not None:  # the context is still read back exactly
+            assert prompt_factors(text) == context.as_dict(), text
+    assert describe_attributes(identity, rng, count=1).count(",") == 0
+    # the longest possible described caption fits the toy text encoder with its subject word
+    tokenizer = write_clip_tokenizer(tmp_path, vocabulary(), max_length=32)
+    longest = max((described_caption(identity_from_index("person", i), sample_context(rng), rng) for i in range(0, 40000, 97)),
+                  key=lambda t: len(tokenizer(t).input_ids))
+    assert len(tokenizer(longest).input_ids) <= 32
+
+
 def test_every_factor_value_is_in_the_prompts():
     rng = np.random.default_rng(0)
     for factor, values in CONTEXT_FACTORS.items():
@@ -294,3 +330,25 @@ def test_scene_and_grid():
         render_scene(pet, person, BASE)
     grid = render_example_grid([person, pet], [BASE, BASE.replace(style="neon")], size=32, pad=1)
     assert grid.size[1] == 1 + 33 * 3
+
+
+def test_bundled_examples_are_held_out_renders():
+    from nested_attention_toy.examples import EXAMPLES, load_example, render_example
+
+    assert len({e.name for e in EXAMPLES}) == len(EXAMPLES) and {e.identity.domain for e in EXAMPLES} == set(DOMAINS)
+    for example in EXAMPLES:
+        assert example.identity.held_out, example.name
+        assert np.array_equal(pixels(load_example(example.name)), pixels(render_example(example))), example.name
+
+
+def test_describe_rate_changes_captions_not_images():
+    from nested_attention_toy.corpus import make_corpus
+
+    plain = make_corpus(40, seed=3, workers=1, describe_rate=0.0)
+    described = make_corpus(40, seed=3, workers=1, describe_rate=1.0)
+    assert np.array_equal(plain.images.numpy(), described.images.numpy()) and plain.kinds == described.kinds
+    for kind, a, b in zip(plain.kinds, plain.captions, described.captions):
+        if kind == "scene":
+            assert a == b
+        else:  # the same caption with attribute phrases before the subject word
+            assert a != b and prompt_factors(a) == prompt_factors(b)

@@ -1,58 +1,77 @@
-"""`nested-attention demo`: one contact sheet of every feature, on a tiny random model, in seconds."""
+"""`nested-attention demo`: the paper's capabilities on the shipped toy model, on subjects it never saw, in seconds."""
 
 from __future__ import annotations
 
 import argparse
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from nested_attention.adapter import CONFIG_NAME
+from nested_attention.errors import NestedAttentionError
 from nested_attention.pipeline import NestedAttention
 from nested_attention.subject import Subject
-from nested_attention.tiny import tiny_sd_pipeline
+from nested_attention_toy.assets import ADAPTER_NAMES, adapter_path, is_shipped, model_path
 
-from .generate import positive_int, random_adapter
+from .generate import positive_int
 
-SIZE = 64  # generated and synthetic images
-CELL = 128  # each shown upscaled to this
-LABEL = 16  # pixels of text under each cell
-COLUMNS = 4
+CELL = 128  # each 64-pixel image is shown upscaled to this
+LABEL = 14  # pixels of text under each cell
+COLUMNS = 5
 SEED = 0
 
 DESCRIPTION = """\
-Write one image, DIR/demo.png, showing every feature of nested attention:
-vanilla, a subject in several prompts, the lambda sweep, several images of one
-subject, identity mixing, semantic variation and two subjects in one image.
+Write one image, DIR/demo.png, showing what nested attention does, on the
+toy world's shipped model and its trained toy-person and toy-pet adapters:
+bundled example subjects (held-out identities: no model ever saw them) in
+prompts that change scene, style and expression; the base model without an
+adapter; a lambda sweep; one input image vs two; identity mixing; semantic
+variation (an adapter bound to another word); person + pet in one image.
 
-It runs offline in seconds on a CPU because the model is a tiny, randomly
-initialized SD 1.5-shaped pipeline and the adapters are untrained: it checks
-the plumbing end to end, and its images are noise-like, not likenesses.
+It runs offline on a CPU in well under a minute (docs/toyworld.md says what
+the toy world is and how the adapters were trained and measured).
 """
 
 EPILOG = """\
 examples:
   nested-attention demo
-  nested-attention demo --out /tmp/demo --steps 8
+  nested-attention demo --out /tmp/demo --steps 30
 """
 
-BANNER = """\
-nested-attention demo: a TINY, RANDOMLY INITIALIZED model with UNTRAINED adapters.
-This is a plumbing check (every feature runs end to end); the images are noise-like,
-not likenesses. For real images use `nested-attention generate` with a trained adapter."""
+PERSON_PROMPTS = (
+    "a photo of a smiling person on the beach, large, in the center",
+    "a watercolor painting of a sad person in the forest, large, in the center",
+    "a pencil sketch of a surprised person in a snow field, large, on the left",
+    "a pixel art picture of an angry person on a city street, large, on the right",
+)
+PET_PROMPTS = (
+    "a cartoon of a sleepy pet in a living room, large, in the center",
+    "a neon drawing of a smiling pet under the night sky, large, on the left",
+    "a photo of a surprised pet in the desert, large, on the right",
+    "a watercolor painting of a sad pet underwater, large, in the center",
+)
+SWEEP_PROMPT = "a pencil sketch of a smiling person in the forest, large, in the center"
+SCENE_PROMPTS = (
+    "a photo of a smiling person and a sleepy pet on the beach, large, on the left",
+    "a cartoon of a surprised person and a smiling pet in a living room, large, on the right",
+    "a watercolor painting of a sad person and an angry pet in a snow field, large, on the left",
+)
+LAMBDAS = (1.0, 1.5, 2.0, 3.0, 4.0)
 
 
 @dataclass
 class Cell:
-    """One tile of the sheet: an input image, or a generation with its prompt and subjects."""
+    """One tile of the sheet: an input image, or a generation (its prompt, subjects and word binding)."""
 
     label: str
     prompt: str = ""
-    subjects: dict[str, Subject] = field(default_factory=dict)
-    word: str | None = None  # bind the person adapter to this word for this cell (semantic variation)
+    subjects: dict[str, Subject] = field(default_factory=dict)  # adapter name -> subject; empty: no adapter
+    words: tuple[tuple[str, str], ...] = ()  # (adapter, word) rebindings for this cell (semantic variation)
+    seed: int = SEED
     image: Image.Image | None = None
 
 
@@ -60,31 +79,51 @@ def add_parser(commands) -> None:
     """Register `demo` on the top-level sub-command parsers."""
     parser = commands.add_parser(
         "demo",
-        help="a contact sheet of every feature on a tiny random model (offline, seconds)",
+        help="one picture of every capability, on the shipped toy model and adapters (offline, CPU, seconds)",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), metavar="DIR",
                         help="folder for demo.png (default: outputs/demo)")
-    parser.add_argument("--steps", type=positive_int, default=4, help="denoising steps per image (default: 4)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="denoising steps per image (default: 20)")
+    parser.add_argument("--smoke", action="store_true", help="2 denoising steps: checks that everything runs (for CI)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the tiny model and two random adapters, render every cell, save the sheet."""
-    print(BANNER, flush=True)
+    """Load the shipped model and adapters, generate every cell (batched by word binding), save the sheet."""
+    from diffusers import StableDiffusionPipeline
+
+    from nested_attention_toy.examples import EXAMPLES, load_example
+
     start = time.perf_counter()
-    pipe = tiny_sd_pipeline()
+    missing = [name for name in ADAPTER_NAMES if not (adapter_path(name) / CONFIG_NAME).is_file()]
+    if not is_shipped() or missing:
+        raise NestedAttentionError(
+            f"The demo needs the shipped toy model and adapters, and this installation lacks "
+            f"{'the toy model' if not is_shipped() else ', '.join(missing)}; reinstall the package."
+        )
+    steps = 2 if args.smoke else args.steps
+    pipe = StableDiffusionPipeline.from_pretrained(model_path("toy"), torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     na = NestedAttention(pipe)
-    na.load_adapter(random_adapter(pipe.unet, seed=0, word="person"), name="person")
-    na.load_adapter(random_adapter(pipe.unet, seed=1, word="pet"), name="pet")
-    rows = demo_rows()
+    for name in ADAPTER_NAMES:
+        na.load_adapter(adapter_path(name), name=name)
+    images = {example.name: load_example(example.name) for example in EXAMPLES}
+    rows = demo_rows(images)
     generated = [cell for row in rows for cell in row if cell.image is None]
-    for index, cell in enumerate(generated, 1):
-        print(f"  [{index}/{len(generated)}] {cell.label}: {cell.prompt!r}", flush=True)
-        cell.image = render(na, cell, args.steps)
+    print(f"nested-attention demo: {len(generated)} images of held-out subjects on the toy model ({steps} steps each)",
+          flush=True)
+    try:
+        for words in dict.fromkeys(cell.words for cell in generated):  # one batched call per word binding
+            batch = [cell for cell in generated if cell.words == words]
+            with rebound(na, words):
+                outputs = generate(na, batch, steps)
+            for cell, image in zip(batch, outputs):
+                cell.image = image
+    finally:
+        na.uninstall()
     path = args.out / "demo.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(rows).save(path)
@@ -92,91 +131,71 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_rows() -> list[list[Cell]]:
-    """The sheet, row by row: inputs, prompts, lambda sweep and multi-image, then binding tricks."""
-    alice, alice_2, bob, rex = person_image(1), person_image(1, shift=(5, 3)), person_image(2), pet_image(3)
-    person = Subject(alice)
-    beach = "a photo of a person at the beach"
+def demo_rows(images: dict[str, Image.Image]) -> list[list[Cell]]:
+    """The sheet, row by row (COLUMNS cells each)."""
+    a, a2, b, c, d = (images[n] for n in ("person-a", "person-a-2", "person-b", "pet-c", "pet-d"))
+    person, pet = "toy-person", "toy-pet"
+
+    def prompts_row(label: str, image: Image.Image, adapter: str, prompts) -> list[Cell]:
+        return [Cell(f"input: {label}", image=image)] + [
+            Cell(f"{label}: {_short(p)}", p, {adapter: Subject(image)}, seed=i) for i, p in enumerate(prompts)]
+
     return [
-        [Cell("input: person A", image=alice), Cell("input: A, 2nd photo", image=alice_2),
-         Cell("input: person B", image=bob), Cell("input: pet", image=rex)],
-        [Cell("vanilla", beach), Cell("A at the beach", beach, {"person": person}),
-         Cell("A, watercolor", "a watercolor painting of a person", {"person": person}),
-         Cell("A, hat in snow", "a person wearing a hat in the snow", {"person": person})],
-        [*(Cell(f"A, lambda {lam}", "a pencil drawing of a person", {"person": Subject(alice, lam=lam)})
-           for lam in (1.0, 2.0, 4.0)),
-         Cell("A, two photos", beach, {"person": Subject([alice, alice_2])})],
-        [Cell("mix A:B = 2:1", beach, {"person": Subject([alice, bob], weights=[2.0, 1.0])}),
-         Cell("A bound to 'woman'", "a photo of a woman at the beach", {"person": person}, word="woman"),
-         Cell("A + pet", "a person and a pet in the park", {"person": person, "pet": Subject(rex)})],
+        prompts_row("A", a, person, PERSON_PROMPTS),
+        prompts_row("B", b, person, PERSON_PROMPTS),
+        [Cell("no adapter", PERSON_PROMPTS[0], seed=0),
+         Cell("no adapter", PERSON_PROMPTS[1], seed=1), Cell("no adapter", PET_PROMPTS[0], seed=0),
+         Cell("no adapter", PET_PROMPTS[1], seed=1), Cell("no adapter", SCENE_PROMPTS[0], seed=0)],
+        prompts_row("C", c, pet, PET_PROMPTS),
+        prompts_row("D", d, pet, PET_PROMPTS),
+        [Cell(f"A, lambda {lam:g}", SWEEP_PROMPT, {person: Subject(a, lam=lam)}) for lam in LAMBDAS],
+        [Cell("input: A, 2nd photo", image=a2),
+         Cell("A, one photo", PERSON_PROMPTS[2], {person: Subject(a)}, seed=2),
+         Cell("A, two photos", PERSON_PROMPTS[2], {person: Subject([a, a2])}, seed=2),
+         Cell("mix A:B = 1:1", PERSON_PROMPTS[2], {person: Subject([a, b])}, seed=2),
+         Cell("mix A:B = 1:3", PERSON_PROMPTS[2], {person: Subject([a, b], weights=[1.0, 3.0])}, seed=2)],
+        [Cell("A as a 'pet'", PET_PROMPTS[0], {person: Subject(a)}, words=((pet, "animal"), (person, "pet"))),
+         Cell("C as a 'person'", PERSON_PROMPTS[0], {pet: Subject(c)}, words=((person, "human"), (pet, "person"))),
+         *(Cell(f"{p} + {q}", prompt, {person: Subject(x), pet: Subject(y)}, seed=i)
+           for i, (p, q, x, y, prompt) in enumerate(zip("ABA", "CDD", (a, b, a), (c, d, d), SCENE_PROMPTS)))],
     ]
 
 
-def render(na: NestedAttention, cell: Cell, steps: int) -> Image.Image:
-    """Generate one cell with a fixed seed, so that cells differ only by what their labels say."""
-    if cell.word:
-        na.set_word("person", cell.word)
+def _short(prompt: str) -> str:
+    """A label-sized summary: the style and scene words ("watercolor, forest")."""
+    from nested_attention_toy.world import prompt_factors
+
+    factors = prompt_factors(prompt)
+    return ", ".join(factors[f] for f in ("style", "expression", "scene") if f in factors)
+
+
+@contextmanager
+def rebound(na: NestedAttention, words: tuple[tuple[str, str], ...]):
+    """Bind adapters to other words (in the given order) for the duration; restore the trained words after."""
+    original = {name: na.adapters[name].word for name, _ in words}
     try:
-        return na(
-            cell.prompt, subjects=cell.subjects, num_inference_steps=steps, height=SIZE, width=SIZE,
-            generator=torch.Generator().manual_seed(SEED),
-        ).images[0]
+        for name, word in words:
+            na.set_word(name, word)
+        yield
     finally:
-        if cell.word:
-            na.set_word("person", "person")
+        for name in reversed(list(original)):
+            na.adapters[name].word = original[name]
 
 
-# ---- synthetic subjects ------------------------------------------------------------------------------------
-
-
-def _grid() -> tuple[np.ndarray, np.ndarray]:
-    return np.mgrid[:SIZE, :SIZE]
-
-
-def _disc(cx: float, cy: float, r: float) -> np.ndarray:
-    yy, xx = _grid()
-    return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
-
-
-def person_image(seed: int, shift: tuple[int, int] = (0, 0)) -> Image.Image:
-    """A cartoon head and shoulders in seeded colours; `shift` moves it (another photo of the same person)."""
-    background, skin, hair, shirt = np.random.default_rng(seed).integers(0, 256, (4, 3), dtype=np.uint8)
-    yy, xx = _grid()
-    cx, cy = 32 + shift[0], 26 + shift[1]
-    canvas = np.empty((SIZE, SIZE, 3), np.uint8)
-    canvas[:] = background
-    canvas[(yy > cy + 13) & (np.abs(xx - cx) < 22)] = shirt
-    head = _disc(cx, cy, 15)
-    canvas[head] = skin
-    canvas[head & (yy < cy - 6)] = hair
-    canvas[_disc(cx - 6, cy, 2) | _disc(cx + 6, cy, 2)] = 0
-    canvas[(np.abs(yy - (cy + 8)) <= 1) & (np.abs(xx - cx) <= 5)] = (150, 40, 40)
-    return Image.fromarray(canvas)
-
-
-def pet_image(seed: int) -> Image.Image:
-    """A cartoon four-legged pet in profile, in seeded colours."""
-    background, fur = np.random.default_rng(seed).integers(0, 256, (2, 3), dtype=np.uint8)
-    yy, xx = _grid()
-    canvas = np.empty((SIZE, SIZE, 3), np.uint8)
-    canvas[:] = background
-    body = ((xx - 36) / 19) ** 2 + ((yy - 38) / 10) ** 2 <= 1
-    legs = (yy >= 40) & (yy <= 56) & ((np.abs(xx - 24) <= 2) | (np.abs(xx - 46) <= 2))
-    ears = (yy >= 12) & (yy <= 20) & ((np.abs(xx - 12) <= (yy - 12) / 2) | (np.abs(xx - 22) <= (yy - 12) / 2))
-    tail = (np.abs(yy - (xx - 54) * -1.2 - 32) <= 1.5) & (xx >= 54) & (xx <= 62)
-    canvas[body | legs | ears | tail | _disc(17, 26, 9)] = fur
-    canvas[_disc(14, 24, 1.5) | _disc(9, 28, 2)] = 0
-    return Image.fromarray(canvas)
-
-
-# ---- the sheet -----------------------------------------------------------------------------------------------
+def generate(na: NestedAttention, cells: list[Cell], steps: int) -> list[Image.Image]:
+    """One batched call: each row gets its own subjects (None where a cell uses no adapter) and its own seed."""
+    names = sorted({name for cell in cells for name in cell.subjects})
+    subjects = {name: [cell.subjects.get(name) for cell in cells] for name in names}
+    return na(
+        [cell.prompt for cell in cells], subjects=subjects, num_inference_steps=steps, guidance_scale=5.0,
+        generator=[torch.Generator().manual_seed(cell.seed) for cell in cells],
+    ).images
 
 
 def contact_sheet(rows: list[list[Cell]]) -> Image.Image:
-    """Cells upscaled to CELL pixels with their labels under them, COLUMNS to a row, under a title."""
+    """Cells upscaled to CELL pixels with their labels under them, under a title."""
     font = ImageFont.load_default()
-    title = ["nested-attention demo: tiny random model, untrained adapters",
-             "(plumbing check: images are noise-like, not likenesses)"]
+    title = ["nested-attention demo: the toy world's model and adapters, on held-out subjects A, B (persons) and C, D (pets)"]
     top = LABEL * len(title) + 4
     sheet = Image.new("RGB", (COLUMNS * CELL, top + len(rows) * (CELL + LABEL)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -186,6 +205,9 @@ def contact_sheet(rows: list[list[Cell]]) -> Image.Image:
         for c, cell in enumerate(row):
             x, y = c * CELL, top + r * (CELL + LABEL)
             sheet.paste(cell.image.resize((CELL, CELL), Image.Resampling.NEAREST), (x, y))
-            width = draw.textlength(cell.label, font=font)
-            draw.text((x + (CELL - width) / 2, y + CELL + 2), cell.label, fill="black", font=font)
+            label = cell.label
+            while draw.textlength(label, font=font) > CELL - 2 and len(label) > 4:
+                label = label[:-3] + ".."
+            width = draw.textlength(label, font=font)
+            draw.text((x + (CELL - width) / 2, y + CELL + 1), label, fill="black", font=font)
     return sheet
