@@ -74,7 +74,7 @@ def generate(assets, out: Path, *extra: str) -> int:
     [
         ([], ["generate", "demo", "examples"]),
         (["generate"], ["--model", "--adapter", "--word", "--image", "--image-weight", "--lam", "--prompt", "--out"]),
-        (["demo"], ["--out", "--steps", "randomly"]),
+        (["demo"], ["--out", "--steps", "--smoke", "held-out"]),
     ],
 )
 def test_help(capsys, argv, expected):
@@ -198,7 +198,43 @@ def test_subject_option_before_adapter(assets, tmp_path, capsys):
 
 
 def test_demo(tmp_path, capsys):
-    assert run_cli("demo", "--out", str(tmp_path), "--steps", "2") == 0
+    from PIL import Image
+
+    from nested_attention_cli.demo import CELL, COLUMNS
+
+    assert run_cli("demo", "--out", str(tmp_path), "--smoke") == 0
     out = capsys.readouterr().out
-    assert (tmp_path / "demo.png").is_file()
-    assert str(tmp_path / "demo.png") in out and "RANDOMLY INITIALIZED" in out
+    assert str(tmp_path / "demo.png") in out
+    with Image.open(tmp_path / "demo.png") as sheet:
+        assert sheet.width == COLUMNS * CELL and sheet.height > 6 * CELL
+
+
+def test_demo_cells_differ_only_by_what_their_labels_say():
+    """The sheet's rows: same seed where the prompt is shared, every capability present, only held-out subjects."""
+    from nested_attention_cli.demo import demo_rows
+    from nested_attention_toy.examples import EXAMPLES, load_example
+
+    rows = demo_rows({e.name: load_example(e.name) for e in EXAMPLES})
+    cells = [c for row in rows for c in row if c.image is None]
+    labels = " ".join(c.label for c in cells)
+    for needed in ("lambda 1 ", "lambda 4", "two photos", "mix", "as a 'pet'", "A + C", "no adapter"):
+        assert needed in labels + " ", needed
+    assert {c.prompt for c in cells if c.subjects and "lambda" not in c.label} >= {c.prompt for c in cells if not c.subjects}
+    sweep = [c for c in cells if "lambda" in c.label]
+    assert len({(c.prompt, c.seed) for c in sweep}) == 1 and len({c.subjects["toy-person"].lam for c in sweep}) == len(sweep)
+    assert all(len(row) <= 5 for row in rows) and all(e.identity.held_out for e in EXAMPLES)
+
+
+def test_shipped_adapters_load_by_name():
+    from diffusers import StableDiffusionPipeline
+
+    from nested_attention import NestedAttention, NestedAdapter
+    from nested_attention_cli.generate import adapter_source
+    from nested_attention_toy.assets import model_path
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_path("toy"))
+    na = NestedAttention(pipe)
+    for name, word in (("toy-person", "person"), ("toy-pet", "pet")):
+        adapter = NestedAdapter.from_pretrained(adapter_source(name))
+        assert adapter.config.word == word and na.load_adapter(adapter, name=name) == name
+    na.uninstall()
