@@ -112,10 +112,14 @@ class NestedAttentionController:
             # there, under torch.compile, their data-dependent shapes would break the graph at the first layer
             device = next(iter(subjects[0].nested.values()))[0].device
             cond_rows = subjects[0].token_mask.shape[0]
-            for batch_size in (cond_rows, 2 * cond_rows):
-                layout = self.layout(batch_size, device)
-                if layout is not None and layout.rows is not None:
-                    self.vanilla_rows(batch_size, device)
+            try:
+                for batch_size in (cond_rows, 2 * cond_rows):
+                    layout = self.layout(batch_size, device)
+                    if layout is not None and layout.rows is not None:
+                        self.vanilla_rows(batch_size, device)
+            except NotImplementedError:  # fake/meta tensors (FLOP counting): built lazily at the first layer instead
+                self._layouts.clear()
+                self._vanilla_rows.clear()
 
     def clear(self) -> None:
         self.subjects = []
