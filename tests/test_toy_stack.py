@@ -100,6 +100,18 @@ def test_smoke_build_runs_end_to_end_and_loads_with_plain_diffusers(tmp_path):
     # a second build never overwrites
     assert run_cli("toy", "build", "--out", str(out), "--smoke") == 2
 
+    # --reuse: the caption-free stages are copied (not retrained: the log says so), byte for byte
+    again = tmp_path / "again"
+    assert run_cli("toy", "build", "--out", str(again), "--smoke", "--workers", "1", "--reuse", str(out)) == 0
+    for part in ("metrics/identity_person/model.safetensors", "metrics/factor_classifier/model.safetensors",
+                 "pipeline/vae/diffusion_pytorch_model.safetensors"):
+        assert (again / part).read_bytes() == (out / part).read_bytes(), part
+    record = json.loads((again / "build.json").read_text())
+    assert record["reused"]["from"] == str(out) and record["stages"]["vae"]["copied_from"] == str(out)
+    assert f"metrics: copied from {out}" in (again / "build.log").read_text()
+    assert run_cli("toy", "build", "--out", str(tmp_path / "x"), "--smoke", "--reuse", str(tmp_path)) == 2
+    assert not (tmp_path / "x").exists()
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for machines without CUDA")
 def test_build_on_cuda_without_a_gpu_is_refused(tmp_path, capsys):

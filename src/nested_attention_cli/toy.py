@@ -146,7 +146,7 @@ def run_data(args: argparse.Namespace) -> int:
 def run_build(args: argparse.Namespace) -> int:
     import torch
 
-    from nested_attention_toy.build import FULL, SMOKE, build
+    from nested_attention_toy.build import FULL, SMOKE, build, missing_for_reuse
 
     device = args.device
     if device == "auto":
@@ -160,7 +160,7 @@ def run_build(args: argparse.Namespace) -> int:
         from nested_attention_toy.assets import shipped_path
 
         reuse = shipped_path() if args.reuse == "shipped" else Path(args.reuse)
-        missing = [part for part in ("metrics", "pipeline/vae", "build.json") if not (reuse / part).exists()]
+        missing = missing_for_reuse(reuse)
         if missing:
             raise NestedAttentionError(f"--reuse expects an earlier build folder (or 'shipped'); {reuse} has no "
                                        f"{', '.join(missing)}.")
