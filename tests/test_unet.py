@@ -74,6 +74,48 @@ def test_rows_without_the_word_stay_vanilla(pipe):
     assert (after[1] - before[1]).abs().max() > 1e-4
 
 
+def test_sliced_and_gathered_rows_agree(pipe):
+    """A contiguous run of bound rows is sliced (views), any other layout gathered (copies): same outputs,
+    and a bound row comes out as it does alone in its own batch."""
+    prompts = ["a photo of a person at the beach", "a dog and a person in the snow", "a person in a park"]
+    inputs = unet_inputs(pipe, prompts)
+    double = lambda x: torch.cat([x] * 2) if torch.is_tensor(x) else {k: double(v) for k, v in x.items()}  # noqa: E731
+    guided = (double(inputs[0]), inputs[1], double(inputs[2]), double(inputs[3]))
+    before = run_unet(pipe.unet, guided)
+    controller = install(pipe.unet)
+    try:
+        adapter = make_adapter(pipe.unet)
+        subject = bound_subject(pipe, adapter, controller, prompts, [0, 2])  # bound rows 3 and 5 of the guided batch
+        with controller.bound([subject]):
+            assert controller.layout(6, torch.device("cpu")).span is None
+            gathered = run_unet(pipe.unet, guided)
+        alone = []
+        for row in (0, 2):
+            pick = lambda x: x[row:row + 1] if torch.is_tensor(x) else {k: pick(v) for k, v in x.items()}  # noqa: E731
+            single = (pick(inputs[0]), inputs[1], pick(inputs[2]), pick(inputs[3]))
+            one = bound_subject(pipe, adapter, controller, [prompts[row]], [0])
+            one.nested = subject.nested
+            with controller.bound([one]):
+                assert controller.layout(1, torch.device("cpu")).span is None  # every row bound: no split
+                alone.append(run_unet(pipe.unet, single)[0])
+        contiguous = bound_subject(pipe, adapter, controller, prompts, [0, 1, 2])
+        contiguous.nested = subject.nested
+        with controller.bound([contiguous]):
+            assert controller.layout(6, torch.device("cpu")).span == (3, 6)
+            sliced = run_unet(pipe.unet, guided)
+            controller.layout(6, torch.device("cpu")).span = None  # force the gathering path on the same layout
+            controller.vanilla_rows(6, torch.device("cpu"))
+            forced = run_unet(pipe.unet, guided)
+    finally:
+        controller.uninstall()
+    torch.testing.assert_close(gathered[[0, 1, 2, 4]], before[[0, 1, 2, 4]], atol=1e-6, rtol=1e-6)
+    for got, want in zip(gathered[[3, 5]], alone):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sliced, forced, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(sliced[:3], before[:3], atol=1e-6, rtol=1e-6)
+    assert (sliced[3:] - before[3:]).abs().amax(dim=(1, 2, 3)).min() > 1e-4
+
+
 def test_subject_value_forced_to_vanilla_value_gives_vanilla(pipe):
     """Nested values all equal to V[s*] (so v* = V[s*]), alpha 1, lambda 1: the UNet is unchanged."""
     prompts = ["a photo of a person at the beach"]

@@ -11,7 +11,8 @@ With P the softmax over text tokens (after the lambda change), the paper's outpu
 and, with the norm regularization, v*_{q, s} = alpha |V[s]| u_q where u_q = v*_q / |v*_q| does not depend
 on s. So one attention call over an augmented value matrix [V with bound rows zeroed | one column per
 subject holding alpha |V[s]| on that subject's tokens] yields both the ordinary part and, per subject, the
-scalar that multiplies u_q. The extra cost is K columns of the value matrix.
+scalar that multiplies u_q. The extra cost is K columns of the value matrix (rounded up to a multiple of 8
+head columns, so that the call stays on a fused attention kernel).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 _NORM_EPS = 1e-6
+_HEAD_ALIGN = 8  # head sizes the fused attention kernels accept
 
 
 def nested_values(
@@ -45,8 +47,8 @@ def nested_values(
     return F.scaled_dot_product_attention(query, nested_key, nested_value, attn_mask=nested_bias)
 
 
-def normalize_subject_value(subject_value: torch.Tensor) -> torch.Tensor:
-    """Unit direction u_q = v*_q / |v*_q| of each head's subject value (the norm is set by the caller).
+def inverse_subject_norm(subject_value: torch.Tensor) -> torch.Tensor:
+    """1 / |v*_q| per query and head, (..., 1): times v*_q, the unit direction u_q (the caller sets the norm).
 
     The paper rescales v*_q to alpha |V[s*]| without saying over which axes. We normalize **per head**: a
     head's output is a convex combination of that head's values only, so bounding each head's subject value
@@ -54,7 +56,7 @@ def normalize_subject_value(subject_value: torch.Tensor) -> torch.Tensor:
     concatenated heads would let a single head carry up to alpha * sqrt(H) times its vanilla norm and drown
     the other tokens in that head, the "attention overfitting" the regularization exists to prevent.
     """
-    return subject_value / subject_value.norm(dim=-1, keepdim=True).clamp_min(_NORM_EPS)
+    return subject_value.norm(dim=-1, keepdim=True).clamp_min(_NORM_EPS).reciprocal()
 
 
 def lambda_logits(logits: torch.Tensor, lam_columns: torch.Tensor) -> torch.Tensor:
@@ -112,7 +114,14 @@ def personalized_attention(
     augmented = torch.cat([value * (1 - bound)[:, None, :, None], *columns], dim=-1)  # (B, H, T, d + K)
 
     if lam is None:
-        mixed = F.scaled_dot_product_attention(query, key, augmented, attn_mask=attn_mask)
+        # fused SDPA kernels need one head size for q, k and v (CUDA's also a multiple of 8): with a (d + K)-wide
+        # value SDPA falls back to its unfused math kernel. Zero columns on q and k leave the logits unchanged
+        # (the scale stays d^-1/2), zero columns on the value are dropped below.
+        width = -(-(head_dim + len(subject_values)) // _HEAD_ALIGN) * _HEAD_ALIGN
+        mixed = F.scaled_dot_product_attention(
+            F.pad(query, (0, width - head_dim)), F.pad(key, (0, width - head_dim)),
+            F.pad(augmented, (0, width - augmented.shape[-1])), attn_mask=attn_mask, scale=head_dim**-0.5,
+        )
     else:
         lam_columns = 1 + ((lam.to(masks.dtype) - 1)[:, :, None] * masks).sum(0)  # (B, T)
         logits = (query @ key.transpose(-1, -2)) * head_dim**-0.5  # (B, H, N, T)
@@ -122,8 +131,15 @@ def personalized_attention(
         probs = logits.float().softmax(dim=-1).to(value.dtype)
         mixed = probs @ augmented  # (B, H, N, d + K)
 
-    out = mixed[..., :head_dim]
+    # out = mixed[..., :d] + sum_k c_k u_k with u_k = v*_k / |v*_k|: the 1/|v*_k| folds into the (B, H, N, 1)
+    # coefficient, so the only (B, H, N, d) tensor made here is the output (no normalized copy, no product)
+    out = None
     for k, subject_value in enumerate(subject_values):
-        direction = subject_value if alphas[k] is None else normalize_subject_value(subject_value)
-        out = out + mixed[..., head_dim + k, None] * direction
-    return out
+        coefficient = mixed[..., head_dim + k, None]
+        if alphas[k] is not None:
+            coefficient = coefficient * inverse_subject_norm(subject_value)
+        if out is None:
+            out = torch.addcmul(mixed[..., :head_dim], coefficient, subject_value)
+        else:
+            out.addcmul_(coefficient, subject_value)  # our own buffer; addcmul's backward does not read it
+    return mixed[..., :head_dim] if out is None else out

@@ -21,6 +21,12 @@ def _take_rows(value, rows: torch.Tensor, batch_size: int):
     return value
 
 
+def _slice_rows(value, start: int, stop: int, batch_size: int):
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch_size:
+        return value[start:stop]
+    return value
+
+
 class NestedAttnProcessor:
     """Cross-attention processor: vanilla rows go to the processor it replaced, bound rows get nested attention.
 
@@ -51,21 +57,44 @@ class NestedAttnProcessor:
         if layout.rows is None:
             return self._nested(attn, layout, hidden_states, encoder_hidden_states, attention_mask, temb)
 
+        if layout.span is not None:
+            return self._split_by_span(attn, layout, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                        *args, **kwargs)
         rows = layout.rows
         vanilla_rows = self.controller.vanilla_rows(batch_size, device)
-        out = torch.empty_like(hidden_states)
+        vanilla = None
         if vanilla_rows.numel():
             take = lambda v: _take_rows(v, vanilla_rows, batch_size)  # noqa: E731
             vanilla = self.original(
                 attn, take(hidden_states), take(encoder_hidden_states), take(attention_mask), take(temb),
                 *args, **kwargs,
             )
-            out.index_copy_(0, vanilla_rows, vanilla)
         take = lambda v: _take_rows(v, rows, batch_size)  # noqa: E731
         nested = self._nested(
             attn, layout, take(hidden_states), take(encoder_hidden_states), take(attention_mask), take(temb)
         )
+        out = nested.new_empty((batch_size, *nested.shape[1:]))  # made last: not held while the rows compute
+        if vanilla is not None:
+            out.index_copy_(0, vanilla_rows, vanilla)
         return out.index_copy_(0, rows, nested)
+
+    def _split_by_span(self, attn, layout: RowLayout, hidden_states, encoder_hidden_states, attention_mask, temb,
+                       *args, **kwargs):
+        """Bound rows start..stop-1, vanilla rows around them: slices (views) in, one concatenation out."""
+        batch_size = hidden_states.shape[0]
+        start, stop = layout.span
+
+        def part(lo: int, hi: int, nested: bool):
+            take = lambda v: _slice_rows(v, lo, hi, batch_size)  # noqa: E731
+            if nested:
+                return self._nested(attn, layout, take(hidden_states), take(encoder_hidden_states),
+                                    take(attention_mask), take(temb))
+            return self.original(attn, take(hidden_states), take(encoder_hidden_states), take(attention_mask),
+                                 take(temb), *args, **kwargs)
+
+        pieces = [part(lo, hi, nested) for lo, hi, nested in ((0, start, False), (start, stop, True),
+                                                              (stop, batch_size, False)) if hi > lo]
+        return torch.cat(pieces)
 
     def _nested(self, attn, layout: RowLayout, hidden_states, encoder_hidden_states, attention_mask, temb):
         # the steps of diffusers' AttnProcessor2_0, with the attention call replaced

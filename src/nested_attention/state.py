@@ -46,12 +46,15 @@ class RowLayout:
         masks: (K, Bs, T) bool.
         lam: (K, Bs) or None.
         slots: K tensors (Bs,).
+        span: (start, stop) when `rows` is the contiguous range start..stop-1 (the usual guided batch), so
+            that the processor slices the batch (views) instead of gathering rows (copies); None otherwise.
     """
 
     rows: torch.Tensor | None
     masks: torch.Tensor
     lam: torch.Tensor | None
     slots: list[torch.Tensor]
+    span: tuple[int, int] | None = None
 
 
 def row_layout(subjects: list[BoundSubject], batch_size: int, device: torch.device) -> RowLayout | None:
@@ -82,9 +85,12 @@ def row_layout(subjects: list[BoundSubject], batch_size: int, device: torch.devi
     if any(s.lam is not None for s in subjects):
         lam = torch.stack([s.lam.cpu() if s.lam is not None else torch.ones(cond_rows) for s in subjects])
         lam = lam[:, local].to(device)
+    first, count = int(local[0]), local.numel()
+    contiguous = int(local[-1]) - first + 1 == count
     return RowLayout(
         rows=None if everyone else (local + offset).to(device),
         masks=masks[:, local].to(device),
         lam=lam,
         slots=[s.slots.cpu()[local].to(device) for s in subjects],
+        span=(first + offset, first + offset + count) if contiguous and not everyone else None,
     )
