@@ -115,7 +115,7 @@ class NestedAttentionController:
             try:
                 for batch_size in (cond_rows, 2 * cond_rows):
                     layout = self.layout(batch_size, device)
-                    if layout is not None and layout.rows is not None:
+                    if layout is not None and layout.rows is not None and layout.span is None:  # gathered rows
                         self.vanilla_rows(batch_size, device)
             except NotImplementedError:  # fake/meta tensors (FLOP counting): built lazily at the first layer instead
                 self._layouts.clear()
