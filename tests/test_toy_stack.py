@@ -243,3 +243,14 @@ def test_toy_config_trains_a_self_contained_adapter(tmp_path, domain):
     reference = CLIPVisionModel.from_pretrained(shipped_path("clip"))
     for (name, a), (_, b) in zip(adapter.encoder.image_encoder.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(a.float(), b.float()), name
+
+
+def test_report_reads_a_build_folder_and_refuses_a_missing_one(tmp_path, capsys):
+    from nested_attention_toy.assets import shipped_path
+    from nested_attention_toy.report import main as report_main
+
+    (tmp_path / "build.json").write_text(shipped_path("build.json").read_text())
+    report_main([str(tmp_path)])
+    assert "| stage | wall time |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="expected a build folder or its build.json"):
+        report_main([str(tmp_path / "missing")])

@@ -59,6 +59,11 @@ def report(record: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     path = Path(argv[0]) if argv else shipped_path("build.json")
+    if path.is_dir():
+        path = path / "build.json"
+    if not path.is_file():
+        sys.exit(f"expected a build folder or its build.json (what 'nested-attention toy build' writes); {path} does "
+                 "not exist: pass the --out folder of a finished build")
     print(report(json.loads(path.read_text())))
 
 
