@@ -28,7 +28,7 @@ from .world import (
     attribute_names,
     attribute_phrase,
     attribute_values,
-    generic_caption,
+    prompt,
     sample_context,
 )
 
@@ -40,11 +40,6 @@ def _other(rng: np.random.Generator, count: int, current: int, allowed=None) -> 
     return int(choices[int(rng.integers(len(choices)))])
 
 
-def _describe(caption: str, domain: str, phrase: str) -> str:
-    """``caption`` with ``phrase`` put just before the subject word, as ``world.described_caption`` does."""
-    return caption.replace(f" {domain} ", f" {phrase} {domain} ", 1)
-
-
 def make_swaps(row: str, n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """``n`` prompt pairs (a, b) for ``row`` (a context factor, or ``"<domain> attributes"``)."""
     if row not in ROWS:
@@ -54,11 +49,10 @@ def make_swaps(row: str, n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     for i in range(n):
         domain = row.split()[0] if row.endswith("attributes") else DOMAINS[i % len(DOMAINS)]
         context = sample_context(rng, domain)
-        caption = generic_caption(domain, context, np.random.default_rng([seed, i]))
+        other, descriptions = context, (None, None)
         if row in CONTEXT_FACTORS:
             values = CONTEXT_FACTORS[row]
             other = context.replace(**{row: values[_other(rng, len(values), context[row])]})
-            prompt_a, prompt_b = caption, generic_caption(domain, other, np.random.default_rng([seed, i]))
         else:
             names = [a for a in attribute_names(domain)
                      if sum(attribute_phrase(domain, a, v) is not None for v in attribute_values(domain, a)) >= 2]
@@ -66,9 +60,10 @@ def make_swaps(row: str, n: int, seed: int = 0) -> tuple[list[str], list[str]]:
             values = attribute_values(domain, name)
             named = [j for j, v in enumerate(values) if attribute_phrase(domain, name, v) is not None]
             current = named[int(rng.integers(len(named)))]  # values with words only (not "no glasses")
-            new = _other(rng, len(values), current, named)
-            prompt_a = _describe(caption, domain, attribute_phrase(domain, name, values[current]))
-            prompt_b = _describe(caption, domain, attribute_phrase(domain, name, values[new]))
+            descriptions = tuple(attribute_phrase(domain, name, values[v]) for v in (current, _other(rng, len(values), current, named)))
+        # the same template for a and b: each draws it from a fresh generator of the same seed
+        prompt_a, prompt_b = (prompt(domain, c, np.random.default_rng([seed, i]), description=d)
+                              for c, d in zip((context, other), descriptions))
         prompts_a.append(prompt_a)
         prompts_b.append(prompt_b)
     return prompts_a, prompts_b
@@ -97,8 +92,8 @@ def text_gain(tokenizer, text_encoder, rows=ROWS, pairs: int = 64, seed: int = 0
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m nested_attention_toy.text_gain [--model DIR] [--pairs N]``: which words the text encoder
-    passes on to the denoiser."""
+    """``python -m nested_attention_toy.text_gain [--model DIR] [--pairs N] [--untrained]``: which words the text
+    encoder passes on to the denoiser."""
     import argparse
 
     from transformers import CLIPTextModel, CLIPTokenizer

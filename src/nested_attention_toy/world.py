@@ -412,15 +412,17 @@ def _check_word(word: str) -> str:
     return word
 
 
-def prompt(domain_word: str, context: Context, rng: np.random.Generator | None = None) -> str:
+def prompt(domain_word: str, context: Context, rng: np.random.Generator | None = None, description: str | None = None) -> str:
     """An English prompt for ``context`` with ``domain_word`` as the subject, exactly once.
 
     Without ``rng`` the canonical template is used (deterministic); with one, a template is drawn from it.
+    ``description`` (attribute phrases such as ``"red hair"``) goes just before the subject word, as in
+    ``described_caption``.
     Only lower-case words, spaces and commas; every word is in ``vocabulary()`` (the subject word too if it is one of
     ``SUBJECT_WORDS``).
     """
     template = _TEMPLATES[0] if rng is None else _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
-    return _fill(template, _check_word(domain_word), context)
+    return _fill(template, _check_word(domain_word), context, description=description)
 
 
 def generic_caption(domain: str, context: Context, rng: np.random.Generator | None = None) -> str:
