@@ -65,10 +65,14 @@ class BuildSize:
     # (world.described_caption). Without them (the first build) the UNet cannot be steered toward an identity through
     # the subject word at all, not even by textual inversion (docs/toyworld.md)
     describe_rate: float = 0.5
+    # learning rate of the pipeline's text encoder (it starts as CLIP's text tower) trained with the UNet; 0 keeps it
+    # frozen. Frozen, CLIP's contrastive training has squashed the position and expression words (text_gain.py) and
+    # the base model draws the prompted position in 45 % of generations (docs/toyworld.md)
+    text_lr: float = 1e-4
 
 
 FULL = BuildSize(corpus=60000, metric_train=40000, metric_epochs=8, identity_train=30000, identity_epochs=7,
-                 clip_steps=320, vae_steps=6000, unet_steps=8800, eval_renders=2000, eval_generations=400, eval_identities=50)
+                 clip_steps=320, vae_steps=6000, unet_steps=7600, eval_renders=2000, eval_generations=400, eval_identities=50)
 SMOKE = BuildSize(corpus=600, metric_train=400, metric_epochs=1, identity_train=200, identity_epochs=1,
                   clip_steps=10, vae_steps=10, unet_steps=10, eval_renders=64, eval_generations=8, eval_identities=10, sample_steps=4,
                   unet_widths=(16, 32), clip_width=64, vae_width=16, identity_width=16)
@@ -117,7 +121,7 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
     from .autoencoder import encode_latents, make_vae, train_vae
     from .build_metrics import build_metric_models
     from .corpus import make_corpus
-    from .diffusion import Grounding, make_unet, sampling_scheduler, train_unet
+    from .diffusion import Grounding, TextTraining, make_unet, sampling_scheduler, train_unet
     from .evaluate_base import evaluate_stack
     from .grounding import word_positions
     from .text_image import clip_config, clip_processor, tokenize, train_clip
@@ -192,6 +196,7 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
         with _bar(size.vae_steps, "vae") as bar:
             vae_losses = train_vae(vae, corpus.images, size.vae_steps, batch_size=size.vae_batch, seed=seed + 300,
                                    device=device, progress=bar)
+        vae.half().float()  # the weights as shipped (fp16), so that a --reuse build's latents are these exactly
         means, stds = encode_latents(vae, corpus.images)
         scaling_factor = float(1.0 / means.flatten().std())
         vae.register_to_config(scaling_factor=scaling_factor)
@@ -201,10 +206,14 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
     t = time.perf_counter()
     # the towers exactly as shipped (fp16 weights), loaded the way any CLIP checkpoint's towers load
     text_encoder = CLIPTextModel.from_pretrained(out / "clip", torch_dtype=torch.float32).eval()
-    with torch.no_grad():
-        ids = tokenize(tokenizer, corpus.captions)
-        states = torch.cat([text_encoder(ids[i : i + 512]).last_hidden_state.half() for i in range(0, len(ids), 512)])
-        null_state = text_encoder(tokenize(tokenizer, [""])).last_hidden_state[0]
+    ids, null_ids = tokenize(tokenizer, corpus.captions), tokenize(tokenizer, [""])
+    text, states, null_state = None, None, None
+    if size.text_lr > 0:
+        text = TextTraining(text_encoder, ids, null_ids[0], size.text_lr)
+    else:
+        with torch.no_grad():
+            states = torch.cat([text_encoder(ids[i : i + 512]).last_hidden_state.half() for i in range(0, len(ids), 512)])
+            null_state = text_encoder(null_ids).last_hidden_state[0]
     grounding = None
     if size.grounding_weight > 0:
         words = ["person" if d == 2 else DOMAINS[d] for d in corpus.domains.tolist()]  # scenes: the person's word
@@ -215,7 +224,7 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
     with _bar(size.unet_steps, "unet") as bar:
         unet, unet_losses = train_unet(unet, means.half(), stds.half(), scaling_factor, states, null_state,
                                        size.unet_steps, batch_size=size.unet_batch, lr=size.unet_lr, seed=seed + 400,
-                                       device=device, progress=bar, grounding=grounding)
+                                       device=device, progress=bar, grounding=grounding, text=text)
     stage("unet", time.perf_counter() - t, parameters=_count(unet), loss_first=unet_losses[0], loss_last=unet_losses[-1])
     del corpus, means, stds, states
 

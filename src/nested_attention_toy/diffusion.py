@@ -38,6 +38,18 @@ def sampling_scheduler() -> DPMSolverMultistepScheduler:
 
 
 @dataclass
+class TextTraining:
+    """Train the text encoder with the UNet (as LDM trained its text transformer with the denoiser) instead of
+    conditioning on frozen, precomputed states: ``token_ids`` (N, L) of the N captions, ``null_ids`` (L,) the empty
+    prompt's, ``lr`` the encoder's learning rate. After training ``encoder`` holds its EMA weights."""
+
+    encoder: torch.nn.Module
+    token_ids: torch.Tensor
+    null_ids: torch.Tensor
+    lr: float
+
+
+@dataclass
 class Grounding:
     """What the word grounding loss needs, per training sample: the subject word's token index, the subject's
     coverage (N, S, S) uint8 and whether it has one (target views only); ``weight`` scales the loss."""
@@ -51,13 +63,14 @@ class Grounding:
 def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std: torch.Tensor, scaling_factor: float,
                text_states: torch.Tensor, null_state: torch.Tensor, steps: int, batch_size: int = 64, lr: float = 5e-4,
                caption_dropout: float = 0.1, snr_gamma: float = 5.0, ema_decay: float = 0.999, seed: int = 0,
-               device: str = "cpu", progress=None, grounding: Grounding | None = None) -> tuple[UNet2DConditionModel, list[float]]:
+               device: str = "cpu", progress=None, grounding: Grounding | None = None,
+               text: TextTraining | None = None) -> tuple[UNet2DConditionModel, list[float]]:
     """Train on precomputed latents (posterior mean and std, sampled every step) and text encoder states.
 
     ``text_states`` (N, L, D) for the N latents, ``null_state`` (L, D) the empty prompt's, used for
     ``caption_dropout`` of the samples so that classifier-free guidance works. ``grounding`` adds the word
-    grounding loss (see grounding.py) on the samples that have a silhouette. Returns the EMA model and the
-    denoising loss every 50 steps.
+    grounding loss (see grounding.py) on the samples that have a silhouette. ``text`` trains the text encoder too
+    (``text_states`` and ``null_state`` are then unused). Returns the EMA model and the denoising loss every 50 steps.
     """
     device = torch.device(device)
     unet.to(device).train()
@@ -66,7 +79,13 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
     scheduler = training_scheduler()
     alphas = scheduler.alphas_cumprod.to(device)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    groups = [{"params": list(unet.parameters()), "lr": lr}]
+    pairs = [(ema, unet)]
+    if text is not None:
+        text.encoder.to(device).train()
+        pairs.append((copy.deepcopy(text.encoder).eval().requires_grad_(False), text.encoder))
+        groups.append({"params": list(text.encoder.parameters()), "lr": text.lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=1e-2)
     warmup = max(1, steps // 25)
     schedule = warmup_cosine(optimizer, steps, warmup, floor=0.1)
     log = LossLog(steps)
@@ -77,9 +96,15 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
         latents = ((latent_mean[index].float() + latent_std[index].float() * noise_in) * scaling_factor).to(device)
         noise = torch.randn(latents.shape, generator=generator).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator).to(device)
-        states = text_states[index].float()
         drop = torch.rand(batch_size, generator=generator) < caption_dropout
-        states[drop] = null_state.float()
+        if text is None:
+            states = text_states[index].float()
+            states[drop] = null_state.float()
+        else:
+            ids = text.token_ids[index].clone()
+            ids[drop] = text.null_ids
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                states = text.encoder(ids.to(device)).last_hidden_state.float()
         noisy = scheduler.add_noise(latents, noise, t)
         if recorder is not None:
             recorder.positions, recorder.maps = grounding.positions[index], []
@@ -96,17 +121,21 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
             recorder.maps = []
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         optimizer.step()
         schedule.step()
         decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(ema.parameters(), unet.parameters()):
-                e.lerp_(p, 1 - decay)
+            for averaged, model in pairs:
+                for e, p in zip(averaged.parameters(), model.parameters()):
+                    e.lerp_(p, 1 - decay)
         log.add(step, loss)
         if progress is not None:
             progress.update(1)
     if recorder is not None:
         unet.set_attn_processor(AttnProcessor2_0())
     unet.to("cpu")
+    if text is not None:
+        text.encoder.load_state_dict(pairs[1][0].state_dict())
+        text.encoder.to("cpu").eval().requires_grad_(False)
     return ema.to("cpu").eval(), log.means
