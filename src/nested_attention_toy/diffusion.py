@@ -121,7 +121,8 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
             recorder.maps = []
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        for group in groups:  # each model clipped on its own: the UNet's step does not depend on the encoder's
+            torch.nn.utils.clip_grad_norm_(group["params"], 1.0)
         optimizer.step()
         schedule.step()
         decay = min(ema_decay, (1 + step) / (10 + step))
