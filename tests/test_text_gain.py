@@ -63,3 +63,16 @@ def test_text_change_is_zero_for_equal_prompts_and_gain_is_the_ratio(tmp_path):
     assert table["scene"]["text"] == pytest.approx(text) and table["scene"]["embedding"] == pytest.approx(embedding)
     for row in table.values():
         assert row["gain"] == pytest.approx(row["text"] / row["embedding"])
+
+
+def test_command_reads_a_pipeline_or_a_clip_folder_and_refuses_anything_else(tmp_path, capsys):
+    from nested_attention_toy.text_gain import main
+
+    main(["--model", "clip", "--pairs", "4"])
+    clip_table = capsys.readouterr().out
+    main(["--pairs", "4"])  # the shipped pipeline's text encoder
+    pipeline_table = capsys.readouterr().out
+    for table in (clip_table, pipeline_table):
+        assert [line.split()[0] for line in table.splitlines()[1:6]] == list(ROWS[:5])
+    with pytest.raises(SystemExit, match="pipeline folder .* or a CLIP folder"):
+        main(["--model", str(tmp_path)])

@@ -12,7 +12,9 @@ that described captions name:
 - ``gain``: ``text / embedding``; above 1 the encoder amplifies the difference, below 1 it squashes it.
 
 ``python -m nested_attention_toy.text_gain [--model DIR] [--pairs N] [--untrained]`` prints the table (about a
-second); ``--untrained`` measures the same architecture with random weights, the reference before any training.
+second). ``--model`` is a pipeline folder (its text encoder, the UNet's conditioning; default the shipped toy) or a
+CLIP folder (its text tower: ``--model clip`` for the shipped toy CLIP, which the pipeline's text encoder starts from);
+``--untrained`` measures the same architecture with random weights, the reference before any training.
 """
 
 from __future__ import annotations
@@ -95,20 +97,28 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m nested_attention_toy.text_gain [--model DIR] [--pairs N] [--untrained]``: which words the text
     encoder passes on to the denoiser."""
     import argparse
+    from pathlib import Path
 
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from .assets import shipped_path
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--model", default=str(shipped_path("pipeline")), help="pipeline folder (default: the shipped toy)")
+    parser.add_argument("--model", default=str(shipped_path("pipeline")),
+                        help="a pipeline folder or a CLIP folder; 'clip' is the shipped toy CLIP (default: the shipped toy pipeline)")
     parser.add_argument("--pairs", type=int, default=64, help="prompt pairs per row (default: 64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--untrained", action="store_true",
                         help="the same text encoder with fresh random weights (seed --seed): the reference before training")
     args = parser.parse_args(argv)
-    tokenizer = CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder").float().eval()
+    folder = shipped_path("clip") if args.model == "clip" else Path(args.model)
+    if not (folder / "text_encoder").is_dir() and not (folder / "config.json").is_file():
+        raise SystemExit(f"--model expects a pipeline folder (with text_encoder/) or a CLIP folder (with config.json); "
+                         f"{folder} is neither. Give a toy build's pipeline/ or clip/ folder.")
+    pipeline = (folder / "text_encoder").is_dir()
+    tokenizer = CLIPTokenizer.from_pretrained(folder, **({"subfolder": "tokenizer"} if pipeline else {}))
+    text_encoder = CLIPTextModel.from_pretrained(folder, **({"subfolder": "text_encoder"} if pipeline else {}))
+    text_encoder = text_encoder.float().eval()
     if args.untrained:
         torch.manual_seed(args.seed)
         text_encoder = CLIPTextModel(text_encoder.config).eval()
