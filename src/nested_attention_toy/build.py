@@ -7,7 +7,8 @@ Stages (each logs one line and its wall time; a progress bar while it runs):
 3. metrics: factor classifier and identity networks (own renders, train identities), measured on held-out ones;
 4. clip: a tiny `CLIPModel`, trained contrastively on the corpus;
 5. vae: a small `AutoencoderKL`;
-6. unet: a `UNet2DConditionModel` trained text-to-image on the corpus latents;
+6. unet: a `UNet2DConditionModel` trained text-to-image on the corpus latents, with the pipeline's text encoder
+   (it starts as CLIP's text tower) trained along;
 7. pipeline: the standard `StableDiffusionPipeline` folder (plus `image_encoder` / `feature_extractor`);
 8. evaluate: VAE PSNR, CLIP zero-shot factor accuracy and base-model prompt-factor accuracy on held-out
    identities, and a sample sheet.

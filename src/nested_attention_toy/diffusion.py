@@ -1,6 +1,6 @@
-"""The toy world's denoiser: a diffusers `UNet2DConditionModel` on 16 x 16 x 4 latents, conditioned on the toy
-CLIP's text tower, trained from scratch text-to-image (epsilon prediction, SD 1.5's noise schedule) with
-min-SNR loss weighting and an EMA of the weights."""
+"""The toy world's denoiser: a diffusers `UNet2DConditionModel` on 16 x 16 x 4 latents, conditioned on a CLIP text
+encoder (the toy CLIP's text tower, optionally trained along: `TextTraining`), trained from scratch text-to-image
+(epsilon prediction, SD 1.5's noise schedule) with min-SNR loss weighting and an EMA of the weights."""
 
 from __future__ import annotations
 
