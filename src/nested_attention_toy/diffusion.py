@@ -61,7 +61,7 @@ class Grounding:
 
 
 def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std: torch.Tensor, scaling_factor: float,
-               text_states: torch.Tensor, null_state: torch.Tensor, steps: int, batch_size: int = 64, lr: float = 5e-4,
+               text_states: torch.Tensor | None, null_state: torch.Tensor | None, steps: int, batch_size: int = 64, lr: float = 5e-4,
                caption_dropout: float = 0.1, snr_gamma: float = 5.0, ema_decay: float = 0.999, seed: int = 0,
                device: str = "cpu", progress=None, grounding: Grounding | None = None,
                text: TextTraining | None = None) -> tuple[UNet2DConditionModel, list[float]]:
