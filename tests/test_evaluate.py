@@ -20,7 +20,7 @@ from nested_attention_eval.scorers import (
     prompt_scorer,
 )
 from nested_attention_toy.render import render_input
-from nested_attention_toy.world import DOMAINS, generic_caption, prompt_factors, sample_context, sample_identities
+from nested_attention_toy.world import DOMAINS, attribute_names, generic_caption, prompt_factors, sample_context, sample_identities
 
 PROMPTS = ["a photo of a {word} on the beach, small, on the left", "a sad {word} in the forest, pencil sketch"]
 
@@ -228,5 +228,10 @@ def test_toy_eval_writes_every_key(tmp_path, capsys):
         for key in ("id_top1", "id_similarity", "prompt_accuracy", "clip_t", "scene_person_top1", "scene_pet_top1", "scene_both_top1"):
             assert 0 <= metrics[prefix + key] <= 1 or key in ("id_similarity", "clip_t"), prefix + key
         assert metrics["person"][prefix + "id_top1"] in (0.0, 0.5, 1.0)
+        for domain in ("person", "pet"):
+            attributes = [metrics[domain][prefix + "attribute_" + a] for a in attribute_names(domain)]
+            assert all(a in (0.0, 0.5, 1.0) for a in attributes)  # 2 subjects x 1 context, 0/1 each
+            assert metrics[domain][prefix + "attribute_accuracy"] == pytest.approx(np.mean(attributes))
+        assert metrics[domain]["oracle_attribute_accuracy"] >= 0.5  # real renders: most attributes read right
     assert metrics["oracle_id_top1"] == 1.0  # real renders of 2 subjects: the identity networks tell them apart
     assert (tmp_path / "samples.png").is_file() and "metrics.json" in capsys.readouterr().out

@@ -352,3 +352,32 @@ def test_describe_rate_changes_captions_not_images():
             assert a == b
         else:  # the same caption with attribute phrases before the subject word
             assert a != b and prompt_factors(a) == prompt_factors(b)
+
+
+@pytest.mark.parametrize("expression", CONTEXT_FACTORS["expression"])
+def test_emotion_symbol_is_never_cut_by_the_frame(expression):
+    """Wherever the head is (frame edges included), however it is scaled, tilted or mirrored, the emotion symbol lies
+    wholly inside the frame, stays upright, and is at least 12 px tall (or wide) at 64 px."""
+    from PIL import Image, ImageDraw
+
+    from nested_attention_toy.render import _emote, _Pen
+
+    canvas = 128  # the renderer's 2x canvas of a 64 px image
+    shapes = set()
+    for ox in (0, 10, 64, 118, 128):
+        for oy in (0, 64, 128):
+            for scale in (40.0, 90.0, 160.0):  # canvas pixels per subject unit: small to large subjects
+                for angle, flip in ((0.0, False), (0.12, True), (-0.12, False)):
+                    image = Image.new("RGB", (canvas, canvas), (0, 0, 0))
+                    pen = _Pen(ImageDraw.Draw(image), ox, oy, scale, angle=angle, flip=flip, ow=0)
+                    _emote(pen, expression, 0.3, 0.2)
+                    pixels = np.asarray(image).max(axis=2) > 0
+                    ys, xs = np.nonzero(pixels)
+                    assert len(xs), (ox, oy, scale)
+                    assert xs.min() > 0 and ys.min() > 0 and xs.max() < canvas - 1 and ys.max() < canvas - 1, (ox, oy, scale, angle, flip)
+                    if scale == 90.0:
+                        shapes.add((ys.max() - ys.min(), xs.max() - xs.min()))
+                    height = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+                    assert height >= 2 * 12 * 0.9, (expression, scale, height)  # the "!" is tall, the vein square
+    heights, widths = zip(*shapes)  # upright: neither tilt nor mirroring changes its extent (beyond pixel rounding)
+    assert max(heights) - min(heights) <= 1 and max(widths) - min(widths) <= 1, shapes

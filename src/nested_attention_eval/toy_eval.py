@@ -8,7 +8,9 @@ subject) and the real render (the oracle). Each is scored with the toy metric mo
 - ``id_top1``: the identity network retrieves the right subject among the ``identities`` input views;
 - ``id_similarity``: cosine of the generation's identity embedding and its subject's input view's;
 - ``prompt_accuracy``: the prompt-factor classifier's accuracy, mean over the five factors;
-- ``clip_t``: the toy CLIP's image-prompt cosine.
+- ``clip_t``: the toy CLIP's image-prompt cosine;
+- per domain, ``attribute_accuracy`` and ``attribute_<name>``: how often the identity network reads each of the
+  subject's attributes (hair colour, species, ...) in the image: which parts of an identity come through.
 
 Person + pet scenes (both adapters at once, each bound to its word) are scored per subject with its domain's
 identity network: ``scene_person_top1``, ``scene_pet_top1`` and ``scene_both_top1``.
@@ -30,6 +32,7 @@ from nested_attention_toy.world import (
     CONTEXT_FACTORS,
     DOMAINS,
     FACTOR_NAMES,
+    attribute_names,
     generic_caption,
     sample_context,
     sample_identities,
@@ -81,6 +84,16 @@ def _scores(images: list[Image.Image], embedder: ToyIdentityEmbedder, gallery: t
     return (cos.argmax(-1) == owners_t).float().tolist(), cos[rows, owners_t].tolist()
 
 
+def _attribute_hits(images: list[Image.Image], embedder: ToyIdentityEmbedder, subjects: list) -> dict[str, np.ndarray]:
+    """Per image and identity attribute, 1 where the identity network reads the subject's true value; the mean over
+    attributes as ``attribute_accuracy``."""
+    read = embedder.attributes(images)
+    truth = torch.tensor([s.attributes for s in subjects]).view(len(subjects), -1)
+    hits = {f"attribute_{name}": (read[name] == truth[:, a]).float().numpy()
+            for a, name in enumerate(attribute_names(embedder.domain))}
+    return {"attribute_accuracy": np.mean(list(hits.values()), axis=0)} | hits
+
+
 def toy_eval(pipe, adapters: dict[str, object], out: str | Path, config: ToyEvalConfig, clip_scorer, factor_classifier,
              progress: bool = True) -> dict:
     """Run the evaluation; ``adapters`` maps "person" and "pet" to adapter folders or loaded adapters. Writes
@@ -130,6 +143,9 @@ def toy_eval(pipe, adapters: dict[str, object], out: str | Path, config: ToyEval
                     for name, values in scores.items():
                         per_kind[kind].setdefault(name, []).extend(values)
                         results.setdefault(domain, {})[PREFIX[kind] + name] = float(np.mean(values))
+                    attributes = _attribute_hits(images, embedders[domain], [identities[domain][o] for o in owners])
+                    for name, values in attributes.items():
+                        results[domain][PREFIX[kind] + name] = float(np.mean(values))
                 for row in range(min(n, 4)):
                     samples.append([views[domain][row]] + [made[kind][row * k + j] for kind in KINDS for j in range(min(k, 3))])
             scene_results = _scenes(pipe, na, identities, views, galleries, embedders, config, rng, bar)

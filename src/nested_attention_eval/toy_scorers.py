@@ -48,6 +48,12 @@ class ToyIdentityEmbedder(IdentityEmbedder):
         x = to_uint8(images, self.size)
         return torch.cat([self.net.embed(x[i : i + 256].float() / 127.5 - 1) for i in range(0, len(x), 256)])
 
+    def attributes(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """The network's reading of each identity attribute: name -> (N,) value indices."""
+        x = to_uint8(images, self.size)
+        chunks = [self.net.predict(x[i : i + 256].float() / 127.5 - 1) for i in range(0, len(x), 256)]
+        return {name: torch.cat([c[name] for c in chunks]) for name in self.net.config.heads}
+
 
 class ToyFactorScorer(PromptScorer):
     """``prompt_accuracy``: the fraction of the factors a prompt names that the classifier sees in the image; plus a

@@ -72,6 +72,11 @@ class MultiHeadNet(nn.Module):
         save_file({k: v.half().contiguous() if v.is_floating_point() else v.contiguous()
                    for k, v in self.state_dict().items()}, str(directory / "model.safetensors"))
 
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 3, S, S) in [-1, 1] -> head name -> (B,) most likely class."""
+        return {name: logits.argmax(-1) for name, logits in self(images).items()}
+
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> MultiHeadNet:
         directory = Path(directory)
@@ -83,10 +88,6 @@ class MultiHeadNet(nn.Module):
 
 class FactorClassifier(MultiHeadNet):
     """Predicts every context factor of a render (heads named after the factors)."""
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: logits.argmax(-1) for name, logits in self(images).items()}
 
 
 class IdentityNet(MultiHeadNet):

@@ -186,13 +186,30 @@ VEIN: RGB = (225, 25, 25)
 
 
 def _emote(pen: _Pen, expression: str | None, x: float, y: float):
-    """A comic emotion symbol beside the head, starting at subject point (x, y): a heart (smiling), a rain cloud
-    (sad), "!" (surprised), an anger vein (angry), "Z z" (sleepy). It is at least 9 px tall at 64 px whatever the
-    subject's size, so that the expression stays readable where the face's own features are a few pixels."""
+    """A comic emotion symbol beside the head: a heart (smiling), a rain cloud (sad), "!" (surprised), an anger vein
+    (angry), "Z z" (sleepy). (x, y) is the subject point beside the head where it goes (as drawn unmirrored); it
+    moves to the head's other side when the frame has more room there, and is then pushed inside the frame, so it
+    is never cut. It is upright whatever the subject's tilt or mirroring, and at least 12 px tall at 64 px whatever
+    the subject's size, so that the expression stays readable where the face's own features are a few pixels."""
     if expression is None:
         return
-    h = max(0.17, 19.0 / pen.s)  # subject units; pen.s is pixels (of the 2x canvas) per unit
-    cx, cy = x + 0.5 * h, y + 0.5 * h
+    h = max(0.21, 24.0 / pen.s)  # subject units; pen.s is pixels (of the 2x canvas) per unit
+    width, height = pen.draw.im.size
+    margin = 0.75 * h * pen.s
+    (ax, ay), (bx, by) = pen.pts([(x + 0.5 * h, y + 0.5 * h), (-x - 0.5 * h, y + 0.5 * h)])
+
+    def room(px: float) -> float:
+        return min(px - margin, width - margin - px)
+
+    cx, cy = (ax, ay) if room(ax) >= room(bx) else (bx, by)
+    cx, cy = min(max(cx, margin), width - margin), min(max(cy, margin), height - margin)
+    pen = _Pen(pen.draw, cx, cy, pen.s, ow=pen.ow, oc=pen.oc)  # upright, unmirrored, centred on the symbol
+    _symbol(pen, expression, h)
+
+
+def _symbol(pen: _Pen, expression: str, h: float):
+    """The emotion symbol of height ``h`` centred on the pen's origin."""
+    cx, cy = 0.0, 0.0
     if expression == "smiling":
         r = 0.29 * h
         pen.poly([(cx - 2 * r, cy + 0.15 * r)] + _arc(cx - r, cy + 0.2 * r, r, r, 180, 0, 7)
@@ -214,7 +231,7 @@ def _emote(pen: _Pen, expression: str | None, x: float, y: float):
                 pen.line([(cx + sx * g, cy + sy * r), (cx + sx * g * 2.2, cy + sy * g * 2.2), (cx + sx * r, cy + sy * g)],
                          VEIN, 0.13 * h)
     elif expression == "sleepy":
-        _zzz(pen, x, y - 0.1 * h, 0.55 * h)
+        _zzz(pen, cx - 0.5 * h, cy - 0.6 * h, 0.55 * h)
 
 
 def _face(pen: _Pen, expression: str | None, hy: float, eye_dx: float, eye_y: float, eye_r: float, mouth_y: float, mouth_w: float, brow: RGB, cheek: RGB | None, boost: float = 1.0):
