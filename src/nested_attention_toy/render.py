@@ -189,7 +189,7 @@ def _emote(pen: _Pen, expression: str | None, x: float, y: float):
     """A comic emotion symbol beside the head: a heart (smiling), a rain cloud (sad), "!" (surprised), an anger vein
     (angry), "Z z" (sleepy). (x, y) is the subject point beside the head where it goes (as drawn unmirrored); it
     moves to the head's other side when the frame has more room there, and is then pushed inside the frame, so it
-    is never cut. It is upright whatever the subject's tilt or mirroring, and at least 12 px tall at 64 px whatever
+    is never cut. It is upright whatever the subject's tilt or mirroring, and about 12 px across (at least 11.5) at 64 px whatever
     the subject's size, so that the expression stays readable where the face's own features are a few pixels."""
     if expression is None:
         return
