@@ -11,8 +11,16 @@ from nested_attention.tiny import write_clip_tokenizer
 from nested_attention_toy.corpus import make_corpus
 from nested_attention_toy.diffusion import Grounding, make_unet, train_unet
 from nested_attention_toy.grounding import grounding_loss, install_recorder, word_positions
-from nested_attention_toy.render import render_target, render_target_with_mask
-from nested_attention_toy.world import DOMAINS, generic_caption, sample_context, sample_identities, vocabulary
+from nested_attention_toy.render import render_target, render_target_with_mask, render_target_with_masks
+from nested_attention_toy.world import (
+    CONTEXT_FACTORS,
+    DOMAINS,
+    FACTOR_NAMES,
+    generic_caption,
+    sample_context,
+    sample_identities,
+    vocabulary,
+)
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
@@ -27,6 +35,21 @@ def test_silhouette_comes_with_the_same_pixels(domain):
         assert 0.01 < mask.mean() < 0.7  # a subject, not the whole frame and not nothing
 
 
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_symbol_mask_is_the_emotion_symbol_beside_the_subject(domain):
+    rng = np.random.default_rng(11)
+    for identity in sample_identities(domain, 4, rng, held_out=False):
+        context = sample_context(rng)
+        image, mask, symbol = render_target_with_masks(identity, context, seed=3)
+        same_image, same_mask = render_target_with_mask(identity, context, seed=3)
+        assert np.array_equal(np.asarray(image), np.asarray(same_image)) and np.array_equal(mask, same_mask)
+        assert symbol.dtype == np.float32 and bool((symbol <= mask + 1e-6).all())  # part of the silhouette
+        rows, cols = np.nonzero(symbol > 0.5)
+        assert len(rows) >= 15  # a symbol about 12 px across, some of it beside the head rather than over it
+        assert rows.max() - rows.min() <= 16 and cols.max() - cols.min() <= 16  # the symbol alone, not the subject
+        assert symbol.sum() < 0.3 * mask.sum()
+
+
 def test_corpus_masks_leave_the_images_unchanged():
     plain = make_corpus(24, seed=2, workers=1)
     masked = make_corpus(24, seed=2, workers=1, masks=True)
@@ -35,6 +58,25 @@ def test_corpus_masks_leave_the_images_unchanged():
     assert masked.masks.shape == (24, 64, 64)
     assert bool((masked.masks[~targets] == 0).all()) and bool((masked.masks[targets].flatten(1).amax(1) > 0).all())
     assert torch.equal(masked.subset([3, 1]).masks, masked.masks[[3, 1]])
+    assert masked.symbols.shape == (24, 64, 64) and bool((masked.symbols[~targets] == 0).all())
+    assert bool((masked.symbols <= masked.masks).all()) and torch.equal(masked.subset([3, 1]).symbols, masked.symbols[[3, 1]])
+
+
+def test_grounding_of_the_expression_word(tmp_path):
+    tokenizer = write_clip_tokenizer(tmp_path / "tok", vocabulary(), max_length=32)
+    corpus = make_corpus(40, seed=4, workers=1, masks=True, describe_rate=0.5)
+    plain = Grounding.from_corpus(tokenizer, corpus, 0.1)
+    both = Grounding.from_corpus(tokenizer, corpus, 0.1, expression=True)
+    targets = torch.tensor([k == "target" for k in corpus.kinds])
+    assert plain.positions.shape == (40,) and torch.equal(plain.has_mask, targets)
+    assert torch.equal(both.positions[:, 0], plain.positions) and torch.equal(both.masks[:, 0], corpus.masks)
+    assert torch.equal(both.masks[:, 1], corpus.symbols) and both.has_mask.shape == (40, 2)
+    assert torch.equal(both.has_mask[:, 1], targets & (corpus.symbols.flatten(1).amax(1) > 0))
+    ids = tokenizer(corpus.captions, padding="max_length", max_length=32, return_tensors="pt").input_ids
+    named = FACTOR_NAMES.index("expression")
+    for i in targets.nonzero().flatten().tolist():
+        token = tokenizer.convert_ids_to_tokens(int(ids[i, both.positions[i, 1]])).removesuffix("</w>")
+        assert token == CONTEXT_FACTORS["expression"][int(corpus.factors[i, named])]
 
 
 def test_grounding_loss_against_a_naive_reference():
@@ -54,6 +96,12 @@ def test_grounding_loss_against_a_naive_reference():
             values.append(float((a * (1 - m)).sum() / (1 - m).sum() - (a * m).sum() / m.sum()))
         expected.append(np.mean([v for v, k in zip(values, keep.tolist()) if k]))
     assert grounding_loss(maps, masks, keep).item() == pytest.approx(np.mean(expected), abs=1e-6)
+    # several words per sample: the sum over words of each word's loss alone
+    word_masks = (torch.rand(3, 2, 8, 8) > 0.5).float()
+    word_maps = [torch.rand(3, 2, 16), torch.rand(3, 2, 4)]
+    word_keep = torch.tensor([[True, False], [True, True], [False, True]])
+    alone = sum(grounding_loss([m[:, k] for m in word_maps], word_masks[:, k : k + 1], word_keep[:, k]) for k in range(2))
+    assert grounding_loss(word_maps, word_masks, word_keep).item() == pytest.approx(alone.item(), abs=1e-6)
     inside = [masks.flatten(1) / masks.flatten(1).sum(1, keepdim=True)]  # all attention on the subject
     assert grounding_loss(inside, masks, torch.ones(3, dtype=torch.bool)) < 0
     assert grounding_loss(maps, masks, torch.zeros(3, dtype=torch.bool)) == 0
@@ -79,6 +127,11 @@ def test_recorder_is_the_plain_processor_and_records_the_word_column():
         k = layer.to_k(text).view(2, 6, layer.heads, -1).transpose(1, 2)
         probs = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1).mean(1)  # (B, 64, 6)
     assert torch.allclose(recorder.maps[0], torch.stack([probs[0, :, 1], probs[1, :, 4]]), atol=1e-6)
+    recorder.maps, recorder.positions = [], torch.tensor([[1, 3], [4, 0]])  # two words per sample
+    with torch.no_grad():
+        layer(hidden, encoder_hidden_states=text)
+    expected = torch.stack([probs[0][:, [1, 3]].T, probs[1][:, [4, 0]].T])  # (B, K, pixels)
+    assert recorder.maps[0].shape == (2, 2, 64) and torch.allclose(recorder.maps[0], expected, atol=1e-6)
     unet.set_attn_processor(AttnProcessor2_0())
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .render import render_input, render_scene, render_target, render_target_with_mask
+from .render import render_input, render_scene, render_target, render_target_with_masks
 from .world import (
     DOMAINS,
     FACTOR_NAMES,
@@ -28,15 +28,15 @@ from .world import (
 
 
 def _render_one(job: tuple) -> np.ndarray:
-    """(3, S, S) uint8, or with masks (4, S, S): the subject's coverage (0-255) of a target view as a fourth plane,
-    zeros for the other kinds."""
+    """(3, S, S) uint8, or with masks (5, S, S): the subject's coverage (0-255) of a target view as a fourth plane and
+    its emotion symbol's as a fifth, zeros for the other kinds."""
     kind, subject, context, size, seed, *masked = job
-    mask = None
+    mask = symbol = None
     if kind == "input":
         image = render_input(subject, size=size, seed=seed)
     elif kind == "target" and masked and masked[0]:
-        image, coverage = render_target_with_mask(subject, context, size=size, seed=seed)
-        mask = np.round(coverage * 255).astype(np.uint8)
+        image, coverage, symbol = render_target_with_masks(subject, context, size=size, seed=seed)
+        mask, symbol = (np.round(plane * 255).astype(np.uint8) for plane in (coverage, symbol))
     elif kind == "target":
         image = render_target(subject, context, size=size, seed=seed)
     else:
@@ -44,11 +44,12 @@ def _render_one(job: tuple) -> np.ndarray:
     array = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
     if not (masked and masked[0]):
         return array
-    return np.concatenate([array, (mask if mask is not None else np.zeros(array.shape[1:], np.uint8))[None]])
+    empty = np.zeros(array.shape[1:], np.uint8)
+    return np.concatenate([array, (empty if mask is None else mask)[None], (empty if symbol is None else symbol)[None]])
 
 
 def render_jobs(jobs: list[tuple], workers: int, desc: str) -> torch.Tensor:
-    """Render ``(kind, subject, context, size, seed[, with_mask])`` jobs -> (N, 3, S, S) uint8 (4 planes with masks,
+    """Render ``(kind, subject, context, size, seed[, with_mask])`` jobs -> (N, 3, S, S) uint8 (5 planes with masks,
     see ``_render_one``); kind is "input", "target" (subject an Identity) or "scene" (subject a (person, pet) pair).
     ``workers`` > 1 renders in that many processes."""
     if workers <= 1 or len(jobs) < 256:
@@ -63,7 +64,8 @@ def render_jobs(jobs: list[tuple], workers: int, desc: str) -> torch.Tensor:
 class Corpus:
     """``images`` (N, 3, S, S) uint8 with their captions; ``factors`` (N, 5) context value indices (-1 for input
     views); ``domains`` (N,) 0 person, 1 pet, 2 person + pet scene; ``kinds`` "target" / "input" / "scene";
-    ``masks`` (N, S, S) uint8 subject coverage of the target views (zeros elsewhere), when made with masks."""
+    ``masks`` (N, S, S) uint8 subject coverage of the target views (zeros elsewhere) and ``symbols`` that of their
+    emotion symbols (what the expression word names), when made with masks."""
 
     images: torch.Tensor
     captions: list[str]
@@ -71,6 +73,7 @@ class Corpus:
     domains: torch.Tensor
     kinds: list[str] = field(default_factory=list)
     masks: torch.Tensor | None = None
+    symbols: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -82,7 +85,8 @@ class Corpus:
         index = torch.as_tensor(index)
         return Corpus(self.images[index], [self.captions[i] for i in index.tolist()], self.factors[index],
                       self.domains[index], [self.kinds[i] for i in index.tolist()],
-                      None if self.masks is None else self.masks[index])
+                      None if self.masks is None else self.masks[index],
+                      None if self.symbols is None else self.symbols[index])
 
 
 def make_corpus(count: int, seed: int, size: int = 64, held_out: bool = False, workers: int = 2,
@@ -90,7 +94,8 @@ def make_corpus(count: int, seed: int, size: int = 64, held_out: bool = False, w
                 desc: str = "render", masks: bool = False, describe_rate: float = 0.0) -> Corpus:
     """``count`` renders of identities from one side of the split (train unless ``held_out``); captions draw their
     template at random. Domains alternate; ``input_fraction`` are input views, ``scene_fraction`` person + pet scenes.
-    ``masks`` also keeps the target views' subject silhouettes (the images are the same either way).
+    ``masks`` also keeps the target views' subject silhouettes and emotion symbols (the images are the same either
+    way).
     ``describe_rate`` of the target and input views get a caption that also names a few of the subject's attributes
     (``described_caption``); it is drawn from its own random stream, so the images do not depend on it."""
     rng = np.random.default_rng(seed)
@@ -124,4 +129,5 @@ def make_corpus(count: int, seed: int, size: int = 64, held_out: bool = False, w
         kinds.append(kind)
     planes = render_jobs(jobs, workers, desc)
     return Corpus(planes[:, :3].contiguous(), captions, torch.tensor(factors, dtype=torch.long).view(-1, len(FACTOR_NAMES)),
-                  torch.tensor(domains, dtype=torch.long), kinds, planes[:, 3].contiguous() if masks else None)
+                  torch.tensor(domains, dtype=torch.long), kinds, planes[:, 3].contiguous() if masks else None,
+                  planes[:, 4].contiguous() if masks else None)

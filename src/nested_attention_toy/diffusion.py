@@ -11,9 +11,10 @@ import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from .grounding import grounding_loss, install_recorder
+from .grounding import grounding_loss, install_recorder, word_positions
 from .loop import LossLog, warmup_cosine
 from .metric_models import bf16_autocast_supported
+from .world import CONTEXT_FACTORS, DOMAINS, FACTOR_NAMES
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -51,13 +52,34 @@ class TextTraining:
 
 @dataclass
 class Grounding:
-    """What the word grounding loss needs, per training sample: the subject word's token index, the subject's
-    coverage (N, S, S) uint8 and whether it has one (target views only); ``weight`` scales the loss."""
+    """What the word grounding loss needs, per training sample: the grounded words' token indices (N,) or (N, K),
+    the pixels each names (N, S, S) or (N, K, S, S) uint8 coverage, and whether it has them (N,) or (N, K) (target
+    views only); ``weight`` scales the loss."""
 
     positions: torch.Tensor
     masks: torch.Tensor
     has_mask: torch.Tensor
     weight: float
+
+    @classmethod
+    def from_corpus(cls, tokenizer, corpus, weight: float, expression: bool = False) -> Grounding:
+        """The subject word on the subject's silhouette for ``corpus`` (made with masks); with ``expression`` also
+        the expression word on its emotion symbol (target views whose symbol shows). A scene grounds its person."""
+        targets = torch.tensor([k == "target" for k in corpus.kinds])
+        words = ["person" if d == 2 else DOMAINS[d] for d in corpus.domains.tolist()]
+        positions = word_positions(tokenizer, corpus.captions, words)
+        if not expression:
+            return cls(positions, corpus.masks, targets, weight)
+        named = FACTOR_NAMES.index("expression")
+        rows = targets.nonzero().flatten().tolist()
+        feeling = torch.zeros_like(positions)
+        if rows:
+            values = CONTEXT_FACTORS["expression"]
+            feeling[rows] = word_positions(tokenizer, [corpus.captions[i] for i in rows],
+                                           [values[int(corpus.factors[i, named])] for i in rows])
+        shows = targets & (corpus.symbols.flatten(1).amax(1) > 0)
+        return cls(torch.stack([positions, feeling], 1), torch.stack([corpus.masks, corpus.symbols], 1),
+                   torch.stack([targets, shows], 1), weight)
 
 
 def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std: torch.Tensor, scaling_factor: float,
@@ -115,8 +137,8 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
         loss = (weight * (pred - noise).pow(2).flatten(1).mean(1)).mean()
         total = loss
         if recorder is not None:
-            masks = grounding.masks[index].to(device=device, dtype=torch.float32)[:, None] / 255
-            keep = (~drop & grounding.has_mask[index]).to(device)
+            masks = grounding.masks[index].to(device=device, dtype=torch.float32).view(batch_size, -1, *grounding.masks.shape[-2:]) / 255
+            keep = (~drop.view(-1, *[1] * (grounding.has_mask.dim() - 1)) & grounding.has_mask[index]).to(device)
             total = loss + grounding.weight * grounding_loss([m.float() for m in recorder.maps], masks, keep)
             recorder.maps = []
         optimizer.zero_grad(set_to_none=True)

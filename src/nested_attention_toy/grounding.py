@@ -10,6 +10,8 @@ pixel's attention, about what every one of the 32 tokens gets, so an adapter has
 ``grounding_loss`` is FastComposer's localization loss (Xiao et al. 2023, eq. 4): per cross-attention layer, the
 subject word's mean attention outside the subject's silhouette minus its mean attention inside it. It is added to the
 denoising loss while the base model is trained; the model is still an ordinary ``UNet2DConditionModel`` afterwards.
+The same loss grounds any other word on the pixels it names (the build also grounds the expression word on the
+emotion symbol): give several token positions and masks per sample.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from .text_image import tokenize
 
 
 class AttentionMapRecorder:
-    """Cross-attention processor that also records, per sample, the attention on one token position.
+    """Cross-attention processor that also records, per sample, the attention on some token positions.
 
-    Set ``positions`` ((B,) token index per sample) before a forward pass to record into ``maps`` (one (B, pixels)
-    tensor per layer, mean over heads, in the graph); leave it None to run as a plain attention processor.
+    Set ``positions`` ((B,) token index per sample, or (B, K) for K words) before a forward pass to record into
+    ``maps`` (one (B, pixels) tensor, or (B, K, pixels), per layer, mean over heads, in the graph); leave it None to
+    run as a plain attention processor.
     """
 
     def __init__(self):
@@ -42,8 +45,9 @@ class AttentionMapRecorder:
         query, key, value = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         query, key, value = (x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2) for x in (query, key, value))
         probs = (query @ key.transpose(-1, -2) * attn.scale).softmax(-1)  # (B, H, pixels, T): toy sizes only
-        rows = torch.arange(batch, device=probs.device)
-        self.maps.append(probs[rows, :, :, self.positions.to(probs.device)].mean(1))
+        words = self.positions.to(probs.device).view(batch, -1)  # (B, K)
+        picked = probs.gather(-1, words[:, None, None, :].expand(-1, heads, pixels, -1)).mean(1)  # (B, pixels, K)
+        self.maps.append(picked[..., 0] if self.positions.dim() == 1 else picked.transpose(1, 2))
         out = (probs @ value).transpose(1, 2).reshape(batch, pixels, -1)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
@@ -60,22 +64,29 @@ def install_recorder(unet) -> AttentionMapRecorder:
 
 
 def grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean over layers of (mean attention outside the silhouette - mean attention inside it), over ``keep`` rows.
+    """Mean over layers of (mean attention outside the word's mask - mean attention inside it), averaged over the
+    ``keep`` rows of each word and summed over words.
 
     Args:
-        maps: per layer, (B, h * w) attention of each sample's subject word (square layers).
-        masks: (B, 1, S, S) subject coverage in [0, 1] at image resolution.
-        keep: (B,) bool, the samples that count (a caption that was dropped has no subject word).
+        maps: per layer, (B, h * w) attention of each sample's subject word (square layers), or (B, K, h * w) of K
+            words.
+        masks: (B, 1, S, S) subject coverage in [0, 1] at image resolution, or (B, K, S, S) one per word.
+        keep: (B,) bool, the samples that count (a caption that was dropped has no subject word), or (B, K).
     """
     if not maps or not bool(keep.any()):
         return masks.new_zeros(())
+    keep = keep.view(keep.shape[0], -1)
     total = masks.new_zeros(())
     for attention in maps:
-        side = int(round(attention.shape[1] ** 0.5))
-        m = F.adaptive_avg_pool2d(masks.to(attention.dtype), side).flatten(1)
-        inside = (attention * m).sum(1) / m.sum(1).clamp_min(1e-3)
-        outside = (attention * (1 - m)).sum(1) / (1 - m).sum(1).clamp_min(1e-3)
-        total = total + (outside - inside)[keep].mean()
+        attention = attention.view(attention.shape[0], -1, attention.shape[-1])  # (B, K, pixels)
+        side = int(round(attention.shape[-1] ** 0.5))
+        m = F.adaptive_avg_pool2d(masks.to(attention.dtype), side).flatten(2)
+        inside = (attention * m).sum(-1) / m.sum(-1).clamp_min(1e-3)
+        outside = (attention * (1 - m)).sum(-1) / (1 - m).sum(-1).clamp_min(1e-3)
+        gap = outside - inside  # (B, K)
+        for k in range(gap.shape[1]):
+            if bool(keep[:, k].any()):
+                total = total + gap[keep[:, k], k].mean()
     return total / len(maps)
 
 
