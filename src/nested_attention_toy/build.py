@@ -158,7 +158,8 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
 
     t = time.perf_counter()
     corpus = make_corpus(size.corpus, seed=seed, held_out=False, workers=workers, desc="corpus",
-                         masks=size.grounding_weight > 0, describe_rate=size.describe_rate)
+                         masks=size.grounding_weight > 0, describe_rate=size.describe_rate,
+                         symbols=size.grounding_weight > 0 and size.ground_expression)
     stage("corpus", time.perf_counter() - t, images=len(corpus), kinds={k: corpus.kinds.count(k) for k in ("target", "input", "scene")})
 
     t = time.perf_counter()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .render import render_input, render_scene, render_target, render_target_with_masks
+from .render import render_input, render_scene, render_target, render_target_with_mask, render_target_with_masks
 from .world import (
     DOMAINS,
     FACTOR_NAMES,
@@ -28,29 +28,35 @@ from .world import (
 
 
 def _render_one(job: tuple) -> np.ndarray:
-    """(3, S, S) uint8, or with masks (5, S, S): the subject's coverage (0-255) of a target view as a fourth plane and
-    its emotion symbol's as a fifth, zeros for the other kinds."""
-    kind, subject, context, size, seed, *masked = job
-    mask = symbol = None
+    """(3 + M, S, S) uint8 with M mask planes (0, 1 or 2): the subject's coverage (0-255) of a target view, then its
+    emotion symbol's; zeros for the other kinds."""
+    kind, subject, context, size, seed, *rest = job
+    planes = rest[0] if rest else 0
+    masks: list[np.ndarray] = []
     if kind == "input":
         image = render_input(subject, size=size, seed=seed)
-    elif kind == "target" and masked and masked[0]:
+    elif kind == "target" and planes == 2:
         image, coverage, symbol = render_target_with_masks(subject, context, size=size, seed=seed)
-        mask, symbol = (np.round(plane * 255).astype(np.uint8) for plane in (coverage, symbol))
+        masks = [coverage, symbol]
+    elif kind == "target" and planes == 1:
+        image, coverage = render_target_with_mask(subject, context, size=size, seed=seed)
+        masks = [coverage]
     elif kind == "target":
         image = render_target(subject, context, size=size, seed=seed)
     else:
         image = render_scene(subject[0], subject[1], context, size=size, seed=seed)
     array = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
-    if not (masked and masked[0]):
+    if not planes:
         return array
-    empty = np.zeros(array.shape[1:], np.uint8)
-    return np.concatenate([array, (empty if mask is None else mask)[None], (empty if symbol is None else symbol)[None]])
+    extra = np.zeros((planes, *array.shape[1:]), np.uint8)
+    for i, mask in enumerate(masks):
+        extra[i] = np.round(mask * 255).astype(np.uint8)
+    return np.concatenate([array, extra])
 
 
 def render_jobs(jobs: list[tuple], workers: int, desc: str) -> torch.Tensor:
-    """Render ``(kind, subject, context, size, seed[, with_mask])`` jobs -> (N, 3, S, S) uint8 (5 planes with masks,
-    see ``_render_one``); kind is "input", "target" (subject an Identity) or "scene" (subject a (person, pet) pair).
+    """Render ``(kind, subject, context, size, seed[, mask_planes])`` jobs -> (N, 3 + mask_planes, S, S) uint8 (see
+    ``_render_one``); kind is "input", "target" (subject an Identity) or "scene" (subject a (person, pet) pair).
     ``workers`` > 1 renders in that many processes."""
     if workers <= 1 or len(jobs) < 256:
         arrays = [_render_one(job) for job in tqdm(jobs, desc=desc, leave=False)]
@@ -64,8 +70,8 @@ def render_jobs(jobs: list[tuple], workers: int, desc: str) -> torch.Tensor:
 class Corpus:
     """``images`` (N, 3, S, S) uint8 with their captions; ``factors`` (N, 5) context value indices (-1 for input
     views); ``domains`` (N,) 0 person, 1 pet, 2 person + pet scene; ``kinds`` "target" / "input" / "scene";
-    ``masks`` (N, S, S) uint8 subject coverage of the target views (zeros elsewhere) and ``symbols`` that of their
-    emotion symbols (what the expression word names), when made with masks."""
+    ``masks`` (N, S, S) uint8 subject coverage of the target views (zeros elsewhere), when made with masks, and
+    ``symbols`` that of their emotion symbols (what the expression word names), when made with symbols."""
 
     images: torch.Tensor
     captions: list[str]
@@ -91,13 +97,16 @@ class Corpus:
 
 def make_corpus(count: int, seed: int, size: int = 64, held_out: bool = False, workers: int = 2,
                 input_fraction: float = 0.1, scene_fraction: float = 0.1, identity_pool: int = 4000,
-                desc: str = "render", masks: bool = False, describe_rate: float = 0.0) -> Corpus:
+                desc: str = "render", masks: bool = False, describe_rate: float = 0.0, symbols: bool = False) -> Corpus:
     """``count`` renders of identities from one side of the split (train unless ``held_out``); captions draw their
     template at random. Domains alternate; ``input_fraction`` are input views, ``scene_fraction`` person + pet scenes.
-    ``masks`` also keeps the target views' subject silhouettes and emotion symbols (the images are the same either
-    way).
+    ``masks`` also keeps the target views' subject silhouettes, ``symbols`` (with ``masks``) their emotion symbols;
+    the images are the same either way.
     ``describe_rate`` of the target and input views get a caption that also names a few of the subject's attributes
     (``described_caption``); it is drawn from its own random stream, so the images do not depend on it."""
+    if symbols and not masks:
+        raise ValueError("symbols=True needs masks=True")
+    planes = 2 if symbols else 1 if masks else 0
     rng = np.random.default_rng(seed)
     describe_rng = np.random.default_rng([seed, 1])
     pools = {d: sample_identities(d, min(identity_pool, max(1, count)), rng, held_out=held_out) for d in DOMAINS}
@@ -122,12 +131,12 @@ def make_corpus(count: int, seed: int, size: int = 64, held_out: bool = False, w
                 kind, caption = "target", generic_caption(DOMAINS[domain], context, rng)
             if describe_rng.random() < describe_rate:
                 caption = described_caption(subject, context if kind == "target" else None, describe_rng)
-        jobs.append((kind, subject, context if kind != "input" else None, size, int(rng.integers(2**31)), masks))
+        jobs.append((kind, subject, context if kind != "input" else None, size, int(rng.integers(2**31)), planes))
         captions.append(caption)
         factors.append(tuple(context.values) if kind != "input" else (-1,) * len(FACTOR_NAMES))
         domains.append(domain)
         kinds.append(kind)
-    planes = render_jobs(jobs, workers, desc)
-    return Corpus(planes[:, :3].contiguous(), captions, torch.tensor(factors, dtype=torch.long).view(-1, len(FACTOR_NAMES)),
-                  torch.tensor(domains, dtype=torch.long), kinds, planes[:, 3].contiguous() if masks else None,
-                  planes[:, 4].contiguous() if masks else None)
+    rendered = render_jobs(jobs, workers, desc)
+    return Corpus(rendered[:, :3].contiguous(), captions, torch.tensor(factors, dtype=torch.long).view(-1, len(FACTOR_NAMES)),
+                  torch.tensor(domains, dtype=torch.long), kinds, rendered[:, 3].contiguous() if planes else None,
+                  rendered[:, 4].contiguous() if planes == 2 else None)

@@ -70,6 +70,8 @@ class Grounding:
         positions = word_positions(tokenizer, corpus.captions, words)
         if not expression:
             return cls(positions, corpus.masks, targets, weight)
+        if corpus.symbols is None:
+            raise ValueError("grounding the expression word needs a corpus made with symbols=True")
         named = FACTOR_NAMES.index("expression")
         rows = targets.nonzero().flatten().tolist()
         feeling = torch.zeros_like(positions)

@@ -10,8 +10,8 @@ pixel's attention, about what every one of the 32 tokens gets, so an adapter has
 ``grounding_loss`` is FastComposer's localization loss (Xiao et al. 2023, eq. 4): per cross-attention layer, the
 subject word's mean attention outside the subject's silhouette minus its mean attention inside it. It is added to the
 denoising loss while the base model is trained; the model is still an ordinary ``UNet2DConditionModel`` afterwards.
-The same loss grounds any other word on the pixels it names (the build also grounds the expression word on the
-emotion symbol): give several token positions and masks per sample.
+The same loss grounds any other word on the pixels it names (the build can also ground the expression word on the
+emotion symbol, ``BuildSize.ground_expression``): give several token positions and masks per sample.
 """
 
 from __future__ import annotations
