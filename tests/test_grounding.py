@@ -73,14 +73,15 @@ def test_grounding_of_the_expression_word(tmp_path):
     tokenizer = write_clip_tokenizer(tmp_path / "tok", vocabulary(), max_length=32)
     corpus = make_corpus(40, seed=4, workers=1, masks=True, describe_rate=0.5, symbols=True)
     plain = Grounding.from_corpus(tokenizer, corpus, 0.1)
-    both = Grounding.from_corpus(tokenizer, corpus, 0.1, expression=True)
+    both = Grounding.from_corpus(tokenizer, corpus, 0.1, expression_weight=0.05)
     targets = torch.tensor([k == "target" for k in corpus.kinds])
     assert plain.positions.shape == (40,) and torch.equal(plain.has_mask, targets)
+    assert plain.weights == (0.1,) and both.weights == (0.1, 0.05)
     assert torch.equal(both.positions[:, 0], plain.positions) and torch.equal(both.masks[:, 0], corpus.masks)
     assert torch.equal(both.masks[:, 1], corpus.symbols) and both.has_mask.shape == (40, 2)
     assert torch.equal(both.has_mask[:, 1], targets & (corpus.symbols.flatten(1).amax(1) > 0))
     with pytest.raises(ValueError, match="symbols"):
-        Grounding.from_corpus(tokenizer, dataclasses.replace(corpus, symbols=None), 0.1, expression=True)
+        Grounding.from_corpus(tokenizer, dataclasses.replace(corpus, symbols=None), 0.1, expression_weight=0.05)
     ids = tokenizer(corpus.captions, padding="max_length", max_length=32, return_tensors="pt").input_ids
     named = FACTOR_NAMES.index("expression")
     for i in targets.nonzero().flatten().tolist():
@@ -111,6 +112,11 @@ def test_grounding_loss_against_a_naive_reference():
     word_keep = torch.tensor([[True, False], [True, True], [False, True]])
     alone = sum(grounding_loss([m[:, k] for m in word_maps], word_masks[:, k : k + 1], word_keep[:, k]) for k in range(2))
     assert grounding_loss(word_maps, word_masks, word_keep).item() == pytest.approx(alone.item(), abs=1e-6)
+    each = [grounding_loss([m[:, k] for m in word_maps], word_masks[:, k : k + 1], word_keep[:, k]).item() for k in range(2)]
+    weighted = grounding_loss(word_maps, word_masks, word_keep, (0.1, 0.05)).item()
+    assert weighted == pytest.approx(0.1 * each[0] + 0.05 * each[1], abs=1e-7)
+    with pytest.raises(ValueError, match="one grounding weight per word"):
+        grounding_loss(word_maps, word_masks, word_keep, (0.1,))
     inside = [masks.flatten(1) / masks.flatten(1).sum(1, keepdim=True)]  # all attention on the subject
     assert grounding_loss(inside, masks, torch.ones(3, dtype=torch.bool)) < 0
     assert grounding_loss(maps, masks, torch.zeros(3, dtype=torch.bool)) == 0
@@ -164,13 +170,13 @@ def test_training_with_grounding_pulls_the_word_onto_the_subject():
     latents = torch.randn(n, 4, 8, 8)
     masks = torch.zeros(n, 64, 64, dtype=torch.uint8)
     masks[:, 16:48, 8:32] = 255
-    grounding = Grounding(positions=torch.full((n,), 2), masks=masks, has_mask=torch.ones(n, dtype=torch.bool), weight=1.0)
+    grounding = Grounding(positions=torch.full((n,), 2), masks=masks, has_mask=torch.ones(n, dtype=torch.bool), weights=(1.0,))
     states = torch.randn(n, L, D)
 
     def contrast(weight: float) -> float:
         torch.manual_seed(1)
         unet = make_unet(D, widths=(16, 32), sample_size=8)
-        g = Grounding(grounding.positions, grounding.masks, grounding.has_mask, weight)
+        g = Grounding(grounding.positions, grounding.masks, grounding.has_mask, (weight,))
         ema, _ = train_unet(unet, latents, torch.zeros_like(latents), 1.0, states, torch.zeros(L, D), steps=30,
                             batch_size=8, lr=3e-3, caption_dropout=0.0, ema_decay=0.0, seed=0, grounding=g)
         recorder = install_recorder(ema)

@@ -54,22 +54,23 @@ class TextTraining:
 class Grounding:
     """What the word grounding loss needs, per training sample: the grounded words' token indices (N,) or (N, K),
     the pixels each names (N, S, S) or (N, K, S, S) uint8 coverage, and whether it has them (N,) or (N, K) (target
-    views only); ``weight`` scales the loss."""
+    views only); ``weights`` scale the loss, one per word (K of them, or one)."""
 
     positions: torch.Tensor
     masks: torch.Tensor
     has_mask: torch.Tensor
-    weight: float
+    weights: tuple[float, ...]
 
     @classmethod
-    def from_corpus(cls, tokenizer, corpus, weight: float, expression: bool = False) -> Grounding:
-        """The subject word on the subject's silhouette for ``corpus`` (made with masks); with ``expression`` also
-        the expression word on its emotion symbol (target views whose symbol shows). A scene grounds its person."""
+    def from_corpus(cls, tokenizer, corpus, weight: float, expression_weight: float = 0.0) -> Grounding:
+        """The subject word on the subject's silhouette for ``corpus`` (made with masks), with ``weight``; with
+        ``expression_weight`` > 0 also the expression word on its emotion symbol (target views whose symbol shows),
+        with that weight. A scene grounds its person."""
         targets = torch.tensor([k == "target" for k in corpus.kinds])
         words = ["person" if d == 2 else DOMAINS[d] for d in corpus.domains.tolist()]
         positions = word_positions(tokenizer, corpus.captions, words)
-        if not expression:
-            return cls(positions, corpus.masks, targets, weight)
+        if expression_weight <= 0:
+            return cls(positions, corpus.masks, targets, (weight,))
         if corpus.symbols is None:
             raise ValueError("grounding the expression word needs a corpus made with symbols=True")
         named = FACTOR_NAMES.index("expression")
@@ -81,7 +82,7 @@ class Grounding:
                                            [values[int(corpus.factors[i, named])] for i in rows])
         shows = targets & (corpus.symbols.flatten(1).amax(1) > 0)
         return cls(torch.stack([positions, feeling], 1), torch.stack([corpus.masks, corpus.symbols], 1),
-                   torch.stack([targets, shows], 1), weight)
+                   torch.stack([targets, shows], 1), (weight, expression_weight))
 
 
 def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std: torch.Tensor, scaling_factor: float,
@@ -113,7 +114,7 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
     warmup = max(1, steps // 25)
     schedule = warmup_cosine(optimizer, steps, warmup, floor=0.1)
     log = LossLog(steps)
-    recorder = install_recorder(unet) if grounding is not None and grounding.weight > 0 else None
+    recorder = install_recorder(unet) if grounding is not None and any(grounding.weights) else None
     for step in range(steps):
         index = torch.randint(len(latent_mean), (batch_size,), generator=generator)
         noise_in = torch.randn(latent_mean[index].shape, generator=generator)
@@ -141,7 +142,7 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
         if recorder is not None:
             masks = grounding.masks[index].to(device=device, dtype=torch.float32).view(batch_size, -1, *grounding.masks.shape[-2:]) / 255
             keep = (~drop.view(-1, *[1] * (grounding.has_mask.dim() - 1)) & grounding.has_mask[index]).to(device)
-            total = loss + grounding.weight * grounding_loss([m.float() for m in recorder.maps], masks, keep)
+            total = loss + grounding_loss([m.float() for m in recorder.maps], masks, keep, grounding.weights)
             recorder.maps = []
         optimizer.zero_grad(set_to_none=True)
         total.backward()

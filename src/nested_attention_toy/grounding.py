@@ -11,7 +11,8 @@ pixel's attention, about what every one of the 32 tokens gets, so an adapter has
 subject word's mean attention outside the subject's silhouette minus its mean attention inside it. It is added to the
 denoising loss while the base model is trained; the model is still an ordinary ``UNet2DConditionModel`` afterwards.
 The same loss grounds any other word on the pixels it names (the build can also ground the expression word on the
-emotion symbol, ``BuildSize.ground_expression``): give several token positions and masks per sample.
+emotion symbol, ``BuildSize.expression_grounding_weight``): give several token positions and masks per sample, and
+a weight per word.
 """
 
 from __future__ import annotations
@@ -63,19 +64,24 @@ def install_recorder(unet) -> AttentionMapRecorder:
     return recorder
 
 
-def grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, keep: torch.Tensor,
+                   weights: tuple[float, ...] | None = None) -> torch.Tensor:
     """Mean over layers of (mean attention outside the word's mask - mean attention inside it), averaged over the
-    ``keep`` rows of each word and summed over words.
+    ``keep`` rows of each word and summed over words, word k scaled by ``weights[k]`` (default 1 each).
 
     Args:
         maps: per layer, (B, h * w) attention of each sample's subject word (square layers), or (B, K, h * w) of K
             words.
         masks: (B, 1, S, S) subject coverage in [0, 1] at image resolution, or (B, K, S, S) one per word.
         keep: (B,) bool, the samples that count (a caption that was dropped has no subject word), or (B, K).
+        weights: K floats, one per word.
     """
     if not maps or not bool(keep.any()):
         return masks.new_zeros(())
     keep = keep.view(keep.shape[0], -1)
+    weights = (1.0,) * keep.shape[1] if weights is None else tuple(weights)
+    if len(weights) != keep.shape[1]:
+        raise ValueError(f"expected one grounding weight per word ({keep.shape[1]}), got {len(weights)}")
     total = masks.new_zeros(())
     for attention in maps:
         attention = attention.view(attention.shape[0], -1, attention.shape[-1])  # (B, K, pixels)
@@ -85,8 +91,8 @@ def grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, keep: torch.Te
         outside = (attention * (1 - m)).sum(-1) / (1 - m).sum(-1).clamp_min(1e-3)
         gap = outside - inside  # (B, K)
         for k in range(gap.shape[1]):
-            if bool(keep[:, k].any()):
-                total = total + gap[keep[:, k], k].mean()
+            if weights[k] and bool(keep[:, k].any()):
+                total = total + weights[k] * gap[keep[:, k], k].mean()
     return total / len(maps)
 
 
