@@ -106,6 +106,7 @@ def test_smoke_build_runs_end_to_end_and_loads_with_plain_diffusers(tmp_path):
     for part in ("metrics/identity_person/model.safetensors", "metrics/factor_classifier/model.safetensors",
                  "pipeline/vae/diffusion_pytorch_model.safetensors"):
         assert (again / part).read_bytes() == (out / part).read_bytes(), part
+    assert (again / "pipeline/vae/config.json").read_text() == (out / "pipeline/vae/config.json").read_text()  # no path
     record = json.loads((again / "build.json").read_text())
     assert record["reused"]["from"] == str(out) and record["stages"]["vae"]["copied_from"] == str(out)
     assert f"metrics: copied from {out}" in (again / "build.log").read_text()

@@ -191,7 +191,10 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
 
     t = time.perf_counter()
     if reuse is not None:
-        vae = AutoencoderKL.from_pretrained(reuse / "pipeline" / "vae", torch_dtype=torch.float32)
+        loaded = AutoencoderKL.from_pretrained(reuse / "pipeline" / "vae", torch_dtype=torch.float32)
+        # a fresh config: the shipped one must not name this machine's path (from_pretrained adds _name_or_path)
+        vae = AutoencoderKL.from_config({k: v for k, v in loaded.config.items() if not k.startswith("_")})
+        vae.load_state_dict(loaded.state_dict())
         scaling_factor = float(vae.config.scaling_factor)
         means, stds = encode_latents(vae, corpus.images)
         stage("vae", time.perf_counter() - t, parameters=_count(vae), copied_from=str(reuse), scaling_factor=scaling_factor)
