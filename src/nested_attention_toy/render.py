@@ -1240,9 +1240,8 @@ def render_input(identity: Identity, size: int = 64, seed: int = 0, *, layout_se
     return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8)).reduce(2)
 
 
-# The pet's height in a scene, as a fraction of the frame. The shipped weights were trained on these; the pet identity
-# network recognizes so small a pet in only 38.5 % of real scenes, at 0.4 / 0.6 in 68 % (docs/toyworld.md), the
-# size the next build takes.
+# The pet's height in a scene, as a fraction of the frame (the fifth build's; up to the fourth 0.3 / 0.45, where the
+# pet identity network recognized the pet in only 38.5 % of real scenes, here in 68 %; docs/toyworld.md).
 _SCENE_PET_HEIGHT = {"small": 0.4, "large": 0.6}
 
 
