@@ -25,6 +25,7 @@ examples:
   nested-attention toy build --out toy-build
   nested-attention toy build --out /tmp/toy-smoke --smoke
   nested-attention toy build --out toy-build --reuse shipped   # retrain the text side only
+  nested-attention toy build --out toy-build --reuse shipped --reuse-parts metrics   # and the VAE
 """
 
 
@@ -44,6 +45,8 @@ def add_parser(commands) -> None:
     build.add_argument("--reuse", metavar="DIR",
                        help="copy the metric models and VAE of an earlier build instead of training them (they never see "
                             "a caption); 'shipped' for the package's own")
+    build.add_argument("--reuse-parts", nargs="+", choices=("metrics", "vae"), metavar="PART",
+                       help="which parts --reuse copies: metrics, vae (default: both)")
     build.set_defaults(run=run_build)
 
     data = sub.add_parser("data", help="write training triplets (input view -> prompt -> target) of train identities",
@@ -155,18 +158,20 @@ def run_build(args: argparse.Namespace) -> int:
         raise NestedAttentionError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu.")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise NestedAttentionError(f"--out {args.out} exists and is not an empty folder; give a new folder.")
-    reuse = None
+    reuse, parts = None, tuple(args.reuse_parts or ("metrics", "vae"))
+    if args.reuse_parts and args.reuse is None:
+        raise NestedAttentionError("--reuse-parts names what to copy from the --reuse folder; give --reuse DIR too.")
     if args.reuse is not None:
         from nested_attention_toy.assets import shipped_path
 
         reuse = shipped_path() if args.reuse == "shipped" else Path(args.reuse)
-        missing = missing_for_reuse(reuse)
+        missing = missing_for_reuse(reuse, parts)
         if missing:
             raise NestedAttentionError(f"--reuse expects an earlier build folder (or 'shipped'); {reuse} has no "
                                        f"{', '.join(missing)}.")
     command = "nested-attention " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["toy"] else None
     record = build(args.out, SMOKE if args.smoke else FULL, seed=args.seed, device=device, workers=args.workers,
-                   command=command, reuse=reuse)
+                   command=command, reuse=reuse, reuse_parts=parts)
     print(f"wrote {args.out} ({record['bytes']['total'] / 2**20:.1f} MiB of weights) in {record['seconds'] / 60:.1f} min; "
           f"measurements in {args.out / 'build.json'}, samples in {args.out / 'samples.png'}")
     return 0

@@ -5,7 +5,6 @@ cheaper than whole images, and runs on whole images afterwards."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from .loop import LossLog, warmup_cosine
@@ -26,9 +25,17 @@ def _to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def train_vae(vae: AutoencoderKL, images: torch.Tensor, steps: int, batch_size: int = 64, crop: int = 32,
-              lr: float = 1e-3, kl_weight: float = 1e-6, seed: int = 0, device: str = "cpu", progress=None) -> list[float]:
+              lr: float = 1e-3, kl_weight: float = 1e-6, seed: int = 0, device: str = "cpu", progress=None,
+              weights: tuple[tuple[torch.Tensor, float], ...] = ()) -> list[float]:
     """L1 + MSE reconstruction of random ``crop``-pixel crops plus a small KL term (SD's VAE recipe without the
-    perceptual and adversarial losses, whose networks cannot be downloaded here). Returns the loss every 50 steps."""
+    perceptual and adversarial losses, whose networks cannot be downloaded here). Returns the loss every 50 steps.
+
+    ``weights``: (coverage, weight) pairs, coverage (N, S, S) uint8 (255 = covered) per image: a pixel's
+    reconstruction error counts ``1 + sum(weight * coverage)`` times, normalized to a mean of 1 per batch, so that
+    small parts that matter (the emotion symbol: about 1 % of the pixels) are not averaged away."""
+    for coverage, _ in weights:
+        if coverage.shape != (images.shape[0], *images.shape[2:]):
+            raise ValueError(f"each weight's coverage must be (N, S, S) = {(images.shape[0], *images.shape[2:])}, got {tuple(coverage.shape)}")
     device = torch.device(device)
     vae.to(device, memory_format=torch.channels_last).train()
     amp = bf16_autocast_supported(device)
@@ -46,7 +53,12 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, steps: int, batch_size: 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             posterior = vae.encode(batch).latent_dist
             recon = vae.decode(posterior.sample(generator=None)).sample.float()
-        loss = F.l1_loss(recon, batch) + F.mse_loss(recon, batch) + kl_weight * posterior.kl().float().mean()
+        error = (recon - batch).abs() + (recon - batch).pow(2)
+        if weights:
+            w = 1 + sum(weight * coverage[index, None, y0 : y0 + crop, x0 : x0 + crop].to(device).float() / 255
+                        for coverage, weight in weights)
+            error = error * (w / w.mean())
+        loss = error.mean() + kl_weight * posterior.kl().float().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -74,6 +74,11 @@ class BuildSize:
     # the base model draws the prompted expression in 23 % of generations and style in 89 %; at 0.05, 55 % and 83 %;
     # at the subject word's 0.1, 53 % and 80 % (docs/toyworld.md)
     expression_grounding_weight: float = 0.05
+    # extra weight of the emotion symbol's and the subject's pixels in the VAE's reconstruction loss (0: plain L1 +
+    # MSE). Plain, the latents keep the symbol in 64 % of held-out renders (the factor classifier reads the expression
+    # of their reconstructions); at 16 and 1, in 85 % (docs/toyworld.md)
+    vae_symbol_weight: float = 16.0
+    vae_subject_weight: float = 1.0
 
 
 FULL = BuildSize(corpus=60000, metric_train=40000, metric_epochs=8, identity_train=30000, identity_epochs=7,
@@ -107,17 +112,22 @@ def _bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def missing_for_reuse(folder: Path) -> list[str]:
-    """What ``build(reuse=folder)`` needs and ``folder`` lacks (empty: it can be reused)."""
-    return [part for part in ("metrics", "pipeline/vae", "build.json") if not (folder / part).exists()]
+REUSABLE = ("metrics", "vae")
+
+
+def missing_for_reuse(folder: Path, parts: tuple[str, ...] = REUSABLE) -> list[str]:
+    """What ``build(reuse=folder, reuse_parts=parts)`` needs and ``folder`` lacks (empty: it can be reused)."""
+    needed = ["build.json"] + [{"metrics": "metrics", "vae": "pipeline/vae"}[part] for part in parts]
+    return [part for part in needed if not (folder / part).exists()]
 
 
 def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, device: str = "cpu", workers: int = 2,
-          command: str | None = None, reuse: str | Path | None = None) -> dict:
+          command: str | None = None, reuse: str | Path | None = None, reuse_parts: tuple[str, ...] = REUSABLE) -> dict:
     """Run every stage into ``out`` (created; must be empty or absent). Returns the build record (build.json).
 
     ``reuse``: an earlier build's folder whose metric models and VAE are copied instead of trained (they never see a
-    caption, so a build that changes only the text side need not retrain them: about 28 minutes on 2 CPU cores)."""
+    caption, so a build that changes only the text side need not retrain them: about 28 minutes on 2 CPU cores);
+    ``reuse_parts`` names which of the two (``REUSABLE``) it copies."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
     from transformers import CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
 
@@ -132,9 +142,12 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
     from .world import vocabulary
 
     out = Path(out)
+    unknown = set(reuse_parts) - set(REUSABLE)
+    if unknown:
+        raise ValueError(f"reuse_parts can name {', '.join(REUSABLE)}; got {', '.join(sorted(unknown))}")
     if reuse is not None:
         reuse = Path(reuse)
-        missing = missing_for_reuse(reuse)
+        missing = missing_for_reuse(reuse, reuse_parts)
         if missing:
             raise FileNotFoundError(f"--reuse needs an earlier build folder; {reuse} has no {', '.join(missing)}.")
     if out.exists() and any(out.iterdir()):
@@ -145,7 +158,7 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
                     "versions": _versions(), "stages": {}, "measurements": {}}
     if reuse is not None:
         earlier = json.loads((reuse / "build.json").read_text())
-        record["reused"] = {"from": str(reuse), "parts": ["metrics", "vae"],
+        record["reused"] = {"from": str(reuse), "parts": list(reuse_parts),
                             "build": {k: earlier.get(k) for k in ("command", "seed", "versions", "size")}}
     started = time.perf_counter()
 
@@ -158,13 +171,14 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
     stage("tokenizer", time.perf_counter() - t, vocabulary=len(vocabulary()), tokens=len(tokenizer))
 
     t = time.perf_counter()
+    symbols = (size.grounding_weight > 0 and size.expression_grounding_weight > 0) or size.vae_symbol_weight > 0
     corpus = make_corpus(size.corpus, seed=seed, held_out=False, workers=workers, desc="corpus",
-                         masks=size.grounding_weight > 0, describe_rate=size.describe_rate,
-                         symbols=size.grounding_weight > 0 and size.expression_grounding_weight > 0)
+                         masks=size.grounding_weight > 0 or size.vae_subject_weight > 0 or symbols,
+                         describe_rate=size.describe_rate, symbols=symbols)
     stage("corpus", time.perf_counter() - t, images=len(corpus), kinds={k: corpus.kinds.count(k) for k in ("target", "input", "scene")})
 
     t = time.perf_counter()
-    if reuse is not None:
+    if reuse is not None and "metrics" in reuse_parts:
         shutil.copytree(reuse / "metrics", out / "metrics")
         metrics = json.loads((reuse / "build.json").read_text())["measurements"]["metric_models"]
         log(f"metrics: copied from {reuse}")
@@ -190,7 +204,7 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
     del clip
 
     t = time.perf_counter()
-    if reuse is not None:
+    if reuse is not None and "vae" in reuse_parts:
         loaded = AutoencoderKL.from_pretrained(reuse / "pipeline" / "vae", torch_dtype=torch.float32)
         # a fresh config: the shipped one must not name this machine's path (from_pretrained adds _name_or_path)
         vae = AutoencoderKL.from_config({k: v for k, v in loaded.config.items() if not k.startswith("_")})
@@ -202,8 +216,10 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
         torch.manual_seed(seed + 300)
         vae = make_vae(size.vae_width)
         with _bar(size.vae_steps, "vae") as bar:
+            weights = tuple((coverage, w) for coverage, w in ((corpus.symbols, size.vae_symbol_weight),
+                                                               (corpus.masks, size.vae_subject_weight)) if w > 0)
             vae_losses = train_vae(vae, corpus.images, size.vae_steps, batch_size=size.vae_batch, seed=seed + 300,
-                                   device=device, progress=bar)
+                                   device=device, progress=bar, weights=weights)
         vae.half().float()  # the weights as shipped (fp16), so that a --reuse build's latents are these exactly
         means, stds = encode_latents(vae, corpus.images)
         scaling_factor = float(1.0 / means.flatten().std())
