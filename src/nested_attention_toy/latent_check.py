@@ -13,6 +13,8 @@ metric models are the shipped ones (``--metrics`` for another build's), so that 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
@@ -38,8 +40,6 @@ def latent_check(vae: AutoencoderKL, metrics_dir, renders: int = 400, identities
                  workers: int = 2) -> dict:
     """PSNR, ``factors`` (accuracy per factor on reconstructions) and ``id_top1`` per domain (reconstructed queries
     against real input views), on held-out identities only."""
-    from pathlib import Path
-
     metrics_dir = Path(metrics_dir)
     vae = vae.float().eval()
     test = make_set(DOMAINS, renders, True, 64, 7, workers)
