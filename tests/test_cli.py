@@ -229,7 +229,7 @@ def test_demo_cells_differ_only_by_what_their_labels_say():
 def test_shipped_adapters_load_by_name():
     from diffusers import StableDiffusionPipeline
 
-    from nested_attention import NestedAttention, NestedAdapter
+    from nested_attention import NestedAdapter, NestedAttention
     from nested_attention_cli.generate import adapter_source
     from nested_attention_toy.assets import model_path
 

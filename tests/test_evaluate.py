@@ -20,7 +20,14 @@ from nested_attention_eval.scorers import (
     prompt_scorer,
 )
 from nested_attention_toy.render import render_input
-from nested_attention_toy.world import DOMAINS, attribute_names, generic_caption, prompt_factors, sample_context, sample_identities
+from nested_attention_toy.world import (
+    DOMAINS,
+    attribute_names,
+    generic_caption,
+    prompt_factors,
+    sample_context,
+    sample_identities,
+)
 
 PROMPTS = ["a photo of a {word} on the beach, small, on the left", "a sad {word} in the forest, pencil sketch"]
 

@@ -1,8 +1,8 @@
 import torch
 
 from nested_attention_toy.assets import shipped_path
-from nested_attention_toy.autoencoder import make_vae
-from nested_attention_toy.latent_check import latent_check, main, round_trip
+from nested_attention_toy.autoencoder import make_vae, round_trip
+from nested_attention_toy.latent_check import latent_check, main
 
 
 def test_round_trip_keeps_shape_and_dtype():

@@ -229,8 +229,8 @@ def test_both_subjects_of_real_person_and_pet_scenes_are_identified():
     found = {}
     for d, domain in enumerate(DOMAINS):
         net = IdentityNet.from_pretrained(shipped_path(f"metrics/identity_{domain}"))
-        gallery = [torch.from_numpy(np.asarray(render_input(i, 64, 5))).permute(2, 0, 1) for i in identities[domain]]
-        queries = torch.stack([torch.from_numpy(np.asarray(x)).permute(2, 0, 1) for x in scenes])
+        gallery = [torch.from_numpy(np.array(render_input(i, 64, 5))).permute(2, 0, 1) for i in identities[domain]]
+        queries = torch.stack([torch.from_numpy(np.array(x)).permute(2, 0, 1) for x in scenes])
         found[domain] = retrieval_top1(net, torch.stack(gallery), queries, torch.tensor([p[d] for p in pairs]))
     assert found["person"] >= 0.85 and found["pet"] >= 0.55, found
 

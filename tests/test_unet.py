@@ -89,10 +89,12 @@ def test_sliced_and_gathered_rows_agree(pipe):
         with controller.bound([subject]):
             assert controller.layout(6, torch.device("cpu")).span is None
             gathered = run_unet(pipe.unet, guided)
+        def pick(x, row):
+            return x[row:row + 1] if torch.is_tensor(x) else {k: pick(v, row) for k, v in x.items()}
+
         alone = []
         for row in (0, 2):
-            pick = lambda x: x[row:row + 1] if torch.is_tensor(x) else {k: pick(v) for k, v in x.items()}  # noqa: E731
-            single = (pick(inputs[0]), inputs[1], pick(inputs[2]), pick(inputs[3]))
+            single = (pick(inputs[0], row), inputs[1], pick(inputs[2], row), pick(inputs[3], row))
             one = bound_subject(pipe, adapter, controller, [prompts[row]], [0])
             one.nested = subject.nested
             with controller.bound([one]):

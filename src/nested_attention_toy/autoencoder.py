@@ -82,12 +82,24 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 2
 
 
 @torch.no_grad()
+def reconstructions(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256):
+    """Yield (x, decode(mean of encode(x))) batch by batch, both in [-1, 1], for (N, 3, S, S) uint8 images."""
+    for i in range(0, len(images), batch_size):
+        x = _to_float(images[i : i + batch_size])
+        yield x, vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+
+
+@torch.no_grad()
+def round_trip(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(N, 3, S, S) uint8 -> decode(mean of encode(x)) as uint8."""
+    return torch.cat([((y + 1) * 127.5).round().to(torch.uint8) for _, y in reconstructions(vae, images, batch_size)])
+
+
+@torch.no_grad()
 def reconstruction_psnr(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> float:
     """Mean PSNR (dB, images in [0, 255]) of decode(mean of encode(x)) over whole images."""
     values = []
-    for i in range(0, len(images), batch_size):
-        x = _to_float(images[i : i + batch_size])
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    for x, y in reconstructions(vae, images, batch_size):
         mse = ((y - x) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
         values.append(-10 * torch.log10(mse))
     return float(torch.cat(values).mean())

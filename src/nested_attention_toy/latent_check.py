@@ -19,21 +19,10 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from .autoencoder import reconstruction_psnr
+from .autoencoder import reconstruction_psnr, round_trip
 from .build_metrics import make_set, retrieval_sets
 from .metric_models import FactorClassifier, IdentityNet, head_accuracy, retrieval_top1
 from .world import DOMAINS, sample_identities
-
-
-@torch.no_grad()
-def round_trip(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 200) -> torch.Tensor:
-    """(N, 3, S, S) uint8 -> decode(mean of encode(x)) as uint8."""
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].float() / 127.5 - 1
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        out.append(((y + 1) * 127.5).round().to(torch.uint8))
-    return torch.cat(out)
 
 
 def latent_check(vae: AutoencoderKL, metrics_dir, renders: int = 400, identities: int = 50, queries: int = 6,
