@@ -1,7 +1,7 @@
 import torch
 
 from nested_attention_toy.assets import shipped_path
-from nested_attention_toy.autoencoder import make_vae, round_trip
+from nested_attention_toy.autoencoder import make_vae, reconstruction_psnr, round_trip
 from nested_attention_toy.latent_check import latent_check, main
 
 
@@ -10,6 +10,16 @@ def test_round_trip_keeps_shape_and_dtype():
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     out = round_trip(make_vae(width=16).eval(), images, batch_size=2)
     assert out.shape == images.shape and out.dtype == torch.uint8
+
+
+def test_round_trip_is_what_the_psnr_measures():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    vae = make_vae(width=16).eval()
+    out = round_trip(vae, images, batch_size=2).float()
+    mse = (out - images.float()).pow(2).flatten(1).mean(1)
+    naive = float((10 * torch.log10(255 ** 2 / mse)).mean())
+    assert abs(naive - reconstruction_psnr(vae, images, batch_size=3)) < 0.05  # only the uint8 rounding differs
 
 
 def test_latent_check_reports_every_factor_and_domain_and_the_shipped_vae_keeps_the_frame(capsys):
