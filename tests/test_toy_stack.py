@@ -12,7 +12,7 @@ from transformers import CLIPModel, CLIPTokenizer, CLIPVisionModel
 
 from nested_attention.tiny import write_clip_tokenizer
 from nested_attention_toy.assets import is_shipped, model_path, shipped_path
-from nested_attention_toy.autoencoder import make_vae, reconstruction_psnr, train_vae
+from nested_attention_toy.autoencoder import make_vae, reconstruction_psnr, reconstructions, train_vae
 from nested_attention_toy.build_metrics import retrieval_sets
 from nested_attention_toy.corpus import make_corpus
 from nested_attention_toy.metric_models import FactorClassifier, IdentityNet, head_accuracy, retrieval_top1
@@ -86,9 +86,7 @@ def test_clip_and_vae_learn_on_a_small_corpus(tokenizer):
 
 
 def _patch_error(vae, images, y0=8, x0=8, side=8) -> float:
-    with torch.no_grad():
-        x = images.float() / 127.5 - 1
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample
+    x, y = next(reconstructions(vae, images, batch_size=len(images)))
     return float((y - x)[:, :, y0 : y0 + side, x0 : x0 + side].abs().mean())
 
 
@@ -115,7 +113,7 @@ def test_vae_loss_weights_are_normalized_and_focus_on_covered_pixels():
     patch[:, 8:16, 8:16] = 255
     plain, _ = trained((), steps=80)
     focused, _ = trained(((patch, 30.0),), steps=80)
-    assert _patch_error(focused, images) < 0.8 * _patch_error(plain, images)  # measured: 0.28 against 0.40
+    assert _patch_error(focused, images) < 0.8 * _patch_error(plain, images)  # measured: 0.27 against 0.39
     with pytest.raises(ValueError, match=r"\(N, S, S\)"):
         train_vae(make_vae(width=16), images, steps=1, weights=((patch[:3], 1.0),))
 

@@ -149,7 +149,7 @@ def run_data(args: argparse.Namespace) -> int:
 def run_build(args: argparse.Namespace) -> int:
     import torch
 
-    from nested_attention_toy.build import FULL, SMOKE, build, missing_for_reuse
+    from nested_attention_toy.build import FULL, REUSABLE, SMOKE, build, missing_for_reuse
 
     device = args.device
     if device == "auto":
@@ -158,7 +158,7 @@ def run_build(args: argparse.Namespace) -> int:
         raise NestedAttentionError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu.")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise NestedAttentionError(f"--out {args.out} exists and is not an empty folder; give a new folder.")
-    reuse, parts = None, tuple(args.reuse_parts or ("metrics", "vae"))
+    reuse, parts = None, tuple(args.reuse_parts or REUSABLE)
     if args.reuse_parts and args.reuse is None:
         raise NestedAttentionError("--reuse-parts names what to copy from the --reuse folder; give --reuse DIR too.")
     if args.reuse is not None:
