@@ -18,6 +18,7 @@ from nested_attention_toy.world import (
     CONTEXT_FACTORS,
     DOMAINS,
     FACTOR_NAMES,
+    Context,
     generic_caption,
     sample_context,
     sample_identities,
@@ -50,6 +51,19 @@ def test_symbol_mask_is_the_emotion_symbol_beside_the_subject(domain):
         assert len(rows) >= 15  # a symbol about 12 px across, some of it beside the head rather than over it
         assert rows.max() - rows.min() <= 16 and cols.max() - cols.min() <= 16  # the symbol alone, not the subject
         assert symbol.sum() < 0.3 * mask.sum()
+
+
+def test_angry_symbol_is_a_filled_burst():
+    """The anger symbol is a filled shape (about 70 px of a 64 px render), not the thin vein (about 40 px) that the
+    sixth build's latents kept in half of the renders and its base model never drew."""
+    rng = np.random.default_rng(5)
+    angry = CONTEXT_FACTORS["expression"].index("angry")
+    for domain in DOMAINS:
+        for identity in sample_identities(domain, 3, rng, held_out=False):
+            values = list(sample_context(rng).values)
+            values[FACTOR_NAMES.index("expression")] = angry
+            _, _, symbol = render_target_with_masks(identity, Context(tuple(values)), seed=3)
+            assert symbol.sum() >= 60, (domain, float(symbol.sum()))
 
 
 def test_corpus_masks_leave_the_images_unchanged():

@@ -182,11 +182,11 @@ def _zzz(pen: _Pen, x, y, h):
 HEART: RGB = (232, 48, 110)
 CLOUD: RGB = (128, 138, 168)
 BANG: RGB = (255, 200, 0)
-VEIN: RGB = (225, 25, 25)
+BURST: RGB = (225, 25, 25)
 
 
 def _emote(pen: _Pen, expression: str | None, x: float, y: float):
-    """A comic emotion symbol beside the head: a heart (smiling), a rain cloud (sad), "!" (surprised), an anger vein
+    """A comic emotion symbol beside the head: a heart (smiling), a rain cloud (sad), "!" (surprised), a red burst
     (angry), "Z z" (sleepy). (x, y) is the subject point beside the head where it goes (as drawn unmirrored); it
     moves to the head's other side when the frame has more room there, and is then pushed inside the frame, so it
     is never cut. It is upright whatever the subject's tilt or mirroring, and about 12 px across (at least 11.5) at 64 px whatever
@@ -224,12 +224,9 @@ def _symbol(pen: _Pen, expression: str, h: float):
         w = 0.16 * h
         pen.poly([(cx - w, cy + 0.5 * h), (cx + w, cy + 0.5 * h), (cx + 0.45 * w, cy - 0.2 * h), (cx - 0.45 * w, cy - 0.2 * h)], BANG)
         pen.ellipse(cx, cy - 0.4 * h, w * 0.9, w * 0.9, BANG, n=10)
-    elif expression == "angry":
-        r, g = 0.42 * h, 0.1 * h
-        for sx in (-1, 1):
-            for sy in (-1, 1):  # four bulging corners with a gap between them: the comic "cross-popping vein"
-                pen.line([(cx + sx * g, cy + sy * r), (cx + sx * g * 2.2, cy + sy * g * 2.2), (cx + sx * r, cy + sy * g)],
-                         VEIN, 0.13 * h)
+    elif expression == "angry":  # a filled spiky burst: the comic "anger pop". Up to the sixth build it was the thin
+        # four-cornered anger vein, which the latents kept in half of the renders and the base model never drew
+        pen.poly(_star(cx, cy, 0.5 * h, points=7, inner=0.6), BURST)
     elif expression == "sleepy":
         _zzz(pen, cx - 0.5 * h, cy - 0.6 * h, 0.55 * h)
 
