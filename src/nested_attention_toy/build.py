@@ -76,7 +76,8 @@ class BuildSize:
     expression_grounding_weight: float = 0.05
     # extra weight of the emotion symbol's and the subject's pixels in the VAE's reconstruction loss (0: plain L1 +
     # MSE). Plain, the latents keep the symbol in 64 % of held-out renders (the factor classifier reads the expression
-    # of their reconstructions); at 16 and 1, in 85-86 % (docs/toyworld.md)
+    # of their reconstructions); at 16 and 1, in 85-86 % with the thin anger vein, 96 % with the filled burst that
+    # replaced it (docs/toyworld.md)
     vae_symbol_weight: float = 16.0
     vae_subject_weight: float = 1.0
 
