@@ -16,8 +16,10 @@ tiny CLIPModel, an AutoencoderKL and a UNet2DConditionModel (saved together as
 a standard StableDiffusionPipeline folder), and the metric models (identity
 networks, prompt-factor classifier); then measure them on held-out identities.
 
-The full size takes about 90 minutes on a 2-core CPU (much less on a GPU);
---smoke runs the same path at a tiny size in about a minute.
+The full size takes about 81 minutes on a 2-core CPU; on an H100 its stages
+ran 2-20x faster (about 20 minutes in all by the measured step times; give
+--workers the machine's cores). --smoke runs the same path at a tiny size in
+about a minute.
 """
 
 BUILD_EPILOG = """\

@@ -13,7 +13,6 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from .grounding import grounding_loss, install_recorder, word_positions
 from .loop import LossLog, warmup_cosine
-from .metric_models import bf16_autocast_supported
 from .world import CONTEXT_FACTORS, DOMAINS, FACTOR_NAMES
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -100,7 +99,8 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
     device = torch.device(device)
     unet.to(device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    amp = device.type == "cuda" and bf16_autocast_supported(device)  # on CPUs bf16 does not speed this UNet up
+    # fp32 everywhere: on a CPU bf16 does not speed this UNet up, and on an H100 a step is host-bound (a few ms of
+    # GPU work behind many kernel launches), where autocast's casts made it slower (151 vs 122 ms, docs/toyworld.md)
     scheduler = training_scheduler()
     alphas = scheduler.alphas_cumprod.to(device)
     generator = torch.Generator().manual_seed(seed)
@@ -110,39 +110,47 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
         text.encoder.to(device).train()
         pairs.append((copy.deepcopy(text.encoder).eval().requires_grad_(False), text.encoder))
         groups.append({"params": list(text.encoder.parameters()), "lr": text.lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=1e-2)
+    ema_params = [(list(averaged.parameters()), list(model.parameters())) for averaged, model in pairs]
+    # a step of this small UNet is a few ms of GPU work behind many kernel launches: on CUDA the optimizer is fused
+    optimizer = torch.optim.AdamW(groups, weight_decay=1e-2, fused=device.type == "cuda" or None)
+    # what every step gathers from lives on the device once, not copied there batch by batch
+    latent_mean, latent_std = latent_mean.to(device), latent_std.to(device)
+    if text_states is not None:
+        text_states, null_state = text_states.to(device), null_state.to(device)
+    token_ids = text.token_ids.to(device) if text is not None else None
+    if grounding is not None:
+        masks, has_mask = grounding.masks.to(device), grounding.has_mask.to(device)
     warmup = max(1, steps // 25)
     schedule = warmup_cosine(optimizer, steps, warmup, floor=0.1)
     log = LossLog(steps)
     recorder = install_recorder(unet) if grounding is not None and any(grounding.weights) else None
     for step in range(steps):
         index = torch.randint(len(latent_mean), (batch_size,), generator=generator)
-        noise_in = torch.randn(latent_mean[index].shape, generator=generator)
-        latents = ((latent_mean[index].float() + latent_std[index].float() * noise_in) * scaling_factor).to(device)
+        noise_in = torch.randn((batch_size, *latent_mean.shape[1:]), generator=generator).to(device)
+        at = index.to(device)
+        latents = (latent_mean[at].float() + latent_std[at].float() * noise_in) * scaling_factor
         noise = torch.randn(latents.shape, generator=generator).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator).to(device)
         drop = torch.rand(batch_size, generator=generator) < caption_dropout
         if text is None:
-            states = text_states[index].float()
-            states[drop] = null_state.float()
+            states = text_states[at].float()
+            states[drop.to(device)] = null_state.float()
         else:
-            ids = text.token_ids[index].clone()
-            ids[drop] = text.null_ids
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                states = text.encoder(ids.to(device)).last_hidden_state.float()
+            ids = token_ids[at]
+            ids[drop.to(device)] = text.null_ids.to(device)
+            states = text.encoder(ids).last_hidden_state
         noisy = scheduler.add_noise(latents, noise, t)
         if recorder is not None:
             recorder.positions, recorder.maps = grounding.positions[index], []
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            pred = unet(noisy, t, states.to(device)).sample.float()
+        pred = unet(noisy, t, states.to(device)).sample.float()
         snr = alphas[t] / (1 - alphas[t])
         weight = snr.clamp(max=snr_gamma) / snr  # min-SNR-gamma (Hang et al. 2023), epsilon form
         loss = (weight * (pred - noise).pow(2).flatten(1).mean(1)).mean()
         total = loss
         if recorder is not None:
-            masks = grounding.masks[index].to(device=device, dtype=torch.float32).view(batch_size, -1, *grounding.masks.shape[-2:]) / 255
-            keep = (~drop.view(-1, *[1] * (grounding.has_mask.dim() - 1)) & grounding.has_mask[index]).to(device)
-            total = loss + grounding_loss([m.float() for m in recorder.maps], masks, keep, grounding.weights)
+            covered = masks[at].float().view(batch_size, -1, *masks.shape[-2:]) / 255
+            keep = ~drop.to(device).view(-1, *[1] * (has_mask.dim() - 1)) & has_mask[at]
+            total = loss + grounding_loss([m.float() for m in recorder.maps], covered, keep, grounding.weights)
             recorder.maps = []
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -151,10 +159,9 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
         optimizer.step()
         schedule.step()
         decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for averaged, model in pairs:
-                for e, p in zip(averaged.parameters(), model.parameters()):
-                    e.lerp_(p, 1 - decay)
+        with torch.no_grad():  # one fused update per model, not one kernel launch per tensor
+            for averaged, model in ema_params:
+                torch._foreach_lerp_(averaged, model, 1 - decay)
         log.add(step, loss)
         if progress is not None:
             progress.update(1)
