@@ -42,7 +42,7 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, steps: int, batch_size: 
     # small VAE's step is host-bound and the casts made it slower (32 vs 22 ms, docs/toyworld.md)
     amp = device.type == "cpu" and bf16_autocast_supported(device)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, fused=device.type == "cuda" or None)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, fused=True if device.type == "cuda" else None)
     # the corpus lives on the device once (uint8: 0.7 GB for the full build's 60,000), not copied there every step
     images = images.to(device)
     weights = tuple((coverage.to(device), weight) for coverage, weight in weights)

