@@ -341,6 +341,16 @@ def test_bundled_examples_are_held_out_renders():
         assert np.array_equal(pixels(load_example(example.name)), pixels(render_example(example))), example.name
 
 
+def test_renders_do_not_depend_on_the_number_of_workers():
+    """The CLI's --workers defaults to every core, so the same command must make the same corpus on any machine."""
+    from nested_attention_toy.corpus import make_corpus
+
+    alone = make_corpus(300, seed=5, workers=1, masks=True, symbols=True)  # 300 >= 256: the pool path below
+    pooled = make_corpus(300, seed=5, workers=2, masks=True, symbols=True)
+    assert np.array_equal(alone.images.numpy(), pooled.images.numpy()) and alone.captions == pooled.captions
+    assert np.array_equal(alone.masks.numpy(), pooled.masks.numpy()) and np.array_equal(alone.symbols.numpy(), pooled.symbols.numpy())
+
+
 def test_describe_rate_changes_captions_not_images():
     from nested_attention_toy.corpus import make_corpus
 

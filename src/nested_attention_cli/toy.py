@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from nested_attention.errors import NestedAttentionError
 
 from .generate import positive_int
+
+# rendering is per-job seeded, so the renders do not depend on how many processes make them: use every core
+WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 BUILD_DESCRIPTION = """\
 Rebuild the toy world's whole stack from scratch: the CLIP-format tokenizer, a
@@ -17,9 +21,8 @@ a standard StableDiffusionPipeline folder), and the metric models (identity
 networks, prompt-factor classifier); then measure them on held-out identities.
 
 The full size takes about 81 minutes on a 2-core CPU; on an H100 its stages
-ran 2-20x faster (about 20 minutes in all by the measured step times; give
---workers the machine's cores). --smoke runs the same path at a tiny size in
-about a minute.
+ran 2-20x faster (about 20 minutes in all by the measured step times).
+--smoke runs the same path at a tiny size in about a minute.
 """
 
 BUILD_EPILOG = """\
@@ -43,7 +46,8 @@ def add_parser(commands) -> None:
     build.add_argument("--seed", type=int, default=0, help="the build seed (default: 0, what ships)")
     build.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="where to train (default: cuda when available)")
-    build.add_argument("--workers", type=positive_int, default=2, help="rendering processes (default: 2)")
+    build.add_argument("--workers", type=positive_int, default=WORKERS,
+                       help=f"rendering processes (default: this machine's {WORKERS} cores)")
     build.add_argument("--reuse", metavar="DIR",
                        help="copy the metric models and VAE of an earlier build instead of training them (they never see "
                             "a caption); 'shipped' for the package's own")
@@ -65,7 +69,8 @@ def add_parser(commands) -> None:
     data.add_argument("--identities", type=positive_int, metavar="N",
                       help="use at most N distinct identities (default: one per triplet)")
     data.add_argument("--size", type=int, choices=(64, 128), default=64, help="image size (default: 64)")
-    data.add_argument("--workers", type=positive_int, default=2, help="rendering processes (default: 2)")
+    data.add_argument("--workers", type=positive_int, default=WORKERS,
+                      help=f"rendering processes (default: this machine's {WORKERS} cores)")
     data.set_defaults(run=run_data)
 
     evaluation = sub.add_parser(
