@@ -23,6 +23,11 @@ networks, prompt-factor classifier); then measure them on held-out identities.
 The full size takes about 81 minutes on a 2-core CPU; on an H100 its stages
 ran 2-20x faster (about 20 minutes in all by the measured step times).
 --smoke runs the same path at a tiny size in about a minute.
+
+An interrupted build (a crash, Ctrl-C, a time limit) goes on with --resume:
+finished stages are kept and the UNet stage continues from its last saved
+training state (every 400 steps), ending with the weights an uninterrupted
+build gives.
 """
 
 BUILD_EPILOG = """\
@@ -31,6 +36,7 @@ examples:
   nested-attention toy build --out /tmp/toy-smoke --smoke
   nested-attention toy build --out toy-build --reuse shipped   # retrain the text side only
   nested-attention toy build --out toy-build --reuse shipped --reuse-parts metrics   # and the VAE
+  nested-attention toy build --out toy-build --resume   # go on after an interruption
 """
 
 
@@ -43,7 +49,7 @@ def add_parser(commands) -> None:
                            epilog=BUILD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     build.add_argument("--out", type=Path, required=True, metavar="DIR", help="new (or empty) folder for the build")
     build.add_argument("--smoke", action="store_true", help="tiny sizes: the whole path in about a minute")
-    build.add_argument("--seed", type=int, default=0, help="the build seed (default: 0, what ships)")
+    build.add_argument("--seed", type=int, help="the build seed (default: 0, what ships)")
     build.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="where to train (default: cuda when available)")
     build.add_argument("--workers", type=positive_int, default=WORKERS,
@@ -53,6 +59,8 @@ def add_parser(commands) -> None:
                             "a caption); 'shipped' for the package's own")
     build.add_argument("--reuse-parts", nargs="+", choices=("metrics", "vae"), metavar="PART",
                        help="which parts --reuse copies: metrics, vae (default: both)")
+    build.add_argument("--resume", action="store_true",
+                       help="go on with the interrupted build in --out (with its own size, seed and --reuse)")
     build.set_defaults(run=run_build)
 
     data = sub.add_parser("data", help="write training triplets (input view -> prompt -> target) of train identities",
@@ -156,15 +164,27 @@ def run_data(args: argparse.Namespace) -> int:
 def run_build(args: argparse.Namespace) -> int:
     import torch
 
-    from nested_attention_toy.build import FULL, REUSABLE, SMOKE, build, missing_for_reuse
+    from nested_attention_toy.build import FULL, REUSABLE, SMOKE, build, can_resume, missing_for_reuse
 
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
         raise NestedAttentionError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu.")
+    command = "nested-attention " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["toy"] else None
+    if args.resume:
+        given = [flag for flag, value in (("--smoke", args.smoke), ("--seed", args.seed is not None),
+                                           ("--reuse", args.reuse), ("--reuse-parts", args.reuse_parts)) if value]
+        if given:
+            raise NestedAttentionError(f"--resume goes on with the build's own settings; drop {', '.join(given)}.")
+        problem = can_resume(args.out)
+        if problem:
+            raise NestedAttentionError(f"--resume expects the folder of an interrupted build: {problem}")
+        record = build(args.out, device=device, workers=args.workers, command=command, resume=True)
+        return _built(args.out, record)
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-        raise NestedAttentionError(f"--out {args.out} exists and is not an empty folder; give a new folder.")
+        raise NestedAttentionError(f"--out {args.out} exists and is not an empty folder; give a new folder "
+                                   f"(or --resume to go on with an interrupted build there).")
     reuse, parts = None, tuple(args.reuse_parts or REUSABLE)
     if args.reuse_parts and args.reuse is None:
         raise NestedAttentionError("--reuse-parts names what to copy from the --reuse folder; give --reuse DIR too.")
@@ -176,9 +196,12 @@ def run_build(args: argparse.Namespace) -> int:
         if missing:
             raise NestedAttentionError(f"--reuse expects an earlier build folder (or 'shipped'); {reuse} has no "
                                        f"{', '.join(missing)}.")
-    command = "nested-attention " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["toy"] else None
-    record = build(args.out, SMOKE if args.smoke else FULL, seed=args.seed, device=device, workers=args.workers,
+    record = build(args.out, SMOKE if args.smoke else FULL, seed=args.seed or 0, device=device, workers=args.workers,
                    command=command, reuse=reuse, reuse_parts=parts)
-    print(f"wrote {args.out} ({record['bytes']['total'] / 2**20:.1f} MiB of weights) in {record['seconds'] / 60:.1f} min; "
-          f"measurements in {args.out / 'build.json'}, samples in {args.out / 'samples.png'}")
+    return _built(args.out, record)
+
+
+def _built(out: Path, record: dict) -> int:
+    print(f"wrote {out} ({record['bytes']['total'] / 2**20:.1f} MiB of weights) in {record['seconds'] / 60:.1f} min; "
+          f"measurements in {out / 'build.json'}, samples in {out / 'samples.png'}")
     return 0

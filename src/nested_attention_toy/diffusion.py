@@ -5,7 +5,9 @@ encoder (the toy CLIP's text tower, optionally trained along: `TextTraining`), t
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
@@ -13,6 +15,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from .grounding import grounding_loss, install_recorder, word_positions
 from .loop import LossLog, warmup_cosine
+from .resume import has_state, load_state, save_state
 from .world import CONTEXT_FACTORS, DOMAINS, FACTOR_NAMES
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -88,13 +91,17 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
                text_states: torch.Tensor | None, null_state: torch.Tensor | None, steps: int, batch_size: int = 64, lr: float = 5e-4,
                caption_dropout: float = 0.1, snr_gamma: float = 5.0, ema_decay: float = 0.999, seed: int = 0,
                device: str = "cpu", progress=None, grounding: Grounding | None = None,
-               text: TextTraining | None = None) -> tuple[UNet2DConditionModel, list[float]]:
+               text: TextTraining | None = None, checkpoint: Path | None = None,
+               checkpoint_every: int = 500) -> tuple[UNet2DConditionModel, list[float]]:
     """Train on precomputed latents (posterior mean and std, sampled every step) and text encoder states.
 
     ``text_states`` (N, L, D) for the N latents, ``null_state`` (L, D) the empty prompt's, used for
     ``caption_dropout`` of the samples so that classifier-free guidance works. ``grounding`` adds the word
     grounding loss (see grounding.py) on the samples that have a silhouette. ``text`` trains the text encoder too
     (``text_states`` and ``null_state`` are then unused). Returns the EMA model and the denoising loss every 50 steps.
+
+    ``checkpoint``: a folder for the loop's whole state (resume.py), written every ``checkpoint_every`` steps and at
+    the end; when it holds a state, training goes on from there and ends with the weights of an uninterrupted run.
     """
     device = torch.device(device)
     unet.to(device).train()
@@ -124,7 +131,15 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
     schedule = warmup_cosine(optimizer, steps, warmup, floor=0.1)
     log = LossLog(steps)
     recorder = install_recorder(unet) if grounding is not None and any(grounding.weights) else None
-    for step in range(steps):
+    models = {"unet": unet, "ema": ema}
+    if text is not None:
+        models |= {"text": text.encoder, "text_ema": pairs[1][0]}
+    start, seconds, began = 0, 0.0, time.perf_counter()
+    if checkpoint is not None and has_state(checkpoint):
+        start, seconds = load_state(checkpoint, models, optimizer, schedule, generator, log)
+        if progress is not None:
+            progress.update(start)
+    for step in range(start, steps):
         index = torch.randint(len(latent_mean), (batch_size,), generator=generator)
         noise_in = torch.randn((batch_size, *latent_mean.shape[1:]), generator=generator).to(device)
         at = index.to(device)
@@ -165,6 +180,9 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
         log.add(step, loss)
         if progress is not None:
             progress.update(1)
+        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            save_state(checkpoint, models, optimizer, schedule, generator, log, step + 1,
+                       seconds + time.perf_counter() - began)
     if recorder is not None:
         unet.set_attn_processor(AttnProcessor2_0())
     unet.to("cpu")

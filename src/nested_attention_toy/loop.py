@@ -26,3 +26,10 @@ class LossLog:
         if (step + 1) % self.every == 0 or step + 1 == self.steps:
             self.means.append(self._sum / self._count)
             self._sum, self._count = 0.0, 0
+
+    def state(self) -> dict:
+        """What `restore` needs to go on logging exactly as if never stopped (plain, JSON-able)."""
+        return {"means": list(self.means), "sum": self._sum, "count": self._count}
+
+    def restore(self, state: dict) -> None:
+        self.means, self._sum, self._count = list(state["means"]), state["sum"], state["count"]

@@ -55,6 +55,19 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
+def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """The optimizer's state as ``folder/optimizer.safetensors`` (its tensors) and ``optimizer.json`` (the rest)."""
+    tensors, rest = _flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    (folder / "optimizer.json").write_text(json.dumps(rest))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Restore what `save_optimizer` wrote into ``folder``."""
+    rest = json.loads((folder / "optimizer.json").read_text())
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), rest))
+
+
 def save_checkpoint(
     directory: Path, adapter: NestedAdapter, optimizer, lr_scheduler, state: TrainState, save_image_encoder: bool
 ) -> Path:
@@ -66,9 +79,7 @@ def save_checkpoint(
     tmp.mkdir()
     adapter.save_pretrained(tmp / "adapter", save_image_encoder=save_image_encoder)
     if optimizer is not None:  # None under DeepSpeed, whose sharded optimizer state is its own
-        tensors, rest = _flatten_optimizer(optimizer.state_dict())
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(rest))
+        save_optimizer(optimizer, tmp)
     (tmp / "scheduler.json").write_text(json.dumps(lr_scheduler.state_dict()))
     (tmp / STATE).write_text(json.dumps(asdict(state), indent=2))
     (tmp / COMPLETE).write_text("")
@@ -104,8 +115,7 @@ def load_checkpoint(path: Path, adapter: NestedAdapter, optimizer, lr_scheduler)
     """Restore adapter weights, optimizer, learning-rate schedule and position from a checkpoint folder."""
     adapter.load_adapter_state_dict(load_file(str(path / "adapter" / "nested_adapter.safetensors")), source=str(path))
     if optimizer is not None and (path / "optimizer.json").is_file():
-        rest = json.loads((path / "optimizer.json").read_text())
-        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), rest))
+        load_optimizer(optimizer, path)
     lr_scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     return TrainState(**json.loads((path / STATE).read_text()))
 
