@@ -122,3 +122,18 @@ def test_unet_training_resumes_from_its_saved_state_bit_for_bit(tmp_path):
     for mine, theirs in ((resumed_unet, unet), (resumed_encoder, encoder)):
         assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
     assert saved_progress(tmp_path / "state")[0] == 8  # the last state is the end
+
+
+def test_build_size_changes_are_parsed_and_checked():
+    from nested_attention.errors import NestedAttentionError
+    from nested_attention_cli.toy import build_size
+    from nested_attention_toy.build import FULL
+
+    size = build_size(FULL, ["unet_batch=128", "unet_lr=2e-4", "unet_widths=[64, 128, 256]", "grounding_weight=0"])
+    assert (size.unet_batch, size.unet_lr, size.unet_widths, size.grounding_weight) == (128, 2e-4, (64, 128, 256), 0.0)
+    assert size.unet_steps == FULL.unet_steps and build_size(FULL, []) == FULL
+    for bad, message in (("unet_batch=0", "at least 1"), ("describe_rate=1.5", "between 0 and 1"),
+                         ("unet_widths=[24]", "multiples of 16"), ("unet_bach=8", "Did you mean unet_batch"),
+                         ("unet_batch=big", "must be int"), ("unet_batch", "field=value")):
+        with pytest.raises(NestedAttentionError, match=message):
+            build_size(FULL, [bad])

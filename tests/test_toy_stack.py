@@ -148,9 +148,11 @@ def test_smoke_build_runs_end_to_end_and_loads_with_plain_diffusers(tmp_path):
 
     # --reuse-parts metrics: the VAE is trained again, the metric models still copied
     third = tmp_path / "third"
-    assert run_cli("toy", "build", "--out", str(third), "--smoke", "--workers", "1", "--reuse", str(out),
-                   "--reuse-parts", "metrics") == 0
+    assert run_cli("toy", "build", "--out", str(third), "clip_steps=4", "unet_widths=[16, 16]",  # a changed recipe
+                   "--smoke", "--workers", "1", "--reuse", str(out), "--reuse-parts", "metrics") == 0
     record = json.loads((third / "build.json").read_text())
+    assert record["size"]["clip_steps"] == 4 and record["size"]["unet_widths"] == [16, 16]
+    assert json.loads((third / "pipeline/unet/config.json").read_text())["block_out_channels"] == [16, 16]
     assert record["reused"]["parts"] == ["metrics"] and "loss_first" in record["stages"]["vae"]
     assert "copied_from" not in record["stages"]["vae"]
     assert (third / "metrics/factor_classifier/model.safetensors").read_bytes() == (out / "metrics/factor_classifier/model.safetensors").read_bytes()

@@ -37,6 +37,7 @@ examples:
   nested-attention toy build --out toy-build --reuse shipped   # retrain the text side only
   nested-attention toy build --out toy-build --reuse shipped --reuse-parts metrics   # and the VAE
   nested-attention toy build --out toy-build --resume   # go on after an interruption
+  nested-attention toy build --out gpu-build --device cuda unet_batch=128 unet_steps=20000   # another recipe
 """
 
 
@@ -61,6 +62,9 @@ def add_parser(commands) -> None:
                        help="which parts --reuse copies: metrics, vae (default: both)")
     build.add_argument("--resume", action="store_true",
                        help="go on with the interrupted build in --out (with its own size, seed and --reuse)")
+    build.add_argument("sizes", nargs="*", metavar="field=value",
+                       help="change the recipe (a field of BuildSize in nested_attention_toy/build.py; values are YAML), "
+                            "e.g. unet_steps=20000 unet_batch=128 unet_widths=[64,128,256]; recorded in build.json")
     build.set_defaults(run=run_build)
 
     data = sub.add_parser("data", help="write training triplets (input view -> prompt -> target) of train identities",
@@ -174,7 +178,8 @@ def run_build(args: argparse.Namespace) -> int:
     command = "nested-attention " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["toy"] else None
     if args.resume:
         given = [flag for flag, value in (("--smoke", args.smoke), ("--seed", args.seed is not None),
-                                           ("--reuse", args.reuse), ("--reuse-parts", args.reuse_parts)) if value]
+                                           ("--reuse", args.reuse), ("--reuse-parts", args.reuse_parts),
+                                           (" ".join(args.sizes), args.sizes)) if value]
         if given:
             raise NestedAttentionError(f"--resume goes on with the build's own settings; drop {', '.join(given)}.")
         problem = can_resume(args.out)
@@ -196,9 +201,31 @@ def run_build(args: argparse.Namespace) -> int:
         if missing:
             raise NestedAttentionError(f"--reuse expects an earlier build folder (or 'shipped'); {reuse} has no "
                                        f"{', '.join(missing)}.")
-    record = build(args.out, SMOKE if args.smoke else FULL, seed=args.seed or 0, device=device, workers=args.workers,
+    size = build_size(SMOKE if args.smoke else FULL, args.sizes)
+    record = build(args.out, size, seed=args.seed or 0, device=device, workers=args.workers,
                    command=command, reuse=reuse, reuse_parts=parts)
     return _built(args.out, record)
+
+
+def build_size(base, items: list[str]):
+    """``base`` (a BuildSize) with the command line's ``field=value`` changes, each checked."""
+    import dataclasses
+
+    from nested_attention_toy.build import BuildSize
+    from nested_attention_train.config import parse_overrides
+
+    values = parse_overrides(items, BuildSize, "toy build size")
+    for name, value in values.items():
+        if isinstance(value, tuple):
+            if not value or any(width < 16 or width % 16 for width in value):
+                raise NestedAttentionError(f"`{name}` must list widths that are multiples of 16 (the UNet's group "
+                                           f"norm has 16 groups); got {list(value)}.")
+        elif isinstance(value, int) and value < 1:
+            raise NestedAttentionError(f"`{name}` must be at least 1; got {value}.")
+        elif isinstance(value, float) and not (0 <= value <= 1 if name == "describe_rate" else value >= 0):
+            bound = "between 0 and 1" if name == "describe_rate" else "at least 0"
+            raise NestedAttentionError(f"`{name}` must be {bound}; got {value}.")
+    return dataclasses.replace(base, **values)
 
 
 def _built(out: Path, record: dict) -> int:

@@ -107,9 +107,10 @@ class TrainConfig:
         return {key: getattr(self, key) for key in keys}
 
 
-def _check_type(name: str, value, annotation):
-    """`value` (from YAML) fits the field's annotation, converting int -> float where a float is expected."""
-    hint = typing.get_type_hints(TrainConfig)[name]
+def _check_type(name: str, value, annotation, cls=None):
+    """`value` (from YAML) fits the field's annotation, converting int -> float where a float is expected and a list
+    to a tuple where a tuple is."""
+    hint = typing.get_type_hints(cls or TrainConfig)[name]
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     for option in options:
         if option is type(None) and value is None:
@@ -125,18 +126,40 @@ def _check_type(name: str, value, annotation):
             return value
         if option in (str, bool) and type(value) is option:
             return value
-        if typing.get_origin(option) is list and isinstance(value, list):
+        if typing.get_origin(option) in (list, tuple) and isinstance(value, (list, tuple)):
             inner = typing.get_args(option)[0]
             if all(isinstance(v, inner) for v in value):
-                return value
+                return value if typing.get_origin(option) is list else tuple(value)
     raise NestedAttentionError(f"`{name}` must be {annotation}, got {value!r} ({type(value).__name__}).")
 
 
-def _unknown(key: str) -> NestedAttentionError:
-    known = [f.name for f in dataclasses.fields(TrainConfig)]
+def _unknown(key: str, cls=None, what: str = "training config") -> NestedAttentionError:
+    known = [f.name for f in dataclasses.fields(cls or TrainConfig)]
     close = difflib.get_close_matches(key, known, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else f" Known fields: {', '.join(known)}."
-    return NestedAttentionError(f"Unknown training config field `{key}`.{hint}")
+    return NestedAttentionError(f"Unknown {what} field `{key}`.{hint}")
+
+
+def parse_overrides(overrides: list[str], cls, what: str) -> dict:
+    """`field=value` items (values parsed as YAML) -> {field: value} for the dataclass ``cls``, each checked against
+    its annotation; ``what`` names ``cls`` in the one-sentence errors."""
+    values = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise NestedAttentionError(f"Override {item!r} is not of the form field=value (e.g. learning_rate=1e-4).")
+        values[key.strip()] = yaml.safe_load(text) if text.strip() else None
+    return _checked(values, cls, what)
+
+
+def _checked(values: dict, cls, what: str) -> dict:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    checked = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown(key, cls, what)
+        checked[key] = _check_type(key, value, fields[key].type, cls)
+    return checked
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
@@ -151,18 +174,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         if not isinstance(loaded, dict):
             raise NestedAttentionError(f"The training config {path} must be a YAML mapping of fields to values.")
         values.update(loaded)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise NestedAttentionError(f"Override {item!r} is not of the form field=value (e.g. learning_rate=1e-4).")
-        values[key.strip()] = yaml.safe_load(text) if text.strip() else None
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    checked = {}
-    for key, value in values.items():
-        if key not in fields:
-            raise _unknown(key)
-        checked[key] = _check_type(key, value, fields[key].type)
-    return TrainConfig(**checked)
+    values.update(parse_overrides(overrides, TrainConfig, "training config"))
+    return TrainConfig(**_checked(values, TrainConfig, "training config"))
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

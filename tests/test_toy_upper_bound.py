@@ -1,0 +1,23 @@
+"""`python -m nested_attention_eval.toy_upper_bound`: the DreamBooth bound of what a frozen toy UNet can draw."""
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from nested_attention_eval.toy_upper_bound import UpperBound, upper_bound
+from nested_attention_toy.assets import model_path
+
+
+def test_upper_bound_tunes_a_copy_and_scores_it():
+    """The DreamBooth bound on the shipped toy model at a tiny size: every score is there and in range, and the
+    pipeline's own UNet comes back untouched."""
+    pipe = StableDiffusionPipeline.from_pretrained(model_path("toy"), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    unet = pipe.unet
+    config = UpperBound(identities=3, subjects=1, renders=8, steps=3, batch_size=4, generations=2, sample_steps=2)
+    (result,) = upper_bound(pipe, config, log=lambda line: None)
+    assert pipe.unet is unet and all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+    for kind in ("base", "tuned"):
+        assert result[f"{kind}_top1"] in (0.0, 0.5, 1.0)
+        assert set(result[f"{kind}_attributes"]) == {"face_shape", "skin_tone", "hair_style", "hair_color", "eyewear",
+                                                     "facial_hair", "shirt_color", "shirt_pattern"}
