@@ -185,7 +185,10 @@ def run_build(args: argparse.Namespace) -> int:
         problem = can_resume(args.out)
         if problem:
             raise NestedAttentionError(f"--resume expects the folder of an interrupted build: {problem}")
-        record = build(args.out, device=device, workers=args.workers, command=command, resume=True)
+        try:
+            record = build(args.out, device=device, workers=args.workers, command=command, resume=True)
+        except FileNotFoundError as error:  # the --reuse folder the build copies from is gone
+            raise NestedAttentionError(str(error)) from None
         return _built(args.out, record)
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise NestedAttentionError(f"--out {args.out} exists and is not an empty folder; give a new folder "

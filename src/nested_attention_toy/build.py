@@ -180,6 +180,9 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
         raise ValueError(f"reuse_parts can name {', '.join(REUSABLE)}; got {', '.join(sorted(unknown))}")
     if reuse is not None:
         reuse = Path(reuse)
+    if reuse is not None and resume:  # a resumed build needs the folder only for what it has not copied yet
+        reuse_parts = tuple(part for part in reuse_parts if part not in record["stages"])
+    if reuse is not None and reuse_parts:
         missing = missing_for_reuse(reuse, reuse_parts)
         if missing:
             raise FileNotFoundError(f"--reuse needs an earlier build folder; {reuse} has no {', '.join(missing)}.")
@@ -188,10 +191,10 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
     out.mkdir(parents=True, exist_ok=True)
     log = _Log(out / "build.log")
     if resume:
-        done = ", ".join(record["stages"]) or "none"
+        finished = ", ".join(record["stages"]) or "none"
         record.setdefault("resumed", []).append({"command": command or " ".join(sys.argv), "device": device,
                                                  "versions": _versions(), "stages_done": list(record["stages"])})
-        log(f"resuming the build in {out}; stages done: {done}")
+        log(f"resuming the build in {out}; stages done: {finished}")
     else:
         record = {"command": command or " ".join(sys.argv), "seed": seed, "device": device, "size": asdict(size),
                   "versions": _versions(), "stages": {}, "measurements": {}}
