@@ -126,7 +126,7 @@ def _check_type(name: str, value, annotation, cls=None):
             return value
         if option in (str, bool) and type(value) is option:
             return value
-        if typing.get_origin(option) in (list, tuple) and isinstance(value, (list, tuple)):
+        if typing.get_origin(option) in (list, tuple) and isinstance(value, list):
             inner = typing.get_args(option)[0]
             if all(isinstance(v, inner) for v in value):
                 return value if typing.get_origin(option) is list else tuple(value)
@@ -140,16 +140,21 @@ def _unknown(key: str, cls=None, what: str = "training config") -> NestedAttenti
     return NestedAttentionError(f"Unknown {what} field `{key}`.{hint}")
 
 
-def parse_overrides(overrides: list[str], cls, what: str) -> dict:
-    """`field=value` items (values parsed as YAML) -> {field: value} for the dataclass ``cls``, each checked against
-    its annotation; ``what`` names ``cls`` in the one-sentence errors."""
+def _parsed(overrides: list[str]) -> dict:
+    """`field=value` items -> {field: value}, values parsed as YAML (not checked yet)."""
     values = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise NestedAttentionError(f"Override {item!r} is not of the form field=value (e.g. learning_rate=1e-4).")
         values[key.strip()] = yaml.safe_load(text) if text.strip() else None
-    return _checked(values, cls, what)
+    return values
+
+
+def parse_overrides(overrides: list[str], cls, what: str) -> dict:
+    """`field=value` items (values parsed as YAML) -> {field: value} for the dataclass ``cls``, each checked against
+    its annotation; ``what`` names ``cls`` in the one-sentence errors."""
+    return _checked(_parsed(overrides), cls, what)
 
 
 def _checked(values: dict, cls, what: str) -> dict:
@@ -174,7 +179,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         if not isinstance(loaded, dict):
             raise NestedAttentionError(f"The training config {path} must be a YAML mapping of fields to values.")
         values.update(loaded)
-    values.update(parse_overrides(overrides, TrainConfig, "training config"))
+    values.update(_parsed(overrides))
     return TrainConfig(**_checked(values, TrainConfig, "training config"))
 
 
