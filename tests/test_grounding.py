@@ -66,6 +66,35 @@ def test_angry_symbol_is_a_filled_burst():
             assert symbol.sum() >= 60, (domain, float(symbol.sum()))
 
 
+def test_pencil_sketch_draws_the_emotion_symbol_in_colour():
+    """A pencil sketch is grey except for its emotion symbols, drawn in coloured pencil: in grey only their outlines
+    told the expressions apart, and the seventh build's base model drew the prompted one in 31 % of pencil sketches.
+    The symbol's own colour (the cloud of "sad" is a grey blue, the least coloured) stands out from the graphite,
+    in single-subject renders and in person + pet scenes alike."""
+    from nested_attention_toy.render import render_scene
+
+    def saturation(image):
+        pixels = np.asarray(image, np.float32)
+        return pixels.max(2) - pixels.min(2)
+
+    rng = np.random.default_rng(5)
+    pencil = CONTEXT_FACTORS["style"].index("pencil sketch")
+    for e in range(len(CONTEXT_FACTORS["expression"])):
+        for domain in DOMAINS:
+            identity = sample_identities(domain, 1, rng, held_out=False)[0]
+            values = list(sample_context(rng).values)
+            values[FACTOR_NAMES.index("style")], values[FACTOR_NAMES.index("expression")] = pencil, e
+            image, _, symbol = render_target_with_masks(identity, Context(tuple(values)), seed=3)
+            s = saturation(image)
+            inside, outside = float(s[symbol > 0.5].mean()), float(s[symbol < 0.01].mean())
+            assert outside < 10 and inside > outside + 12, (e, domain, inside, outside)
+        person, pet = (sample_identities(d, 1, rng, held_out=False)[0] for d in ("person", "pet"))
+        values = list(sample_context(rng).values)
+        values[FACTOR_NAMES.index("style")], values[FACTOR_NAMES.index("expression")] = pencil, e
+        colourful = saturation(render_scene(person, pet, Context(tuple(values)), seed=3)) > 15
+        assert colourful.sum() >= 24, e  # two symbols of about 12 px across: at least a thin "!" each
+
+
 def test_corpus_masks_leave_the_images_unchanged():
     plain = make_corpus(24, seed=2, workers=1)
     masked = make_corpus(24, seed=2, workers=1, masks=True)
