@@ -242,4 +242,12 @@ def test_toy_eval_writes_every_key(tmp_path, capsys):
     for domain in ("person", "pet"):
         assert metrics[domain]["oracle_attribute_accuracy"] >= 0.5  # real renders: most attributes read right
     assert metrics["oracle_id_top1"] == 1.0  # real renders of 2 subjects: the identity networks tell them apart
+    for factor in ("scene", "style", "expression", "position", "size"):  # per context value: the images add up
+        counts = metrics[f"count_by_{factor}"]
+        assert sum(counts.values()) == 2 * 2 * 1  # 2 domains x 2 subjects x 1 context
+        for prefix in ("", "baseline_", "oracle_"):
+            by_value = metrics[f"{prefix}id_top1_by_{factor}"]
+            assert by_value.keys() == counts.keys()
+            mean = sum(by_value[v] * counts[v] for v in counts) / sum(counts.values())
+            assert mean == pytest.approx(metrics[prefix + "id_top1"])
     assert (tmp_path / "samples.png").is_file() and "metrics.json" in capsys.readouterr().out

@@ -10,7 +10,9 @@ subject) and the real render (the oracle). Each is scored with the toy metric mo
 - ``prompt_accuracy``: the prompt-factor classifier's accuracy, mean over the five factors;
 - ``clip_t``: the toy CLIP's image-prompt cosine;
 - per domain, ``attribute_accuracy`` and ``attribute_<name>``: how often the identity network reads each of the
-  subject's attributes (hair colour, species, ...) in the image: which parts of an identity come through.
+  subject's attributes (hair colour, species, ...) in the image: which parts of an identity come through;
+- ``id_top1_by_<factor>``: ``id_top1`` per value of each context factor (style, size, ...), both domains together,
+  with ``count_by_<factor>`` images each: in which contexts an identity comes through.
 
 Person + pet scenes (both adapters at once, each bound to its word) are scored per subject with its domain's
 identity network: ``scene_person_top1``, ``scene_pet_top1`` and ``scene_both_top1``.
@@ -111,6 +113,7 @@ def toy_eval(pipe, adapters: dict[str, object], out: str | Path, config: ToyEval
     results: dict = {"config": asdict(config)}
     per_kind: dict[str, dict[str, list[float]]] = {kind: {} for kind in KINDS}
     samples: list[list[Image.Image]] = []
+    context_labels: list[torch.Tensor] = []
     total = 2 * (2 * n * k) + 2 * config.scenes
     try:
         with tqdm(total=total, desc="toy eval", disable=not progress) as bar:
@@ -124,6 +127,7 @@ def toy_eval(pipe, adapters: dict[str, object], out: str | Path, config: ToyEval
                 prompts = [generic_caption(domain, c, rng) for c in contexts]
                 seeds = [int(s) for s in rng.integers(2**31, size=len(prompts))]
                 labels = torch.tensor([c.values for c in contexts])
+                context_labels.append(labels)
                 made = {
                     "adapter": _generate(pipe, na, prompts, [{domain: Subject(views[domain][o], lam=config.lam)} for o in owners],
                                          seeds, config, bar),
@@ -154,10 +158,24 @@ def toy_eval(pipe, adapters: dict[str, object], out: str | Path, config: ToyEval
     for kind in KINDS:
         for name, values in per_kind[kind].items():
             results[PREFIX[kind] + name] = float(np.mean(values))
+    results |= _by_factor(torch.cat(context_labels), {kind: per_kind[kind]["id_top1"] for kind in KINDS})
     results.update(scene_results.pop("metrics"))
     _sheet(samples + scene_results["rows"]).save(out / "samples.png")
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _by_factor(labels: torch.Tensor, top1: dict[str, list[float]]) -> dict:
+    """``count_by_<factor>`` (value -> images) and, per kind, ``id_top1_by_<factor>`` (value -> mean top-1) for the
+    images whose contexts are ``labels`` (N, factors)."""
+    out: dict = {}
+    for i, factor in enumerate(FACTOR_NAMES):
+        present = [(v, labels[:, i] == j) for j, v in enumerate(CONTEXT_FACTORS[factor]) if bool((labels[:, i] == j).any())]
+        out[f"count_by_{factor}"] = {v: int(mask.sum()) for v, mask in present}
+        for kind, hits in top1.items():
+            hits_t = torch.tensor(hits)
+            out[f"{PREFIX[kind]}id_top1_by_{factor}"] = {v: float(hits_t[mask].mean()) for v, mask in present}
+    return out
 
 
 def _scenes(pipe, na, identities, views, galleries, embedders, config: ToyEvalConfig, rng, bar) -> dict:

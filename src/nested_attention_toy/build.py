@@ -59,6 +59,10 @@ class BuildSize:
     clip_width: int = 128
     vae_width: int = 32
     identity_width: int = 48
+    # largest blur (pixels) of the identity networks' training augmentation (metric_models.random_blur); 0: none. At 3
+    # they retrieve blurred renders and VAE round trips much better and crisp ones a little worse, and the shipped
+    # adapters' `id_top1` barely moves (docs/toyworld.md, "Why identity stays low")
+    identity_blur: float = 0.0
     # word grounding loss on the UNet (grounding.py); 0 trains without it. Without it the subject word gets 0.1-3.5 %
     # of a pixel's attention, too little for nested attention (docs/toyworld.md)
     grounding_weight: float = 0.1
@@ -244,7 +248,8 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
                                           seed=seed + 100, workers=workers, eval_identities=size.eval_identities,
                                           identity_width=size.identity_width, device=device, test_count=size.eval_renders,
                                           queries_per_identity=10 if size.eval_renders >= 1000 else 2,
-                                          identity_count=size.identity_train, identity_epochs=size.identity_epochs, log=log)
+                                          identity_count=size.identity_train, identity_epochs=size.identity_epochs,
+                                          identity_blur=size.identity_blur, log=log)
         record["measurements"]["metric_models"] = {k: v for k, v in metrics.items() if not k.endswith("losses")}
         stage("metrics", time.perf_counter() - t)
 

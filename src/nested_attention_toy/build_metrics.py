@@ -74,10 +74,10 @@ def retrieval_sets(domain, identities, queries_per_identity, size, seed, workers
 def build_metric_models(out: Path, size: int = 64, train_count: int = 40000, epochs: int = 6, seed: int = 0,
                         workers: int = 2, eval_identities: int = 50, identity_width: int = 48, device: str = "cpu",
                         test_count: int = 2000, queries_per_identity: int = 10, identity_count: int | None = None,
-                        identity_epochs: int | None = None, log=print) -> dict:
+                        identity_epochs: int | None = None, identity_blur: float = 0.0, log=print) -> dict:
     """Train and save `out/factor_classifier` (``train_count`` renders, ``epochs``) and `out/identity_<domain>`
-    (``identity_count`` renders per domain, default half of ``train_count``, ``identity_epochs``, default ``epochs``);
-    return the held-out measurements."""
+    (``identity_count`` renders per domain, default half of ``train_count``, ``identity_epochs``, default ``epochs``,
+    blur augmentation up to ``identity_blur`` pixels); return the held-out measurements."""
     identity_count = train_count // 2 if identity_count is None else identity_count
     identity_epochs = epochs if identity_epochs is None else identity_epochs
     torch.manual_seed(seed)
@@ -99,7 +99,8 @@ def build_metric_models(out: Path, size: int = 64, train_count: int = 40000, epo
                          input_fraction=0.25, desc=f"{domain} train")
         heads = {a: len(attribute_values(domain, a)) for a in attribute_names(domain)}
         net = IdentityNet(MetricConfig(heads, image_size=size, width=identity_width))
-        train_multihead(net, train.images, train.attributes, epochs=identity_epochs, seed=seed, device=device)
+        train_multihead(net, train.images, train.attributes, epochs=identity_epochs, seed=seed, device=device,
+                        blur=identity_blur)
         test = make_set((domain,), test_count, held_out=True, size=size, seed=seed + 20 + d, workers=workers, desc=f"{domain} test")
         results[f"identity_{domain}_attribute_accuracy"] = head_accuracy(net, test.images, test.attributes)
         identities = sample_identities(domain, eval_identities, np.random.default_rng(seed + 30 + d), held_out=True)
