@@ -33,3 +33,20 @@ def test_latent_check_reports_every_factor_and_domain_and_the_shipped_vae_keeps_
     assert "factors read on reconstructions: scene" in printed and "identity top-1 of reconstructions: person" in printed
     position = float(printed.split("position ")[1].split(" %")[0])
     assert position > 90 and untrained["factors"]["position"] < 0.9  # the trained latents keep where the subject is
+
+
+def test_a_folder_that_is_not_a_build_gets_one_sentence_and_exit_2(tmp_path, capsys):
+    assert main(["--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a toy build's pipeline folder" in err and len(err.splitlines()) == 1
+    assert main(["--metrics", str(tmp_path / "missing")]) == 2
+    assert "not a toy build's metrics folder" in capsys.readouterr().err
+    assert main(["--identities", "1"]) == 2
+    assert "expected at least 1 render and 2 identities" in capsys.readouterr().err
+
+
+def test_a_build_root_is_taken_for_its_parts():
+    from nested_attention_toy.assets import build_part
+
+    assert build_part(shipped_path(), "pipeline", "vae/config.json") == shipped_path("pipeline")
+    assert build_part(shipped_path("metrics"), "metrics", "factor_classifier/config.json") == shipped_path("metrics")

@@ -21,3 +21,15 @@ def test_upper_bound_tunes_a_copy_and_scores_it():
         assert result[f"{kind}_top1"] in (0.0, 0.5, 1.0)
         assert set(result[f"{kind}_attributes"]) == {"face_shape", "skin_tone", "hair_style", "hair_color", "eyewear",
                                                      "facial_hair", "shirt_color", "shirt_pattern"}
+
+
+def test_bad_input_gets_one_sentence_and_exit_2(tmp_path, capsys):
+    from nested_attention_eval.toy_upper_bound import main
+
+    assert main(["--steps", "0"]) == 2
+    assert "--steps is 0" in capsys.readouterr().err
+    assert main(["--subjects", "21"]) == 2
+    assert "--subjects is 21" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a toy build's pipeline folder" in err and len(err.splitlines()) == 1

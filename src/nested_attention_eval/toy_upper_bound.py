@@ -91,9 +91,12 @@ def upper_bound(pipe, config: UpperBound, log=print) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
     from diffusers import StableDiffusionPipeline
 
-    from nested_attention_toy.assets import model_path
+    from nested_attention.errors import NestedAttentionError
+    from nested_attention_toy.assets import build_part, model_path
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--domain", choices=DOMAINS, default="person")
@@ -102,7 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=str(model_path("toy")), help="toy pipeline folder (default: the shipped one)")
     args = parser.parse_args(argv)
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
+    try:
+        if args.steps < 1:
+            raise NestedAttentionError(f"--steps is {args.steps}; expected at least 1 training step.")
+        if not 1 <= args.subjects <= UpperBound.identities:
+            raise NestedAttentionError(f"--subjects is {args.subjects}; expected 1 to {UpperBound.identities} (the "
+                                       f"subjects are drawn from the {UpperBound.identities} held-out identities scored).")
+        model = build_part(args.model, "pipeline", "model_index.json")
+    except NestedAttentionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    pipe = StableDiffusionPipeline.from_pretrained(str(model), torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     results = upper_bound(pipe, UpperBound(domain=args.domain, steps=args.steps, subjects=args.subjects, seed=args.seed))
     print(f"mean top-1: base {np.mean([r['base_top1'] for r in results]):.3f}, "

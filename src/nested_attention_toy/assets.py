@@ -29,3 +29,16 @@ def adapter_path(name: str) -> Path | None:
     """The folder of a shipped adapter name (``"toy-person"``), or None if ``name`` is not one."""
     part = ADAPTER_NAMES.get(name)
     return None if part is None else SHIPPED / part
+
+
+def build_part(folder: str | Path, part: str, marker: str) -> Path:
+    """``folder`` if it holds ``marker`` (a file inside it), or its ``part`` subfolder if that does: the diagnostics
+    take a toy build's root or the part itself. Otherwise one sentence saying what was expected."""
+    from nested_attention.errors import NestedAttentionError
+
+    folder = Path(folder)
+    for candidate in (folder, folder / part):
+        if (candidate / marker).is_file():
+            return candidate
+    raise NestedAttentionError(f"{folder} is not a toy build's {part} folder (no {marker} in it or in {part}/); "
+                               f"give the build folder `toy build --out` wrote, or its {part}/ folder.")

@@ -44,11 +44,14 @@ def latent_check(vae: AutoencoderKL, metrics_dir, renders: int = 400, identities
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """``python -m nested_attention_toy.latent_check [--model DIR] [--metrics DIR] [--renders N] [--identities N]``."""
     import argparse
+    import sys
 
-    from .assets import shipped_path
+    from nested_attention.errors import NestedAttentionError
+
+    from .assets import build_part, shipped_path
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--model", default=str(shipped_path("pipeline")), help="pipeline folder (default: the shipped toy)")
@@ -56,12 +59,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--renders", type=int, default=400, help="held-out renders for the factors (default: 400)")
     parser.add_argument("--identities", type=int, default=50, help="held-out identities per domain (default: 50)")
     args = parser.parse_args(argv)
-    vae = AutoencoderKL.from_pretrained(f"{args.model}/vae", torch_dtype=torch.float32)
-    result = latent_check(vae, args.metrics, renders=args.renders, identities=args.identities)
+    try:
+        if args.renders < 1 or args.identities < 2:
+            raise NestedAttentionError(f"--renders {args.renders} and --identities {args.identities}: expected at least "
+                                       f"1 render and 2 identities to retrieve among.")
+        model = build_part(args.model, "pipeline", "vae/config.json")
+        metrics = build_part(args.metrics, "metrics", "factor_classifier/config.json")
+    except NestedAttentionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    vae = AutoencoderKL.from_pretrained(str(model / "vae"), torch_dtype=torch.float32)
+    result = latent_check(vae, metrics, renders=args.renders, identities=args.identities)
     factors = ", ".join(f"{name} {100 * value:.1f} %" for name, value in result["factors"].items())
     ids = ", ".join(f"{domain} {value:.2f}" for domain, value in result["id_top1"].items())
     print(f"PSNR {result['psnr_db']:.1f} dB\nfactors read on reconstructions: {factors}\nidentity top-1 of reconstructions: {ids}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
