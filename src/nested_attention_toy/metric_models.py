@@ -119,7 +119,7 @@ def train_multihead(
     """Cross-entropy summed over the heads, AdamW with a one-cycle schedule. No geometric augmentation: the renders
     already vary pose, position and scale, and flips would change position labels.
 
-    ``blur`` > 0: half of every batch is blurred (`random_blur`, sigma up to ``blur`` pixels), so that the network
+    ``blur`` > 0: about half of every batch is blurred (`random_blur`, sigma below ``blur`` pixels), so that the network
     reads renders that lost their fine detail, as generations and VAE round trips do, and not only crisp ones.
 
     `images` (N, 3, S, S) uint8; `labels` head -> (N,) long. Returns the mean loss of each epoch. Runs in bf16
@@ -174,7 +174,7 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def random_blur(images: torch.Tensor, max_sigma: float, generator: torch.Generator) -> torch.Tensor:
-    """Blur a random half of the batch, each image with sigma uniform in (0, ``max_sigma``]."""
+    """Blur each image of the batch with probability 1/2, with sigma uniform in [0, ``max_sigma``) pixels."""
     b = len(images)
     sigma = torch.rand(b, generator=generator) * max_sigma
     sigma[torch.rand(b, generator=generator) < 0.5] = 0
