@@ -1,13 +1,16 @@
 """Full training state on disk, without pickle: safetensors for tensors, JSON for the rest.
 
-A checkpoint is written to a temporary folder and renamed into place when complete; a crash while writing
-leaves only a `.tmp-*` folder, which `latest` never picks and the next save removes. Each checkpoint holds
-the adapter exported exactly as `nested-attention generate` loads it (`adapter/`).
+A checkpoint is written to a temporary folder, its manifest (every file's size and SHA-256) is written last and
+everything is synced to disk before the folder is renamed into place. A crash while writing leaves only a
+`.tmp-*` folder, which `latest` never picks and the next save removes; a checkpoint damaged afterwards fails its
+manifest check and `latest` falls back to the previous whole one. Removal renames a folder aside before deleting
+it. Each checkpoint holds the adapter exported exactly as `nested-attention generate` loads it (`adapter/`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -19,8 +22,11 @@ from safetensors.torch import load_file, save_file
 from nested_attention import NestedAdapter
 from nested_attention.errors import NestedAttentionError
 
+from .manifest import MANIFEST, TRASH_PREFIX, damage, move_into_place, remove_folder, write_manifest
+
+logger = logging.getLogger(__name__)
+
 PREFIX = "checkpoint-"
-COMPLETE = "COMPLETE"
 STATE = "trainer_state.json"
 
 
@@ -82,47 +88,71 @@ def save_checkpoint(
         save_optimizer(optimizer, tmp)
     (tmp / "scheduler.json").write_text(json.dumps(lr_scheduler.state_dict()))
     (tmp / STATE).write_text(json.dumps(asdict(state), indent=2))
-    (tmp / COMPLETE).write_text("")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    write_manifest(tmp)
+    move_into_place(tmp, final)
     return final
 
 
-def complete_checkpoints(directory: Path) -> list[Path]:
-    """Finished checkpoints, oldest first (temporary folders of interrupted saves are ignored)."""
+def checkpoint_folders(directory: Path) -> list[Path]:
+    """Every `checkpoint-*` folder, whole or not, oldest first (temporary and set-aside folders excluded)."""
     if not directory.is_dir():
         return []
-    found = [p for p in directory.glob(f"{PREFIX}*") if (p / COMPLETE).is_file() and (p / STATE).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    return sorted((p for p in directory.glob(f"{PREFIX}*") if p.is_dir()), key=lambda p: p.name)
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Finished checkpoints (those with a manifest), oldest first; their files are not verified here."""
+    return [p for p in checkpoint_folders(directory) if (p / MANIFEST).is_file()]
 
 
 def resolve_resume(directory: Path, resume: str) -> Path | None:
-    """`latest` -> the newest complete checkpoint (None if there is none yet); a path -> that checkpoint."""
-    if resume == "latest":
-        found = complete_checkpoints(directory)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not ((path / COMPLETE).is_file() and (path / STATE).is_file()):
+    """`latest` -> the newest whole checkpoint (None if there is none yet); a path -> that checkpoint, verified.
+
+    `latest` skips damaged checkpoints (a file missing, cut short or changed since it was written) with one
+    warning naming the file, and stops with one sentence if checkpoints exist but none is whole.
+    """
+    if resume != "latest":
+        path = Path(resume)
+        problem = damage(path) if path.is_dir() else "it is not a folder"
+        if problem is not None:
+            raise NestedAttentionError(
+                f"resume={resume} is not a whole checkpoint: {problem}. Give a whole checkpoint-* folder under "
+                f"{directory}, or resume=latest."
+            )
+        return path
+    found = checkpoint_folders(directory)
+    damaged = []
+    for path in reversed(found):
+        problem = damage(path)
+        if problem is None:
+            if damaged:
+                logger.warning("skipping damaged checkpoint(s): %s; resuming from %s, the newest whole one.",
+                               "; ".join(damaged), path.name)
+            return path
+        damaged.append(f"{path.name}: {problem}")
+    if damaged:
         raise NestedAttentionError(
-            f"--resume {resume} is not a complete checkpoint (no {COMPLETE} marker); give a checkpoint-* folder "
-            f"under {directory} or 'latest'."
+            f"No whole checkpoint to resume from in {directory} ({'; '.join(damaged)}); restore the damaged "
+            f"files, or drop resume=latest (or choose another output_dir) to start over."
         )
-    return path
+    return None
 
 
 def load_checkpoint(path: Path, adapter: NestedAdapter, optimizer, lr_scheduler) -> TrainState:
-    """Restore adapter weights, optimizer, learning-rate schedule and position from a checkpoint folder."""
+    """Restore adapter weights, optimizer, learning-rate schedule and position from a (verified) checkpoint."""
     adapter.load_adapter_state_dict(load_file(str(path / "adapter" / "nested_adapter.safetensors")), source=str(path))
-    if optimizer is not None and (path / "optimizer.json").is_file():
-        load_optimizer(optimizer, path)
+    if optimizer is not None:
+        if (path / "optimizer.json").is_file():
+            load_optimizer(optimizer, path)
+        else:
+            logger.warning("%s holds no optimizer state (saved under DeepSpeed); Adam's moments restart.", path.name)
     lr_scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     return TrainState(**json.loads((path / STATE).read_text()))
 
 
 def prune_checkpoints(directory: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints and remove leftovers of interrupted saves."""
+    """Keep the newest `keep` finished checkpoints and remove leftovers of interrupted saves and removals."""
     for old in complete_checkpoints(directory)[:-keep]:
-        shutil.rmtree(old)
-    for leftover in directory.glob(".tmp-*"):
+        remove_folder(old)
+    for leftover in [*directory.glob(".tmp-*"), *directory.glob(f"{TRASH_PREFIX}*")]:
         shutil.rmtree(leftover, ignore_errors=True)
