@@ -16,6 +16,7 @@ from .config import CONFIG_NAME, NestedAdapterConfig
 from .encoder import CLIPImageProcessor, SubjectEncoder, default_image_processor
 from .errors import NestedAttentionError
 from .layers import CrossAttentionLayer, cross_attention_layers
+from .paths import looks_like_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +169,12 @@ class NestedAdapter(nn.Module):
                 f"The weights in {source} do not match the adapter config: " + "; ".join(details)
                 + ". The config and weights files must come from the same save_pretrained call."
             )
+        broken = sorted(name for name, tensor in state.items() if not bool(torch.isfinite(tensor).all()))
+        if broken:
+            raise NestedAttentionError(
+                f"The weights in {source} hold NaN or infinite values in {len(broken)} tensors (first: {broken[0]}); "
+                f"the file is damaged or training diverged. Use another checkpoint of the adapter."
+            )
         own = {**dict(self.named_parameters()), **dict(self.named_buffers())}
         with torch.no_grad():
             for name, tensor in state.items():
@@ -249,8 +256,23 @@ def load_image_encoder(name_or_path: str) -> tuple[CLIPVisionModel, CLIPImagePro
         raise NestedAttentionError(
             "The adapter config names no image encoder; pass image_encoder= (or --image-encoder on the command line)."
         )
+    local = Path(name_or_path).expanduser()
+    if looks_like_local_path(name_or_path) and not local.is_dir():
+        raise NestedAttentionError(
+            f"The CLIP image encoder {name_or_path} is no such folder; give the folder of a CLIP vision model "
+            f"(config.json and model.safetensors) or a hub id such as openai/clip-vit-large-patch14."
+        )
+    if local.is_dir() and not list(local.glob("*.safetensors")):
+        pickles = sorted(p.name for p in local.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        raise NestedAttentionError(
+            f"The CLIP image encoder folder {name_or_path} holds no .safetensors weights"
+            + (f", only pickled ones ({', '.join(pickles)}), which are never loaded (loading a pickle runs code)"
+               if pickles else "")
+            + "; convert them to model.safetensors (save_pretrained(..., safe_serialization=True)) or give another "
+            "encoder."
+        )
     try:
-        model = CLIPVisionModel.from_pretrained(name_or_path)
+        model = CLIPVisionModel.from_pretrained(name_or_path, use_safetensors=True)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise NestedAttentionError(

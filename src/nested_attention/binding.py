@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from .errors import NestedAttentionError
+
+logger = logging.getLogger(__name__)
 
 
 def word_token_id(tokenizer, word: str, prompt: str | None = None) -> int:
@@ -27,6 +30,18 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(
         prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
     ).input_ids
+
+
+def warn_if_truncated(tokenizers: Sequence, prompt: str) -> None:
+    """Warn once when `prompt` is longer than a tokenizer keeps: the pipeline cuts it, and the words past the cut."""
+    for tokenizer in tokenizers:
+        length, limit = len(tokenizer(prompt).input_ids), tokenizer.model_max_length
+        if length > limit:
+            kept = tokenizer.decode(tokenizer(prompt, max_length=limit, truncation=True).input_ids,
+                                    skip_special_tokens=True)
+            logger.warning("The prompt %r is %d tokens long; the text encoder reads only the first %d, so it ends "
+                           "at %r. Shorten the prompt.", prompt, length, limit, kept[-40:])
+            return
 
 
 def word_positions(tokenizers: Sequence, prompt: str, word: str) -> list[int]:

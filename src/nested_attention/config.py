@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,8 +61,8 @@ class NestedAdapterConfig:
         if not problems and self.qformer_hidden_size % self.qformer_heads:
             problems.append(f"`qformer_hidden_size` {self.qformer_hidden_size} is not divisible by "
                             f"`qformer_heads` {self.qformer_heads}")
-        if self.alpha is not None and not self.alpha > 0:
-            problems.append(f"`alpha` is {self.alpha!r}; expected a positive number or null")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and 0 < self.alpha < math.inf):
+            problems.append(f"`alpha` is {self.alpha!r}; expected a positive finite number or null")
         if not isinstance(self.word, str) or not self.word.strip() or " " in self.word.strip():
             problems.append(f"`word` is {self.word!r}; expected a single word such as 'person'")
         if self.format_version != FORMAT_VERSION:

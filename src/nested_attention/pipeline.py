@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import NestedAdapter
-from .binding import pipeline_tokenizers, word_positions, word_token_id
+from .binding import pipeline_tokenizers, warn_if_truncated, word_positions, word_token_id
+from .call_checks import check_call
 from .controller import NestedAttentionController, install
 from .encoder import preprocess
 from .errors import NestedAttentionError
@@ -70,6 +71,11 @@ class NestedAttention:
         Binding an adapter to another word is the paper's semantic variation (Fig. 15). With
         `follow_pipeline=False` the adapter keeps its own device and dtype (a trainer's fp32 weights).
         """
+        if word is not None and not (isinstance(word, str) and word.strip()):
+            raise NestedAttentionError(
+                f"The word {word!r} is empty; give the prompt word the subject replaces (e.g. 'person'), or None "
+                f"for the word the adapter was trained with."
+            )
         if not isinstance(adapter, NestedAdapter):
             adapter = NestedAdapter.from_pretrained(adapter, image_encoder=image_encoder)
         adapter.check_compatible(self.controller.layers)
@@ -224,7 +230,9 @@ class NestedAttention:
         prompt (the unconditional half of guidance) get exactly the vanilla attention.
         """
         self.controller.check_installed()
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = check_call(self.pipe, prompt, num_images_per_prompt, pipe_kwargs)
+        for text in prompts:
+            warn_if_truncated(self.tokenizers, text)
         if "prompt_embeds" in pipe_kwargs:
             raise NestedAttentionError("Pass prompt strings, not prompt_embeds: the subject word is found by tokenizing them.")
         prompt_2 = pipe_kwargs.get("prompt_2")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import NestedAttentionError
-from .images import load_image
+from .images import as_image
 
 
 @dataclass
@@ -18,7 +19,8 @@ class Subject:
     """The images of one subject and how to use them.
 
     Args:
-        images: one image or several images of the subject (PIL images or file paths). Several images are
+        images: one image or several images of the subject: file paths, PIL images, numpy arrays (H, W) or
+            (H, W, 3 or 4) and torch tensors (3 or 4, H, W), uint8 (0-255) or float (0-1). Several images are
             encoded separately and their tokens concatenated (paper Fig. 13); images of different people give
             identity mixing (Fig. 14).
         weights: optional per-image weights for mixing; image i's tokens get log(weights[i]) added to their
@@ -32,12 +34,23 @@ class Subject:
     lam: float = 1.0
 
     def __post_init__(self):
-        if isinstance(self.images, (Image.Image, str, Path)):
-            self.images = [self.images]
-        self.images = [load_image(i) if isinstance(i, (str, Path)) else i for i in self.images]
+        if isinstance(self.images, (Image.Image, str, Path)) or hasattr(self.images, "shape"):
+            self.images = [self.images]  # one image (an array or tensor is one image, never a list of rows)
+        if self.images is None or not isinstance(self.images, Sequence):
+            raise NestedAttentionError(
+                f"A subject's images are {type(self.images).__name__}; give an image (path, PIL image, array, "
+                f"tensor) or a list of them."
+            )
+        self.images = [as_image(image, f"subject image {i}") for i, image in enumerate(self.images)]
         if not self.images:
             raise NestedAttentionError("A subject needs at least one image.")
         if self.weights is not None:
+            if isinstance(self.weights, (str, bytes)) or not isinstance(self.weights, Sequence) or not all(
+                isinstance(w, numbers.Real) and not isinstance(w, bool) for w in self.weights
+            ):
+                raise NestedAttentionError(
+                    f"Image weights {self.weights!r} must be a list of numbers, one per image (e.g. [2, 1])."
+                )
             self.weights = [float(w) for w in self.weights]
             if len(self.weights) != len(self.images):
                 raise NestedAttentionError(
@@ -47,5 +60,5 @@ class Subject:
                 raise NestedAttentionError(
                     f"Image weights {self.weights} must be finite, non-negative and not all zero."
                 )
-        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam > 0):
+        if not (isinstance(self.lam, numbers.Real) and math.isfinite(self.lam) and self.lam > 0):
             raise NestedAttentionError(f"lambda is {self.lam!r}; expected a positive number (1 = the trained model).")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from nested_attention.adapter import NestedAdapter
 from nested_attention.config import CONFIG_NAME
 from nested_attention.errors import NestedAttentionError
 from nested_attention.images import load_image
+from nested_attention.paths import check_writable, looks_like_local_path
 from nested_attention.pipeline import NestedAttention
 from nested_attention.subject import Subject
 from nested_attention.tiny import TINY_ADAPTER_CONFIG, tiny_image_encoder, tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -24,6 +26,8 @@ TINY_MODELS = {"tiny-sd": tiny_sd_pipeline, "tiny-sdxl": tiny_sdxl_pipeline}
 RANDOM_ADAPTER = "random"
 RANDOM_ADAPTER_WORD = "person"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_STEPS = 1000  # the training timesteps of SD 1.5 and SDXL schedulers: more steps cannot be taken
+SEEDS = 2**64  # torch.Generator seeds are 64-bit
 
 DESCRIPTION = """\
 Generate images of your subjects with a diffusers SD 1.5 / SDXL pipeline and
@@ -106,12 +110,37 @@ class SubjectOption(argparse.Action):
             setattr(spec, self.dest, value)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    value = int(text) if text.strip().lstrip("+-").isdigit() else 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+def int_in(low: int, high: int, what: str):
+    """An argparse type: an integer from `low` to `high`, described as `what` in its error."""
+
+    def parse(text: str) -> int:
+        value = int(text) if text.strip().lstrip("+-").isdigit() else None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = int_in(1, sys.maxsize, "a positive integer")
+
+
+def guidance_scale(text: str) -> float:
+    """argparse type: a finite guidance scale of at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of at least 0 (e.g. 7.5), got {text}")
     return value
+
+
+def subject_word(text: str) -> str:
+    """argparse type: a non-empty word."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a word such as person, got an empty string")
+    return text.strip()
 
 
 def image_side(text: str) -> int:
@@ -148,7 +177,7 @@ def add_parser(commands) -> None:
         help=f"adapter folder; starts a subject. '{RANDOM_ADAPTER}': a fresh, UNTRAINED adapter for plumbing "
              f"checks with tiny models",
     )
-    subjects.add_argument("--word", action=SubjectOption, default=argparse.SUPPRESS,
+    subjects.add_argument("--word", action=SubjectOption, type=subject_word, default=argparse.SUPPRESS,
                           help="the prompt word the subject replaces (default: the adapter's trained word)")
     subjects.add_argument("--image", action=SubjectOption, dest="images", metavar="PATH", default=argparse.SUPPRESS,
                           help="a photo of the subject (repeatable: several photos of one subject)")
@@ -165,17 +194,20 @@ def add_parser(commands) -> None:
     generation.add_argument("--prompt", required=True, metavar="TEXT",
                             help="the prompt; must contain each subject's word")
     generation.add_argument("--negative-prompt", metavar="TEXT", help="what to avoid")
-    generation.add_argument("--steps", type=positive_int, default=30, metavar="N",
-                            help="denoising steps (default: 30)")
-    generation.add_argument("--guidance", type=float, default=7.5, metavar="SCALE",
-                            help="classifier-free guidance scale (default: 7.5)")
-    generation.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default: 0)")
+    generation.add_argument("--steps", type=int_in(1, MAX_STEPS, f"an integer from 1 to {MAX_STEPS}"), default=30,
+                            metavar="N", help=f"denoising steps, at most {MAX_STEPS} (default: 30)")
+    generation.add_argument("--guidance", type=guidance_scale, default=7.5, metavar="SCALE",
+                            help="classifier-free guidance scale, at least 0; 1 or less turns it off (default: 7.5)")
+    generation.add_argument("--seed", type=int_in(0, SEEDS - 1, "an integer from 0 to 2**64 - 1"), default=0,
+                            metavar="N", help="random seed; image i uses seed + i (default: 0)")
     generation.add_argument("--height", type=image_side, metavar="PX",
                             help="image height, a multiple of 8 (default: the model's)")
     generation.add_argument("--width", type=image_side, metavar="PX",
                             help="image width, a multiple of 8 (default: the model's)")
     generation.add_argument("--num-images", type=positive_int, default=1, metavar="N",
                             help="images to generate (default: 1)")
+    generation.add_argument("--batch-size", type=positive_int, default=4, metavar="N",
+                            help="images generated at once; each batch is written before the next (default: 4)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, default=Path("outputs/nested.png"), metavar="PATH",
@@ -191,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
     """Check every input, load the models, generate and save; return the exit code."""
     specs: list[SubjectSpec] = args.subjects or []
     paths = output_paths(args.out, args.num_images)  # cheap checks first, then images, then models
+    check_writable(args.out, "--out")
     source = model_source(args.model)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -202,20 +235,24 @@ def run(args: argparse.Namespace) -> int:
     for seed, (spec, adapter, name) in enumerate(zip(specs, adapters, names)):
         na.load_adapter(adapter or random_adapter(na.pipe.unet, seed=seed), word=spec.word, name=name)
     size = {key: value for key, value in (("height", args.height), ("width", args.width)) if value is not None}
-    images = na(
-        args.prompt,
-        subjects=dict(zip(names, subjects)),
-        num_images_per_prompt=args.num_images,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        generator=torch.Generator(device=device).manual_seed(args.seed),
-        **size,
-    ).images
-    for image, path in zip(images, paths):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
-        print(path)
+    for start in range(0, len(paths), args.batch_size):
+        batch = paths[start : start + args.batch_size]
+        images = na(
+            args.prompt,
+            subjects=dict(zip(names, subjects)),
+            num_images_per_prompt=len(batch),
+            negative_prompt=args.negative_prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            # one generator per image: image i is the same whatever the batch size
+            generator=[torch.Generator(device=device).manual_seed((args.seed + i) % SEEDS)
+                       for i in range(start, start + len(batch))],
+            **size,
+        ).images
+        for image, path in zip(images, batch):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+            print(path)
     return 0
 
 
@@ -357,7 +394,7 @@ def model_source(model: str) -> str:
                 f"written by save_pretrained (or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5)."
             )
         return str(path)
-    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
+    if looks_like_local_path(model):
         raise NestedAttentionError(
             f"--model {model} does not exist; give a diffusers pipeline folder or a hub id such as "
             f"stable-diffusion-v1-5/stable-diffusion-v1-5."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 
@@ -51,6 +52,19 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.set_verbosity_error()
 
 
+class WarningLine(logging.Handler):
+    """Prints the library's warnings (a prompt cut at the tokenizer's limit) as `warning: <message>` on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"warning: {record.getMessage()}", file=sys.stderr)  # sys.stderr at each call: tests capture it
+
+
+def show_library_warnings() -> None:
+    library = logging.getLogger("nested_attention")
+    if not any(isinstance(handler, WarningLine) for handler in library.handlers):
+        library.addHandler(WarningLine(level=logging.WARNING))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with its `generate` and `demo` sub-commands."""
     from . import demo, evaluate, generate, toy  # after quiet_libraries(): these import diffusers' pipelines
@@ -84,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         from nested_attention_train.trainer import main as train_main
 
         return train_main(argv[1:])
+    show_library_warnings()
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
