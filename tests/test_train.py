@@ -138,7 +138,7 @@ def test_half_written_checkpoint_is_never_picked_up(triplets, tmp_path, monkeypa
                                     torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)], lr=1), lambda s: 1),
                                     checkpoints.TrainState(step=6), save_image_encoder=True)
     assert list(directory.glob(".tmp-checkpoint-00000006-*"))
-    (directory / "checkpoint-00000008").mkdir()  # a folder without its COMPLETE marker
+    (directory / "checkpoint-00000008").mkdir()  # a folder without its manifest
     (directory / "checkpoint-00000008" / "trainer_state.json").write_text("{}")
     assert checkpoints.resolve_resume(directory, "latest") == latest
     checkpoints.prune_checkpoints(directory, keep=5)
@@ -268,7 +268,9 @@ def test_make_shards_command(triplets, tmp_path, capsys):
 
 def test_corrupt_image_found_during_training(tmp_path, capsys):
     folder = make_triplets(tmp_path / "data", count=4)
-    (folder / "s2.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")  # exists, so it passes the start checks
+    subject_image(2, size=48).save(folder / "s2.png", format="JPEG")  # JPEG data under a .png name: decoded by content
+    jpeg = (folder / "s2.png").read_bytes()
+    (folder / "s2.png").write_bytes(jpeg[:-40])  # cut short in its image data: the header passes the pre-flight check
     common = [f"data={folder}", "train_batch_size=1", "lr_scheduler=constant"]
     assert run(*common, f"output_dir={tmp_path / 'stop'}", "max_steps=4") == 2
     error = capsys.readouterr().err

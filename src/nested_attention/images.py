@@ -19,13 +19,8 @@ MAX_PIXELS = 8192 * 8192
 UNREADABLE = (Image.DecompressionBombError, UnidentifiedImageError, OSError, SyntaxError, ValueError)
 
 
-def to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
-    """Check a subject image's size and return it as RGB.
-
-    Transparent images are composited onto white, which the paper found best for pets; grayscale, palette
-    and 16-bit images are converted, and 32-bit float images (mode F) are scaled from 0-1 (or taken as 0-255). Images smaller than MIN_SIDE pixels on a side carry no identity to
-    encode, and images above MAX_PIXELS would only be downscaled after costing gigabytes: both are refused.
-    """
+def check_size(image: Image.Image, name: str) -> None:
+    """Refuse images below MIN_SIDE pixels on a side or above MAX_PIXELS (read from the header, not decoded)."""
     width, height = image.size
     if min(width, height) < MIN_SIDE:
         raise NestedAttentionError(
@@ -37,6 +32,31 @@ def to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
             f"{name} is {width}x{height} pixels ({width * height / 1e6:.0f} MP); the limit is "
             f"{MAX_PIXELS / 1e6:.0f} MP. Downscale it first: the encoder sees a few hundred pixels anyway."
         )
+
+
+def check_image_file(path: str | Path, name: str) -> None:
+    """A quick check of an image file without decoding it: a readable header, the size limits, and (for PNG and
+    other formats whose Pillow plugin verifies) complete, uncorrupted data."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                check_size(image, name)
+                image.verify()
+    except NestedAttentionError:
+        raise
+    except UNREADABLE as error:
+        raise _unreadable(error, name) from None
+
+
+def to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
+    """Check a subject image's size and return it as RGB.
+
+    Transparent images are composited onto white, which the paper found best for pets; grayscale, palette
+    and 16-bit images are converted, and 32-bit float images (mode F) are scaled from 0-1 (or taken as 0-255). Images smaller than MIN_SIDE pixels on a side carry no identity to
+    encode, and images above MAX_PIXELS would only be downscaled after costing gigabytes: both are refused.
+    """
+    check_size(image, name)
     image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from diffusers.optimization import SchedulerType
 
 from nested_attention.errors import NestedAttentionError
+
+LR_SCHEDULERS = [kind.value for kind in SchedulerType]
+SHELL_URL = re.compile(r"(^|::)\s*pipe:")  # webdataset runs what follows `pipe:` in a shell
 
 
 @dataclass
@@ -22,6 +28,7 @@ class TrainConfig:
     pretrained_model: str = "tiny-sd"  # pipeline folder or hub id; toy: the shipped toy model; tiny-sd / tiny-sdxl: random, for tests
     image_encoder: str = "tiny"  # CLIP vision folder or hub id; toy: the toy CLIP's; tiny: random, for tests
     data: str = ""  # folder with metadata.jsonl, a .jsonl file, or WebDataset shards (e.g. data/{000..099}.tar)
+    allow_shell_commands_in_data: bool = False  # `pipe:CMD` shard URLs run CMD in a shell: only for trusted configs
     word: str = "person"  # the subject word in the prompts (default for records that name none)
     output_dir: str = "outputs/train"
     init_adapter: str | None = None  # start from an exported adapter (phase 2 from phase 1); its architecture wins
@@ -97,8 +104,44 @@ class TrainConfig:
             problems.append("the three drop rates add up to more than 1")
         if self.validation_every and not (self.validation_images and self.validation_prompts):
             problems.append("`validation_every` is set but `validation_images` or `validation_prompts` is empty")
+        problems += self._optimization_problems()
+        if SHELL_URL.search(self.data) and not self.allow_shell_commands_in_data:
+            problems.append(
+                f"`data` {self.data!r} is a pipe: URL, which runs a shell command (whoever wrote the config chooses "
+                f"it); set allow_shell_commands_in_data=true only if you trust that command"
+            )
         if problems:
             raise NestedAttentionError("Invalid training config: " + "; ".join(problems) + ".")
+
+    def _optimization_problems(self) -> list[str]:
+        """Optimizer, schedule and sampler settings that would fail (or train on NaN) after the models load."""
+        problems = []
+        checks = {
+            "learning_rate": (0, math.inf, "a finite number of at least 0"),
+            "weight_decay": (0, math.inf, "a finite number of at least 0"),
+            "adam_epsilon": (0, math.inf, "a finite number of at least 0"),
+            "validation_guidance": (0, math.inf, "a finite number of at least 0"),
+            "adam_beta1": (0, 1, "a number in [0, 1), e.g. 0.9"),
+            "adam_beta2": (0, 1, "a number in [0, 1), e.g. 0.999"),
+        }
+        for name, (low, high, expected) in checks.items():
+            value = getattr(self, name)
+            if not (math.isfinite(value) and low <= value < high):
+                problems.append(f"`{name}` is {value}; expected {expected}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            problems.append(f"`max_grad_norm` is {self.max_grad_norm}; expected a finite number above 0")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            problems.append(f"`alpha` is {self.alpha}; expected a positive finite number or null")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            close = difflib.get_close_matches(self.lr_scheduler, LR_SCHEDULERS, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            problems.append(f"`lr_scheduler` is {self.lr_scheduler!r}; {hint}expected one of {', '.join(LR_SCHEDULERS)}")
+        for name in ("lr_warmup_steps", "seed", "validation_every", "num_workers"):
+            if getattr(self, name) < 0:
+                problems.append(f"`{name}` is {getattr(self, name)}; expected at least 0")
+        if self.validation_steps < 1:
+            problems.append(f"`validation_steps` is {self.validation_steps}; expected at least 1")
+        return problems
 
     @property
     def adapter_kwargs(self) -> dict:

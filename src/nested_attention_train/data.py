@@ -223,14 +223,18 @@ class SampleBuilder:
         self.drop_rates = rates
         self.max_subject_images = max_subject_images
 
-    def build(self, record: Record, rng: random.Random, load: Callable[[str, str], Image.Image]) -> dict:
-        """The sample of `record`; `load(reference, name)` opens its images. Raises NestedAttentionError if bad."""
+    def check(self, record: Record) -> None:
+        """What can be checked without the images: their count, and the word as the tokenizers see the prompt."""
         if len(record.subject_images) > self.max_subject_images:
             raise DataError(
                 f"the record has {len(record.subject_images)} subject images; at most {self.max_subject_images} "
                 f"are used (max_subject_images). Remove some or raise the limit."
             )
         word_positions(self.tokenizers, record.prompt, record.word)  # the exact check, before any dropout
+
+    def build(self, record: Record, rng: random.Random, load: Callable[[str, str], Image.Image]) -> dict:
+        """The sample of `record`; `load(reference, name)` opens its images. Raises NestedAttentionError if bad."""
+        self.check(record)
         dropped = self._draw_dropout(rng)
         prompt = {"text": record.word, "both": ""}.get(dropped, record.prompt)
         target_pixels, original_size, crop_top_left = self._target(load(record.target_image, "Target image"), rng)

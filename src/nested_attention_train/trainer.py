@@ -21,11 +21,13 @@ from tqdm.auto import tqdm
 
 from nested_attention import install
 from nested_attention.errors import NestedAttentionError
+from nested_attention.paths import check_writable
 
 from . import data
 from .checkpoints import TrainState, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from .config import TrainConfig, load_config, save_config
 from .models import NAMED_IMAGE_ENCODERS, BaseModel, load_adapter, load_base_model
+from .preflight import check_records
 from .step import NestedTrainingModule
 from .validation import save_grid, validation_grid
 
@@ -99,10 +101,12 @@ def build_dataloader(
         )
         return loader, dataset
     records, problems = data.read_metadata(config.data, default_word=config.word, skip_bad=config.skip_bad_data)
+    dataset = data.TripletDataset(records, **common)
+    dataset.records, bad = check_records(records, dataset.builder, config.skip_bad_data)  # before step 0
+    problems += bad
     if problems:
         logger.warning("skipped %d bad records of %d (skip_bad_data): first: %s",
-                       len(problems), len(problems) + len(records), problems[0])
-    dataset = data.TripletDataset(records, **common)
+                       len(problems), len(problems) + len(dataset.records), problems[0])
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.train_batch_size, shuffle=True, collate_fn=data.collate,
         num_workers=config.num_workers, drop_last=len(dataset) >= config.train_batch_size,
@@ -114,6 +118,7 @@ def build_dataloader(
 def train(config: TrainConfig) -> Path:
     """Run (or resume) a training run; returns the folder of the exported adapter."""
     output_dir = Path(config.output_dir)
+    check_writable(output_dir, "output_dir")  # before hours of work, not at the first checkpoint
     accelerator = Accelerator(
         cpu=several_processes_without_gpu(),
         mixed_precision=config.mixed_precision,
