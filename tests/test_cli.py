@@ -142,56 +142,7 @@ def test_non_rgb_images_are_converted(assets, tmp_path, capsys, mode, note):
     assert f"note: {image} {note}" in capsys.readouterr().err
 
 
-# ---- bad input: one line, exit code 2, no traceback ------------------------------------------------------------
-
-
-BAD_INPUTS = {  # name: (generate arguments, with {asset} placeholders; a fragment the error must contain)
-    "word missing from prompt": (["--adapter", "{person}", "--image", "{image}", "--prompt", "a photo of a dog"],
-                                 "does not contain the subject word 'person'"),
-    "multi-token word": (["--adapter", "{person}", "--word", "dachshund", "--image", "{image}",
-                          "--prompt", "a dachshund"], "split by the tokenizer"),
-    "corrupt image": (["--adapter", "{person}", "--image", "{corrupt}", "--prompt", "a person"],
-                      "could not be read as an image"),
-    "missing image": (["--adapter", "{person}", "--image", "{root}/nope.png", "--prompt", "a person"],
-                      "nope.png does not exist"),
-    "tiny image": (["--adapter", "{person}", "--image", "{small}", "--prompt", "a person"], "8x8 pixels"),
-    "huge image": (["--adapter", "{person}", "--image", "{huge}", "--prompt", "a person"], "huge.png"),
-    "no image": (["--adapter", "{person}", "--prompt", "a person"], "has no --image"),
-    "empty adapter folder": (["--adapter", "{empty}", "--image", "{image}", "--prompt", "a person"],
-                             "is not a nested attention adapter"),
-    "missing adapter folder": (["--adapter", "{root}/nowhere", "--image", "{image}", "--prompt", "a person"],
-                               "nowhere does not exist"),
-    "same word twice": (["--adapter", "{person}", "--image", "{image}", "--adapter", "{person}", "--image", "{image}",
-                         "--prompt", "a person"], "both bound to the word 'person'"),
-}
-
-
-@pytest.mark.parametrize("name", list(BAD_INPUTS))
-def test_bad_input(assets, tmp_path, capsys, name):
-    template, fragment = BAD_INPUTS[name]
-    extra = [arg.format(**vars(assets)) for arg in template]
-    assert generate(assets, tmp_path / "out.png", *extra) == 2
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and fragment in errors[0], err
-    assert not (tmp_path / "out.png").exists()
-
-
-def test_missing_model_folder(assets, tmp_path, capsys):
-    code = run_cli("generate", "--model", str(tmp_path / "no-model"), "--adapter", str(assets.person),
-                   "--image", str(assets.image), "--prompt", "a person", "--out", str(tmp_path / "out.png"))
-    assert code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "no-model does not exist" in err and "Traceback" not in err
-
-
-def test_subject_option_before_adapter(assets, tmp_path, capsys):
-    code = generate(assets, tmp_path / "out.png", "--image", str(assets.image), "--adapter", str(assets.person),
-                    "--prompt", "a person")
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "--image" in err and "before any --adapter" in err and "Traceback" not in err
+# ---- bad input: tests/test_bad_inputs.py holds the corpus ------------------------------------------------------
 
 
 # ---- demo -------------------------------------------------------------------------------------------------------

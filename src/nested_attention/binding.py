@@ -39,8 +39,9 @@ def warn_if_truncated(tokenizers: Sequence, prompt: str) -> None:
         if length > limit:
             kept = tokenizer.decode(tokenizer(prompt, max_length=limit, truncation=True).input_ids,
                                     skip_special_tokens=True)
+            shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
             logger.warning("The prompt %r is %d tokens long; the text encoder reads only the first %d, so it ends "
-                           "at %r. Shorten the prompt.", prompt, length, limit, kept[-40:])
+                           "at %r. Shorten the prompt.", shown, length, limit, kept[-40:])
             return
 
 
