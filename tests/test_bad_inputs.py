@@ -49,6 +49,9 @@ def bad(assets, tmp_path_factory):  # noqa: F811
     subject_image(0, size=64).save(truncated)
     truncated.write_bytes(truncated.read_bytes()[:-60])
 
+    (root / "subjects").mkdir()
+    subject_image(0).save(root / "subjects" / "a.png")
+    (root / "prompts.txt").write_text("a photo of a person\n")
     data = {}
     for name, change in {
         "tiny-image": lambda folder: subject_image(1, size=4).save(folder / "s1.png"),
@@ -60,7 +63,8 @@ def bad(assets, tmp_path_factory):  # noqa: F811
         change(folder)
         data[name] = folder
     return SimpleNamespace(root=root, infinite_alpha=infinite_alpha, nan_weights=nan_weights, pickled=pickled,
-                           hdr=root / "hdr.tif", file=root / "a-file", truncated=truncated, data=data,
+                           hdr=root / "hdr.tif", file=root / "a-file", subjects=root / "subjects",
+                           prompts=root / "prompts.txt", truncated=truncated, data=data,
                            good_data=make_triplets(root / "data-good", count=3))
 
 
@@ -76,6 +80,7 @@ def _rewrite(folder: Path, line: int, **fields) -> None:
 GENERATE = ["generate", "--model", "{model}", "--steps", "1", "--out", "{out}"]
 PERSON = ["--adapter", "{person}", "--image", "{image}"]
 TRAIN = ["train", "--config", TINY, "max_steps=1", "output_dir={out_dir}"]
+EVALUATE = ["evaluate", "--model", "tiny-sd", "--baseline", "--subjects", "{subjects}", "--prompts", "{prompts}"]
 
 CLI_CASES = {
     # generate: numbers
@@ -131,6 +136,9 @@ CLI_CASES = {
                               "only pickled ones (pytorch_model.bin)"),
     "missing image encoder": ([*GENERATE, *PERSON, "--image-encoder", "/nonexistent/clip", "--prompt", "a person"],
                               "is no such folder"),
+    # evaluate
+    "evaluate out under /proc": ([*EVALUATE, "--out", "/proc/nested-attention-test"], "cannot be written"),
+    "evaluate out under a file": ([*EVALUATE, "--out", "{file}/eval"], "is a file, not a folder"),
     # train: the config, checked before the models load
     "learning rate negative": ([*TRAIN, "data={good_data}", "learning_rate=-1"], "`learning_rate` is -1.0"),
     "learning rate nan": ([*TRAIN, "data={good_data}", "learning_rate=.nan"], "`learning_rate` is nan"),

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from nested_attention.errors import NestedAttentionError
+from nested_attention.paths import check_writable
 
 from .generate import (
     RANDOM_ADAPTER,
@@ -101,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         raise NestedAttentionError("Nothing to evaluate: give at least one --adapter, or --baseline for the base model.")
     if args.out.exists() and not args.out.is_dir():
         raise NestedAttentionError(f"--out {args.out} is a file; give a folder.")
+    check_writable(args.out, "--out")
     subject_files = load_subjects(args.subjects)
     prompts = read_prompts(args.prompts)
     named = [parse_adapter(a) for a in args.adapter]
