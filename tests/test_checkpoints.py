@@ -57,6 +57,7 @@ DAMAGE = {
     "scheduler.json": lambda p: p.write_text(""),
     "trainer_state.json": lambda p: p.write_text(p.read_text() + '{"step": 99}'),
     "adapter/nested_adapter_config.json": lambda p: p.write_text(p.read_text().replace('"alpha"', '"alpha" ')),
+    "adapter/added.safetensors": lambda p: p.write_bytes(b"not written with the checkpoint"),
 }
 
 

@@ -77,7 +77,8 @@ def damage(folder: Path) -> str | None:
             return f"{name} has {path.stat().st_size} bytes, not the {size} it was written with"
         if sha256(path) != expected:
             return f"{name} has changed since it was written (its SHA-256 differs)"
-    extra = sorted(p.relative_to(folder).as_posix() for p in _files(folder) if p.relative_to(folder).as_posix() not in entries)
+    present = {p.relative_to(folder).as_posix() for p in _files(folder) if not p.name.startswith(".")}
+    extra = sorted(present - set(entries))  # hidden files (.DS_Store) are the file browser's, not a change
     if extra:
         return f"{extra[0]} was not part of it when it was written"
     return None
