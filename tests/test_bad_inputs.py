@@ -139,6 +139,10 @@ CLI_CASES = {
     # evaluate
     "evaluate out under /proc": ([*EVALUATE, "--out", "/proc/nested-attention-test"], "cannot be written"),
     "evaluate out under a file": ([*EVALUATE, "--out", "{file}/eval"], "is a file, not a folder"),
+    "evaluate guidance inf": ([*EVALUATE, "--out", "{out_dir}", "--guidance", "inf"], "--guidance"),
+    "evaluate lambda 0": ([*EVALUATE, "--out", "{out_dir}", "--lam", "1", "0"], "a positive number"),
+    "evaluate seed negative": ([*EVALUATE, "--out", "{out_dir}", "--seeds", "-1"], "2**64 - 1"),
+    "evaluate steps huge": ([*EVALUATE, "--out", "{out_dir}", "--steps", "5000"], "from 1 to 1000"),
     # train: the config, checked before the models load
     "learning rate negative": ([*TRAIN, "data={good_data}", "learning_rate=-1"], "`learning_rate` is -1.0"),
     "learning rate nan": ([*TRAIN, "data={good_data}", "learning_rate=.nan"], "`learning_rate` is nan"),

@@ -11,15 +11,21 @@ from nested_attention.errors import NestedAttentionError
 from nested_attention.paths import check_writable
 
 from .generate import (
+    MAX_STEPS,
     RANDOM_ADAPTER,
     RANDOM_ADAPTER_WORD,
     adapter_source,
+    finite_float,
+    guidance_scale,
     load_pipeline,
     model_source,
     positive_int,
     random_adapter,
     resolve_device,
     resolve_dtype,
+    seed_value,
+    step_count,
+    subject_word,
 )
 
 DESCRIPTION = """\
@@ -63,17 +69,21 @@ def add_parser(commands) -> None:
                         help="the base pipeline: toy, a diffusers folder, or a hub id")
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
                         help="an adapter folder or shipped name (toy-person, toy-pet); repeat to compare several")
-    parser.add_argument("--word", help="the subject word for every setting (default: each adapter's own)")
+    parser.add_argument("--word", type=subject_word,
+                        help="the subject word for every setting (default: each adapter's own)")
     parser.add_argument("--baseline", action="store_true", help="also the base model without adapter")
     parser.add_argument("--subjects", type=Path, required=True, metavar="DIR", help="subject images (see above)")
     parser.add_argument("--prompts", type=Path, required=True, metavar="FILE", help="one prompt per line")
-    parser.add_argument("--lam", type=float, nargs="+", default=[1.0], metavar="L", help="lambda values (default: 1)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S", help="seeds (default: 0)")
+    parser.add_argument("--lam", type=finite_float(0, "a positive number", above=True), nargs="+", default=[1.0],
+                        metavar="L", help="lambda values (default: 1)")
+    parser.add_argument("--seeds", type=seed_value, nargs="+", default=[0], metavar="S", help="seeds (default: 0)")
     parser.add_argument("--identity", metavar="KIND[:PATH]", help="identity scorer (see above)")
     parser.add_argument("--prompt-score", action="append", default=[], metavar="KIND[:PATH]",
                         help="prompt-alignment scorer; repeat for several (see above)")
-    parser.add_argument("--steps", type=positive_int, default=30, metavar="N", help="denoising steps (default: 30)")
-    parser.add_argument("--guidance", type=float, default=5.0, metavar="SCALE", help="guidance scale (default: 5)")
+    parser.add_argument("--steps", type=step_count, default=30, metavar="N",
+                        help=f"denoising steps, at most {MAX_STEPS} (default: 30)")
+    parser.add_argument("--guidance", type=guidance_scale, default=5.0, metavar="SCALE",
+                        help="guidance scale (default: 5)")
     parser.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="images per batch (default: 8)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")

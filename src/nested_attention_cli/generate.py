@@ -123,17 +123,26 @@ def int_in(low: int, high: int, what: str):
 
 
 positive_int = int_in(1, sys.maxsize, "a positive integer")
+step_count = int_in(1, MAX_STEPS, f"an integer from 1 to {MAX_STEPS}")
+seed_value = int_in(0, SEEDS - 1, "an integer from 0 to 2**64 - 1")
 
 
-def guidance_scale(text: str) -> float:
-    """argparse type: a finite guidance scale of at least 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number of at least 0 (e.g. 7.5), got {text}")
-    return value
+def finite_float(low: float, what: str, above: bool = False):
+    """An argparse type: a finite number of at least `low` (above `low` with `above`), described as `what`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if above else value >= low)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    return parse
+
+
+guidance_scale = finite_float(0, "a finite number of at least 0 (e.g. 7.5)")
 
 
 def subject_word(text: str) -> str:
@@ -194,11 +203,11 @@ def add_parser(commands) -> None:
     generation.add_argument("--prompt", required=True, metavar="TEXT",
                             help="the prompt; must contain each subject's word")
     generation.add_argument("--negative-prompt", metavar="TEXT", help="what to avoid")
-    generation.add_argument("--steps", type=int_in(1, MAX_STEPS, f"an integer from 1 to {MAX_STEPS}"), default=30,
+    generation.add_argument("--steps", type=step_count, default=30,
                             metavar="N", help=f"denoising steps, at most {MAX_STEPS} (default: 30)")
     generation.add_argument("--guidance", type=guidance_scale, default=7.5, metavar="SCALE",
                             help="classifier-free guidance scale, at least 0; 1 or less turns it off (default: 7.5)")
-    generation.add_argument("--seed", type=int_in(0, SEEDS - 1, "an integer from 0 to 2**64 - 1"), default=0,
+    generation.add_argument("--seed", type=seed_value, default=0,
                             metavar="N", help="random seed; image i uses seed + i (default: 0)")
     generation.add_argument("--height", type=image_side, metavar="PX",
                             help="image height, a multiple of 8 (default: the model's)")
