@@ -236,6 +236,7 @@ API_CASES = {
     "guidance_scale nan": (lambda na, bad: call(na, guidance_scale=math.nan), "guidance_scale is nan"),
     "steps past the schedule": (lambda na, bad: na("a person", {"person": Subject(subject_image(0))},
                                                    num_inference_steps=100_000), "num_inference_steps is 100000"),
+    "subjects as a list": (lambda na, bad: na("a person", [Subject(subject_image(0))]), "subjects is list"),
     "empty word": (lambda na, bad: na.load_adapter(make_adapter(na.pipe.unet), word=" ", name="x"), "is empty"),
     "alpha infinity": (lambda na, bad: NestedAdapter.from_pretrained(bad.infinite_alpha), "`alpha` is inf"),
     "NaN weights": (lambda na, bad: NestedAdapter.from_pretrained(bad.nan_weights), "NaN or infinite"),
@@ -251,7 +252,7 @@ def test_api_bad_input_is_one_sentence(na, bad, name):
     assert fragment in str(caught.value)
 
 
-def test_arrays_tensors_and_float_images_give_the_same_subject_as_the_8_bit_image():
+def test_arrays_tensors_and_float_images_give_the_same_subject_as_the_8_bit_image(tmp_path):
     image = subject_image(3)
     pixels = np.array(image)
     given = [
@@ -263,8 +264,9 @@ def test_arrays_tensors_and_float_images_give_the_same_subject_as_the_8_bit_imag
     for value in given:
         assert np.array_equal(np.asarray(Subject(value).images[0]), pixels)
     gray = np.asarray(image.convert("L"))
-    float_image = Image.fromarray(gray.astype(np.float32) / 255, "F")  # a 32-bit float TIFF opens as mode F
-    assert np.array_equal(np.asarray(Subject(float_image).images[0].convert("L")), gray)
+    Image.fromarray(gray.astype(np.float32) / 255, "F").save(tmp_path / "float.tif")  # 32-bit float, 0-1
+    for float_image in (tmp_path / "float.tif", Image.open(tmp_path / "float.tif")):  # a path, or opened: mode F
+        assert np.array_equal(np.asarray(Subject(float_image).images[0].convert("L")), gray)
 
 
 def test_a_bad_shard_sample_names_the_shard_and_key(bad, tmp_path, capsys):

@@ -168,6 +168,11 @@ class NestedAttention:
                 prompt does not use this adapter) per prompt.
             num_images_per_prompt: rows per prompt, as the pipeline repeats them.
         """
+        if not isinstance(subjects, Mapping):
+            raise NestedAttentionError(
+                f"subjects is {type(subjects).__name__}; expected a dict from adapter name to Subject, e.g. "
+                f"{{'person': Subject('me.jpg')}}."
+            )
         unknown = sorted(set(subjects) - set(self.adapters))
         if unknown:
             raise NestedAttentionError(
