@@ -126,7 +126,7 @@ def test_kill_during_removal_leaves_only_whole_checkpoints(run_copy, action):
     run, folder = run_copy
     directory = run / "checkpoints"
     killed = subprocess.run([sys.executable, "-c", KILL_DURING_REMOVAL, str(directory), action],
-                            env={"PYTHONPATH": str(SRC), "PATH": ""}, capture_output=True, text=True)
+                            env={"PYTHONPATH": str(SRC), "PATH": "", "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     assert list(directory.glob(".removing-*"))  # the half-removed folder is out of the way
     assert all(damage(path) is None for path in directory.glob("checkpoint-*"))

@@ -62,7 +62,7 @@ def damage(folder: Path) -> str | None:
         if not isinstance(entries, dict):
             raise TypeError
     except FileNotFoundError:
-        return f"it has no {MANIFEST} (it was never finished)"
+        return f"it has no {MANIFEST} (it was never finished, or predates manifests)"
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         return f"{MANIFEST} is unreadable"
     for name, entry in sorted(entries.items()):
