@@ -22,6 +22,7 @@ from nested_attention_eval.scorers import (
 from nested_attention_toy.render import render_input
 from nested_attention_toy.world import (
     DOMAINS,
+    FACTOR_NAMES,
     attribute_names,
     generic_caption,
     prompt_factors,
@@ -29,7 +30,7 @@ from nested_attention_toy.world import (
     sample_identities,
 )
 
-PROMPTS = ["a photo of a {word} on the beach, small, on the left", "a sad {word} in the forest, pencil sketch"]
+PROMPTS = ["a photo of a {word} on the beach, on the left", "a sad {word} in the forest, watercolor painting"]
 
 
 class MeanColour(IdentityEmbedder):
@@ -131,7 +132,7 @@ def test_prompt_factors_read_back_every_caption():
     for i in range(500):
         context = sample_context(rng)
         assert prompt_factors(generic_caption(DOMAINS[i % 2], context, rng)) == context.as_dict()
-    assert prompt_factors("a sad person in the forest, pencil sketch") == {"scene": "forest", "style": "pencil sketch", "expression": "sad"}
+    assert prompt_factors("a sad person in the forest, watercolor painting") == {"scene": "forest", "style": "watercolor", "expression": "sad"}
     assert prompt_factors("a sad person with an angry pet") == {}  # two expressions: neither is the person's for sure
 
 
@@ -242,7 +243,7 @@ def test_toy_eval_writes_every_key(tmp_path, capsys):
     for domain in ("person", "pet"):
         assert metrics[domain]["oracle_attribute_accuracy"] >= 0.5  # real renders: most attributes read right
     assert metrics["oracle_id_top1"] == 1.0  # real renders of 2 subjects: the identity networks tell them apart
-    for factor in ("scene", "style", "expression", "position", "size"):  # per context value: the images add up
+    for factor in FACTOR_NAMES:  # per context value: the images add up
         counts = metrics[f"count_by_{factor}"]
         assert sum(counts.values()) == 2 * 2 * 1  # 2 domains x 2 subjects x 1 context
         for prefix in ("", "baseline_", "oracle_"):

@@ -13,86 +13,14 @@ from nested_attention.tiny import write_clip_tokenizer
 from nested_attention_toy.corpus import make_corpus
 from nested_attention_toy.diffusion import Grounding, make_unet, train_unet
 from nested_attention_toy.grounding import grounding_loss, install_recorder, word_positions
-from nested_attention_toy.render import render_target, render_target_with_mask, render_target_with_masks
 from nested_attention_toy.world import (
     CONTEXT_FACTORS,
     DOMAINS,
     FACTOR_NAMES,
-    Context,
     generic_caption,
     sample_context,
-    sample_identities,
     vocabulary,
 )
-
-
-@pytest.mark.parametrize("domain", DOMAINS)
-def test_silhouette_comes_with_the_same_pixels(domain):
-    rng = np.random.default_rng(5)
-    for identity in sample_identities(domain, 3, rng, held_out=False):
-        context = sample_context(rng)
-        image, mask = render_target_with_mask(identity, context, seed=9)
-        assert np.array_equal(np.asarray(image), np.asarray(render_target(identity, context, seed=9)))
-        assert mask.shape == (64, 64) and mask.dtype == np.float32
-        assert 0 <= mask.min() and mask.max() <= 1
-        assert 0.01 < mask.mean() < 0.7  # a subject, not the whole frame and not nothing
-
-
-@pytest.mark.parametrize("domain", DOMAINS)
-def test_symbol_mask_is_the_emotion_symbol_beside_the_subject(domain):
-    rng = np.random.default_rng(11)
-    for identity in sample_identities(domain, 4, rng, held_out=False):
-        context = sample_context(rng)
-        image, mask, symbol = render_target_with_masks(identity, context, seed=3)
-        same_image, same_mask = render_target_with_mask(identity, context, seed=3)
-        assert np.array_equal(np.asarray(image), np.asarray(same_image)) and np.array_equal(mask, same_mask)
-        assert symbol.dtype == np.float32 and bool((symbol <= mask + 1e-6).all())  # part of the silhouette
-        rows, cols = np.nonzero(symbol > 0.5)
-        assert len(rows) >= 15  # a symbol about 12 px across, some of it beside the head rather than over it
-        assert rows.max() - rows.min() <= 16 and cols.max() - cols.min() <= 16  # the symbol alone, not the subject
-        assert symbol.sum() < 0.3 * mask.sum()
-
-
-def test_angry_symbol_is_a_filled_burst():
-    """The anger symbol is a filled shape (about 70 px of a 64 px render), not the thin vein (about 40 px) that the
-    sixth build's latents kept in half of the renders and its base model never drew."""
-    rng = np.random.default_rng(5)
-    angry = CONTEXT_FACTORS["expression"].index("angry")
-    for domain in DOMAINS:
-        for identity in sample_identities(domain, 3, rng, held_out=False):
-            values = list(sample_context(rng).values)
-            values[FACTOR_NAMES.index("expression")] = angry
-            _, _, symbol = render_target_with_masks(identity, Context(tuple(values)), seed=3)
-            assert symbol.sum() >= 60, (domain, float(symbol.sum()))
-
-
-def test_pencil_sketch_draws_the_emotion_symbol_in_colour():
-    """A pencil sketch is grey except for its emotion symbols, drawn in coloured pencil: in grey only their outlines
-    told the expressions apart, and the seventh build's base model drew the prompted one in 31 % of pencil sketches.
-    The symbol's own colour (the cloud of "sad" is a grey blue, the least coloured) stands out from the graphite,
-    in single-subject renders and in person + pet scenes alike."""
-    from nested_attention_toy.render import render_scene
-
-    def saturation(image):
-        pixels = np.asarray(image, np.float32)
-        return pixels.max(2) - pixels.min(2)
-
-    rng = np.random.default_rng(5)
-    pencil = CONTEXT_FACTORS["style"].index("pencil sketch")
-    for e in range(len(CONTEXT_FACTORS["expression"])):
-        for domain in DOMAINS:
-            identity = sample_identities(domain, 1, rng, held_out=False)[0]
-            values = list(sample_context(rng).values)
-            values[FACTOR_NAMES.index("style")], values[FACTOR_NAMES.index("expression")] = pencil, e
-            image, _, symbol = render_target_with_masks(identity, Context(tuple(values)), seed=3)
-            s = saturation(image)
-            inside, outside = float(s[symbol > 0.5].mean()), float(s[symbol < 0.01].mean())
-            assert outside < 10 and inside > outside + 12, (e, domain, inside, outside)
-        person, pet = (sample_identities(d, 1, rng, held_out=False)[0] for d in ("person", "pet"))
-        values = list(sample_context(rng).values)
-        values[FACTOR_NAMES.index("style")], values[FACTOR_NAMES.index("expression")] = pencil, e
-        colourful = saturation(render_scene(person, pet, Context(tuple(values)), seed=3)) > 15
-        assert colourful.sum() >= 24, e  # two symbols of about 12 px across: at least a thin "!" each
 
 
 def test_corpus_masks_leave_the_images_unchanged():
@@ -107,7 +35,7 @@ def test_corpus_masks_leave_the_images_unchanged():
     both = make_corpus(24, seed=2, workers=1, masks=True, symbols=True)
     assert torch.equal(both.images, plain.images) and torch.equal(both.masks, masked.masks)
     assert both.symbols.shape == (24, 64, 64) and bool((both.symbols[~targets] == 0).all())
-    assert bool((both.symbols <= both.masks).all()) and torch.equal(both.subset([3, 1]).symbols, both.symbols[[3, 1]])
+    assert torch.equal(both.subset([3, 1]).symbols, both.symbols[[3, 1]])
     with pytest.raises(ValueError, match="masks"):
         make_corpus(4, seed=2, workers=1, symbols=True)
 

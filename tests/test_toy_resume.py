@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import nested_attention_toy.build as build_module
+import nested_attention_toy.stages as stages_module
 from nested_attention_toy.build import CHECKPOINT, PARTIAL, SMOKE, build
 from nested_attention_toy.diffusion import TextTraining, make_unet, train_unet
 from nested_attention_toy.resume import saved_progress
@@ -36,12 +36,12 @@ class _StopAt:
             raise Interrupted
 
 
-_REAL_BAR = build_module._bar
+_REAL_BAR = stages_module._bar
 
 
 def _interrupt(monkeypatch, stage: str, steps: int) -> None:
     real = _REAL_BAR
-    monkeypatch.setattr(build_module, "_bar", lambda total, desc: _StopAt(steps) if desc == stage else real(total, desc))
+    monkeypatch.setattr(stages_module, "_bar", lambda total, desc: _StopAt(steps) if desc == stage else real(total, desc))
 
 
 MODEL_FILES = ("pipeline/unet/diffusion_pytorch_model.safetensors", "pipeline/text_encoder/model.safetensors",

@@ -43,22 +43,22 @@ examples:
 """
 
 PERSON_PROMPTS = (
-    "a photo of a smiling person on the beach, large, in the center",
-    "a watercolor painting of a sad person in the forest, large, in the center",
-    "a pencil sketch of a surprised person in a snow field, large, on the left",
-    "a pixel art picture of an angry person on a city street, large, on the right",
+    "a photo of a smiling person on the beach, in the center",
+    "a watercolor painting of a sad person in the forest, on the left",
+    "a cartoon of a surprised person in a snow field, on the right",
+    "a pixel art picture of an angry person on a city street, in the center",
 )
 PET_PROMPTS = (
-    "a cartoon of a sleepy pet in a living room, large, in the center",
-    "a neon drawing of a smiling pet under the night sky, large, on the left",
-    "a photo of a surprised pet in the desert, large, on the right",
-    "a watercolor painting of a sad pet underwater, large, in the center",
+    "a cartoon of a smiling pet in the desert, in the center",
+    "a photo of a surprised pet under the night sky, on the left",
+    "a watercolor painting of an angry pet on the beach, on the right",
+    "a pixel art picture of a sad pet in a snow field, in the center",
 )
-SWEEP_PROMPT = "a pencil sketch of a smiling person in the forest, large, in the center"
+SWEEP_PROMPT = "a watercolor painting of a smiling person in the desert, in the center"
 SCENE_PROMPTS = (
-    "a photo of a smiling person and a sleepy pet on the beach, large, on the left",
-    "a cartoon of a surprised person and a smiling pet in a living room, large, on the right",
-    "a watercolor painting of a sad person and an angry pet in a snow field, large, on the left",
+    "a photo of a smiling person and a sad pet on the beach, on the left",
+    "a cartoon of a surprised person and a smiling pet in the forest, on the right",
+    "a watercolor painting of a sad person and an angry pet in a snow field, on the left",
 )
 LAMBDAS = (1.0, 1.5, 2.0, 3.0, 4.0)
 

@@ -13,16 +13,15 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from nested_attention.adapter import NestedAdapter
-from nested_attention.config import CONFIG_NAME
 from nested_attention.errors import NestedAttentionError
 from nested_attention.images import load_image
 from nested_attention.paths import check_writable, looks_like_local_path
 from nested_attention.pipeline import NestedAttention
+from nested_attention.sources import ADAPTER, MODEL, find, resolve
+from nested_attention.sources import load_pipeline as load_base_pipeline
 from nested_attention.subject import Subject
-from nested_attention.tiny import TINY_ADAPTER_CONFIG, tiny_image_encoder, tiny_sd_pipeline, tiny_sdxl_pipeline
-from nested_attention_toy.assets import ADAPTER_NAMES, adapter_path, model_path
+from nested_attention.tiny import TINY_ADAPTER_CONFIG, tiny_image_encoder
 
-TINY_MODELS = {"tiny-sd": tiny_sd_pipeline, "tiny-sdxl": tiny_sdxl_pipeline}
 RANDOM_ADAPTER = "random"
 RANDOM_ADAPTER_WORD = "person"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -324,16 +323,11 @@ def load_adapter_folder(spec: SubjectSpec) -> NestedAdapter | None:
 
 
 def adapter_source(adapter: str) -> str:
-    """--adapter: a shipped adapter's name (``toy-person``, ``toy-pet``) -> its folder; anything else unchanged."""
-    if adapter not in ADAPTER_NAMES:
-        return adapter
-    path = adapter_path(adapter)
-    if not (path / CONFIG_NAME).is_file():
-        raise NestedAttentionError(
-            f"--adapter {adapter}: the shipped adapter is missing from this installation ({path}); reinstall the "
-            f"package, or train one with nested-attention train --config configs/{adapter}.yaml and pass its folder."
-        )
-    return str(path)
+    """--adapter: a registered adapter's name (``toy-person``, ``toy-pet``) -> its folder; anything else unchanged."""
+    try:
+        return resolve(ADAPTER, adapter)
+    except NestedAttentionError as error:
+        raise NestedAttentionError(f"--adapter {adapter}: {error}") from None
 
 
 def random_adapter(unet: torch.nn.Module, seed: int = 0, word: str = RANDOM_ADAPTER_WORD) -> NestedAdapter:
@@ -384,17 +378,13 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 
 def model_source(model: str) -> str:
-    """Check --model without loading it: a tiny model name, an existing pipeline folder, or a hub id."""
-    if model in TINY_MODELS:
-        return model
-    shipped = model_path(model)
-    if shipped is not None:
-        if not (shipped / "model_index.json").is_file():
-            raise NestedAttentionError(
-                f"--model {model}: the shipped toy model is missing from this installation ({shipped}); reinstall "
-                f"the package, or rebuild it with nested-attention toy build --out DIR and pass --model DIR/pipeline."
-            )
-        return str(shipped)
+    """Check --model without loading it: a registered name (-> its folder, or the name of a tiny model built on the
+    fly), an existing pipeline folder, or a hub id."""
+    if find(MODEL, model) is not None:
+        try:
+            return resolve(MODEL, model)
+        except NestedAttentionError as error:
+            raise NestedAttentionError(f"--model {model}: {error}") from None
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -413,27 +403,4 @@ def model_source(model: str) -> str:
 
 def load_pipeline(source: str, device: str, dtype: torch.dtype) -> DiffusionPipeline:
     """The base pipeline on `device`: a tiny random one, a local folder, or a hub id (downloaded once)."""
-    if source in TINY_MODELS:
-        print(f"note: {source} is a tiny, randomly initialized model: its images are noise-like "
-              f"(for checking the command, not for results).", file=sys.stderr)
-        return TINY_MODELS[source]().to(device=device, dtype=dtype)
-    try:
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
-    except (OSError, ValueError) as error:
-        advice = (
-            "Check that the folder holds a complete diffusers pipeline (model_index.json and one folder per component)."
-            if Path(source).is_dir() else
-            "Check the hub id and the network connection (the model is downloaded once, then cached), or give a "
-            "local diffusers pipeline folder."
-        )
-        reason = short_reason(error)
-        raise NestedAttentionError(f"Could not load the base model {source!r} ({reason}). {advice}") from None
-    return pipe.to(device)
-
-
-def short_reason(error: Exception, limit: int = 240) -> str:
-    """The gist of a library error: its first line, without pointers to a stack trace the user does not see."""
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    sentences = [s for s in first_line.split(". ") if "stacktrace" not in s and "traceback" not in s.lower()]
-    reason = ". ".join(sentences).rstrip(". ")
-    return reason if len(reason) <= limit else reason[: limit - 1].rstrip() + "…"
+    return load_base_pipeline(source, dtype=dtype, device=device)

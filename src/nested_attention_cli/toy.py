@@ -63,7 +63,7 @@ def add_parser(commands) -> None:
     build.add_argument("--resume", action="store_true",
                        help="go on with the interrupted build in --out (with its own size, seed and --reuse)")
     build.add_argument("sizes", nargs="*", metavar="field=value",
-                       help="change the recipe (a field of BuildSize in nested_attention_toy/build.py; values are YAML), "
+                       help="change the recipe (a field of BuildSize in nested_attention_toy/recipe.py; values are YAML), "
                             "e.g. unet_steps=20000 unet_batch=128 unet_widths=[64,128,256]; recorded in build.json")
     build.set_defaults(run=run_build)
 
@@ -112,15 +112,24 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from nested_attention.adapter import NestedAdapter
-    from nested_attention_eval.scorers import prompt_scorer
+    from nested_attention_eval.scorers import ClipTextScorer, prompt_scorer
     from nested_attention_eval.toy_eval import ToyEvalConfig, toy_eval
-    from nested_attention_toy.assets import shipped_path
+    from nested_attention_eval.toy_scorers import metrics_beside, metrics_folder
     from nested_attention_toy.metric_models import FactorClassifier
 
     from .generate import RANDOM_ADAPTER, adapter_source, load_pipeline, model_source, random_adapter, resolve_device
 
     if args.lam <= 0:
         raise NestedAttentionError(f"--lam is {args.lam}; expected a positive number (1 = the trained model).")
+    if args.identities < 2:
+        raise NestedAttentionError(f"--identities is {args.identities}; identity is scored by retrieval among the "
+                                   f"subjects, which needs at least 2 (20, the default, gives chance 0.05).")
+    from nested_attention_toy.world import DOMAINS, side_size
+
+    most = min(side_size(domain, held_out=True) for domain in DOMAINS)
+    if args.identities > most:
+        raise NestedAttentionError(f"--identities is {args.identities}; the held-out side of the split has {most} "
+                                   f"identities in its smaller domain, so at most {most}.")
     if args.scenes < 0:
         raise NestedAttentionError(f"--scenes is {args.scenes}; expected 0 or more.")
     if args.out.exists() and not args.out.is_dir():
@@ -128,7 +137,8 @@ def run_eval(args: argparse.Namespace) -> int:
     given = {"person": args.adapter_person, "pet": args.adapter_pet}
     adapters = {d: None if a == RANDOM_ADAPTER else NestedAdapter.from_pretrained(adapter_source(a)) for d, a in given.items()}
     device = resolve_device(args.device)
-    pipe = load_pipeline(model_source(args.model), device, torch.float32)
+    model = model_source(args.model)
+    pipe = load_pipeline(model, device, torch.float32)
     pipe.set_progress_bar_config(disable=True)
     for seed, domain in enumerate(adapters):
         if adapters[domain] is None:
@@ -136,8 +146,12 @@ def run_eval(args: argparse.Namespace) -> int:
             adapters[domain] = random_adapter(pipe.unet, seed=seed, word=domain)
     config = ToyEvalConfig(seed=args.seed, identities=args.identities, contexts=args.contexts, scenes=args.scenes,
                            lam=args.lam, steps=args.steps, guidance=args.guidance)
-    classifier = FactorClassifier.from_pretrained(shipped_path("metrics/factor_classifier"))
-    metrics = toy_eval(pipe, adapters, args.out, config, prompt_scorer("toy-clip"), classifier)
+    # a build's own metric models and CLIP score its pipeline; the shipped ones score the shipped model
+    metric_models = metrics_beside(Path(model)) or metrics_folder()
+    clip = Path(model).parent / "clip"
+    classifier = FactorClassifier.from_pretrained(metric_models / "factor_classifier")
+    scorer = ClipTextScorer(str(clip)) if (clip / "config.json").is_file() else prompt_scorer("toy-clip")
+    metrics = toy_eval(pipe, adapters, args.out, config, scorer, classifier, metrics=metric_models)
     keys = ("id_top1", "id_similarity", "prompt_accuracy", "clip_t")
     for prefix, label in (("", "adapters"), ("baseline_", "base model"), ("oracle_", "real renders")):
         print(f"{label:>12}: " + ", ".join(f"{k} {metrics[prefix + k]:.3f}" for k in keys))
@@ -168,7 +182,7 @@ def run_data(args: argparse.Namespace) -> int:
 def run_build(args: argparse.Namespace) -> int:
     import torch
 
-    from nested_attention_toy.build import FULL, REUSABLE, SMOKE, build, can_resume, missing_for_reuse
+    from nested_attention_toy.build import FULL, SMOKE, build
 
     device = args.device
     if device == "auto":
@@ -182,31 +196,19 @@ def run_build(args: argparse.Namespace) -> int:
                                            (" ".join(args.sizes), args.sizes)) if value]
         if given:
             raise NestedAttentionError(f"--resume goes on with the build's own settings; drop {', '.join(given)}.")
-        problem = can_resume(args.out)
-        if problem:
-            raise NestedAttentionError(f"--resume expects the folder of an interrupted build: {problem}")
-        try:
-            record = build(args.out, device=device, workers=args.workers, command=command, resume=True)
-        except FileNotFoundError as error:  # the --reuse folder the build copies from is gone
-            raise NestedAttentionError(str(error)) from None
+        record = build(args.out, device=device, workers=args.workers, command=command, resume=True)
         return _built(args.out, record)
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-        raise NestedAttentionError(f"--out {args.out} exists and is not an empty folder; give a new folder "
-                                   f"(or --resume to go on with an interrupted build there).")
-    reuse, parts = None, tuple(args.reuse_parts or REUSABLE)
     if args.reuse_parts and args.reuse is None:
         raise NestedAttentionError("--reuse-parts names what to copy from the --reuse folder; give --reuse DIR too.")
+    reuse = None
     if args.reuse is not None:
         from nested_attention_toy.assets import shipped_path
 
         reuse = shipped_path() if args.reuse == "shipped" else Path(args.reuse)
-        missing = missing_for_reuse(reuse, parts)
-        if missing:
-            raise NestedAttentionError(f"--reuse expects an earlier build folder (or 'shipped'); {reuse} has no "
-                                       f"{', '.join(missing)}.")
     size = build_size(SMOKE if args.smoke else FULL, args.sizes)
-    record = build(args.out, size, seed=args.seed or 0, device=device, workers=args.workers,
-                   command=command, reuse=reuse, reuse_parts=parts)
+    kwargs = {"reuse_parts": tuple(args.reuse_parts)} if args.reuse_parts else {}
+    record = build(args.out, size, seed=args.seed or 0, device=device, workers=args.workers, command=command,
+                   reuse=reuse, **kwargs)
     return _built(args.out, record)
 
 
@@ -214,7 +216,7 @@ def build_size(base, items: list[str]):
     """``base`` (a BuildSize) with the command line's ``field=value`` changes, each checked."""
     import dataclasses
 
-    from nested_attention_toy.build import BuildSize
+    from nested_attention_toy.recipe import BuildSize
     from nested_attention_train.config import parse_overrides
 
     values = parse_overrides(items, BuildSize, "toy build size")

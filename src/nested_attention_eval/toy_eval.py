@@ -97,9 +97,10 @@ def _attribute_hits(images: list[Image.Image], embedder: ToyIdentityEmbedder, su
 
 
 def toy_eval(pipe, adapters: dict[str, object], out: str | Path, config: ToyEvalConfig, clip_scorer, factor_classifier,
-             progress: bool = True) -> dict:
+             progress: bool = True, metrics: str | Path | None = None) -> dict:
     """Run the evaluation; ``adapters`` maps "person" and "pet" to adapter folders or loaded adapters. Writes
-    ``metrics.json`` and ``samples.png`` in ``out``; returns the metrics."""
+    ``metrics.json`` and ``samples.png`` in ``out``; returns the metrics. ``metrics``: the identity networks' build
+    folder (default: the shipped build's)."""
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -109,7 +110,7 @@ def toy_eval(pipe, adapters: dict[str, object], out: str | Path, config: ToyEval
     for domain in DOMAINS:
         na.load_adapter(adapters[domain], word=domain, name=domain)
     n, k = config.identities, config.contexts
-    embedders = {d: ToyIdentityEmbedder(d) for d in DOMAINS}
+    embedders = {d: ToyIdentityEmbedder(d, metrics) for d in DOMAINS}
     results: dict = {"config": asdict(config)}
     per_kind: dict[str, dict[str, list[float]]] = {kind: {} for kind in KINDS}
     samples: list[list[Image.Image]] = []
@@ -132,7 +133,7 @@ def toy_eval(pipe, adapters: dict[str, object], out: str | Path, config: ToyEval
                     "adapter": _generate(pipe, na, prompts, [{domain: Subject(views[domain][o], lam=config.lam)} for o in owners],
                                          seeds, config, bar),
                     "baseline": _generate(pipe, None, prompts, None, seeds, config, bar),
-                    "oracle": [render_target(identities[domain][o], c, 64, s) for o, c, s in zip(owners, contexts, seeds)],
+                    "oracle": [render_target(identities[domain][o], c, 64, s).image for o, c, s in zip(owners, contexts, seeds)],
                 }
                 for kind, images in made.items():
                     top1, similarity = _scores(images, embedders[domain], galleries[domain], owners)
@@ -190,7 +191,7 @@ def _scenes(pipe, na, identities, views, galleries, embedders, config: ToyEvalCo
     made = {
         "adapter": _generate(pipe, na, prompts, subjects, seeds, config, bar) if pairs else [],
         "baseline": _generate(pipe, None, prompts, None, seeds, config, bar) if pairs else [],
-        "oracle": [render_scene(identities["person"][a], identities["pet"][b], c, 64, s, pet_expression=e)
+        "oracle": [render_scene(identities["person"][a], identities["pet"][b], c, 64, s, pet_expression=e).image
                    for (a, b), c, s, e in zip(pairs, contexts, seeds, pet_expressions)],
     }
     metrics = {}

@@ -3,6 +3,8 @@ with the prompt-factor classifier (each factor the prompt names, read back from 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -33,15 +35,27 @@ def to_uint8(images: list[Image.Image], size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-class ToyIdentityEmbedder(IdentityEmbedder):
-    """The shipped identity network of ``domain`` (trained on train identities only)."""
+def metrics_folder(metrics: str | Path | None = None) -> Path:
+    """A toy build's metric-model folder: ``metrics`` itself, or by default the shipped build's."""
+    return shipped_path("metrics") if metrics is None else Path(metrics)
 
-    def __init__(self, domain: str):
+
+def metrics_beside(pipeline: Path) -> Path | None:
+    """The metric models of the build that ``pipeline`` (a build's ``pipeline/`` folder) belongs to, if it has them."""
+    folder = Path(pipeline).parent / "metrics"
+    return folder if (folder / "metric_models.json").is_file() else None
+
+
+class ToyIdentityEmbedder(IdentityEmbedder):
+    """The identity network of ``domain`` (trained on train identities only) from a build's ``metrics`` folder
+    (default: the shipped build's)."""
+
+    def __init__(self, domain: str, metrics: str | Path | None = None):
         if domain not in DOMAINS:
             raise NestedAttentionError(f"The toy world has domains {DOMAINS}; got {domain!r}.")
         self.name = "id"
         self.domain = domain
-        self.net = IdentityNet.from_pretrained(shipped_path(f"metrics/identity_{domain}"))
+        self.net = IdentityNet.from_pretrained(metrics_folder(metrics) / f"identity_{domain}")
         self.size = self.net.config.image_size
 
     def embed(self, images: list[Image.Image]) -> torch.Tensor:
@@ -61,8 +75,8 @@ class ToyFactorScorer(PromptScorer):
 
     name = "prompt_accuracy"
 
-    def __init__(self):
-        self.classifier = FactorClassifier.from_pretrained(shipped_path("metrics/factor_classifier"))
+    def __init__(self, metrics: str | Path | None = None):
+        self.classifier = FactorClassifier.from_pretrained(metrics_folder(metrics) / "factor_classifier")
         self.size = self.classifier.config.image_size
 
     def score(self, images: list[Image.Image], prompts: list[str]) -> dict[str, list[float | None]]:

@@ -8,7 +8,8 @@ network to retrieve it among the held-out gallery, exactly as ``toy eval`` score
 
 ``python -m nested_attention_eval.toy_upper_bound [--domain pet] [--steps 400] [--subjects 3]`` prints, per tuned
 subject, top-1 among ``--identities`` held-out input views (chance 1/20) for the base and the tuned UNet, and which
-attributes the tuned UNet's generations carry (how often the identity network reads the subject's true value).
+attributes the tuned UNet's generations carry (how often the identity network reads the subject's true value). The
+identity networks are the build's own (``metrics/`` beside its pipeline), or the shipped ones.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from nested_attention_toy.render import render_input, render_target
 from nested_attention_toy.text_image import tokenize
 from nested_attention_toy.world import DOMAINS, attribute_names, generic_caption, sample_context, sample_identities
 
-from .toy_scorers import ToyIdentityEmbedder, to_uint8
+from .toy_scorers import ToyIdentityEmbedder, metrics_beside, to_uint8
 
 
 @dataclass
@@ -50,12 +51,13 @@ def _generate(pipe, unet, prompts: list[str], seeds: list[int], config: UpperBou
                 generator=[torch.Generator().manual_seed(s) for s in seeds]).images
 
 
-def upper_bound(pipe, config: UpperBound, log=print) -> list[dict]:
+def upper_bound(pipe, config: UpperBound, log=print, metrics=None) -> list[dict]:
     """Per tuned subject: ``base_top1``, ``tuned_top1`` and ``tuned_attributes`` (name -> rate). ``pipe`` is a toy
-    `StableDiffusionPipeline` (fp32); its UNet is restored afterwards."""
+    `StableDiffusionPipeline` (fp32); its UNet is restored afterwards. ``metrics``: the build's metric-model folder
+    (default: the shipped build's)."""
     rng = np.random.default_rng(config.seed)
     identities = sample_identities(config.domain, config.identities, rng, held_out=True)
-    embedder = ToyIdentityEmbedder(config.domain)
+    embedder = ToyIdentityEmbedder(config.domain, metrics)
     gallery = embedder.embed([render_input(identity, 64, int(rng.integers(2**31))) for identity in identities])
     base = pipe.unet
     with torch.no_grad():
@@ -64,7 +66,7 @@ def upper_bound(pipe, config: UpperBound, log=print) -> list[dict]:
     try:
         for who in range(config.subjects):
             contexts = [sample_context(rng, config.domain) for _ in range(config.renders)]
-            images = [render_target(identities[who], c, 64, int(rng.integers(2**31))) for c in contexts]
+            images = [render_target(identities[who], c, 64, int(rng.integers(2**31))).image for c in contexts]
             captions = [generic_caption(config.domain, c, rng) for c in contexts]
             with torch.no_grad():
                 means, stds = encode_latents(pipe.vae, to_uint8(images, 64))
@@ -112,12 +114,14 @@ def main(argv: list[str] | None = None) -> int:
             raise NestedAttentionError(f"--subjects is {args.subjects}; expected 1 to {UpperBound.identities} (the "
                                        f"subjects are drawn from the {UpperBound.identities} held-out identities scored).")
         model = build_part(args.model, "pipeline", "model_index.json")
+        metrics = metrics_beside(model)
     except NestedAttentionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     pipe = StableDiffusionPipeline.from_pretrained(str(model), torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    results = upper_bound(pipe, UpperBound(domain=args.domain, steps=args.steps, subjects=args.subjects, seed=args.seed))
+    results = upper_bound(pipe, UpperBound(domain=args.domain, steps=args.steps, subjects=args.subjects, seed=args.seed),
+                          metrics=metrics)
     print(f"mean top-1: base {np.mean([r['base_top1'] for r in results]):.3f}, "
           f"tuned {np.mean([r['tuned_top1'] for r in results]):.3f}")
     return 0

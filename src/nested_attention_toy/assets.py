@@ -1,9 +1,16 @@
-"""The toy stack shipped inside the package, addressable by name (``--model toy``): what ``nested-attention toy
-build`` wrote (see docs/toyworld.md for the command, seed, versions and timings)."""
+"""The toy stack shipped inside the package, addressable by name (``--model toy``, ``--adapter toy-person``): what
+``nested-attention toy build`` and ``nested-attention train`` wrote (docs/toyworld.md gives the commands). The names
+plug into the library's registry of named sources (``SOURCES``, through the ``nested_attention.sources`` entry point).
+"""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+
+from nested_attention.config import CONFIG_NAME
+from nested_attention.errors import NestedAttentionError
+from nested_attention.sources import ADAPTER, IMAGE_ENCODER, MODEL, Source
 
 SHIPPED = Path(__file__).parent / "weights"
 MODEL_NAMES = {"toy": "pipeline"}  # name -> folder under SHIPPED
@@ -34,11 +41,20 @@ def adapter_path(name: str) -> Path | None:
 def build_part(folder: str | Path, part: str, marker: str) -> Path:
     """``folder`` if it holds ``marker`` (a file inside it), or its ``part`` subfolder if that does: the diagnostics
     take a toy build's root or the part itself. Otherwise one sentence saying what was expected."""
-    from nested_attention.errors import NestedAttentionError
-
     folder = Path(folder)
     for candidate in (folder, folder / part):
         if (candidate / marker).is_file():
             return candidate
     raise NestedAttentionError(f"{folder} is not a toy build's {part} folder (no {marker} in it or in {part}/); "
                                f"give the build folder `toy build --out` wrote, or its {part}/ folder.")
+
+
+_REBUILD = "reinstall the package, or rebuild it with nested-attention toy build --out DIR and give DIR/pipeline"
+SOURCES = (
+    Source("toy", MODEL, functools.partial(shipped_path, "pipeline"), marker="model_index.json", missing=_REBUILD),
+    Source("toy", IMAGE_ENCODER, functools.partial(shipped_path, "clip"), marker="config.json", missing=_REBUILD),
+    *(Source(name, ADAPTER, functools.partial(shipped_path, part), marker=CONFIG_NAME,
+             missing=f"reinstall the package, or train one with nested-attention train --config configs/{name}.yaml "
+                     f"and give its folder")
+      for name, part in ADAPTER_NAMES.items()),
+)

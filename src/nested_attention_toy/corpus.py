@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .render import render_input, render_scene, render_target, render_target_with_mask, render_target_with_masks
+from .render import render_input, render_scene, render_target
 from .world import (
     DOMAINS,
     FACTOR_NAMES,
@@ -35,16 +35,11 @@ def _render_one(job: tuple) -> np.ndarray:
     masks: list[np.ndarray] = []
     if kind == "input":
         image = render_input(subject, size=size, seed=seed)
-    elif kind == "target" and planes == 2:
-        image, coverage, symbol = render_target_with_masks(subject, context, size=size, seed=seed)
-        masks = [coverage, symbol]
-    elif kind == "target" and planes == 1:
-        image, coverage = render_target_with_mask(subject, context, size=size, seed=seed)
-        masks = [coverage]
     elif kind == "target":
-        image = render_target(subject, context, size=size, seed=seed)
+        rendered = render_target(subject, context, size=size, seed=seed)
+        image, masks = rendered.image, [rendered.subject, rendered.symbol][:planes]
     else:
-        image = render_scene(subject[0], subject[1], context, size=size, seed=seed)
+        image = render_scene(subject[0], subject[1], context, size=size, seed=seed).image
     array = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
     if not planes:
         return array

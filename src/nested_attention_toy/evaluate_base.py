@@ -11,8 +11,8 @@ from PIL import Image
 
 from .corpus import make_corpus
 from .metric_models import FactorClassifier, head_accuracy
-from .render import example_context, render_target
-from .world import DOMAINS, FACTOR_NAMES, generic_caption, sample_context, sample_identities
+from .render import render_target
+from .world import DOMAINS, FACTOR_NAMES, example_context, generic_caption, sample_context, sample_identities
 
 
 def load_stack(root: str | Path):
@@ -95,7 +95,7 @@ def sample_sheet(pipe, size, seed: int, columns: int = 8, rows_per_domain: int =
         for r in range(rows_per_domain):
             identity = sample_identities(domain, 1, rng, held_out=True)[0]
             contexts = [example_context(2 * r + d, c) for c in range(columns)]
-            renders = [render_target(identity, c, 64, seed) for c in contexts]
+            renders = [render_target(identity, c, 64, seed).image for c in contexts]
             prompts = [generic_caption(domain, c) for c in contexts]
             images = generate(pipe, prompts, [seed + 1000 * r + c for c in range(columns)], size.sample_steps,
                               size.guidance_scale)

@@ -25,14 +25,12 @@ class Example:
     seed: int  # render_input seed: two seeds of one identity are two "photos" of it
 
 
-_PERSON_A = identity_from_names("person", face_shape="round", skin_tone="tan", hair_style="curly", hair_color="red",
-                                eyewear="round glasses", facial_hair="none", shirt_color="green", shirt_pattern="stripes")
-_PERSON_B = identity_from_names("person", face_shape="long", skin_tone="brown", hair_style="mohawk", hair_color="blonde",
-                                eyewear="none", facial_hair="beard", shirt_color="purple", shirt_pattern="dots")
-_PET_C = identity_from_names("pet", species="cat", ear_shape="floppy", fur_color="ginger", markings="stripes",
-                             marking_color="brown", tail="long", accessory="blue bandana")
-_PET_D = identity_from_names("pet", species="dog", ear_shape="floppy", fur_color="white", markings="eye patch",
-                             marking_color="black", tail="stub", accessory="red collar")
+_PERSON_A = identity_from_names("person", hair_color="red", hair_style="long", skin_tone="tan", shirt_color="blue",
+                                facial_hair="none")
+_PERSON_B = identity_from_names("person", hair_color="blue", hair_style="spiky", skin_tone="tan", shirt_color="yellow",
+                                facial_hair="beard")
+_PET_C = identity_from_names("pet", species="cat", fur_color="ginger", markings="stripes", neckwear="green collar")
+_PET_D = identity_from_names("pet", species="dog", fur_color="white", markings="spots", neckwear="red bandana")
 
 EXAMPLES = (
     Example("person-a", _PERSON_A, 1),

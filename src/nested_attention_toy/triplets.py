@@ -25,7 +25,7 @@ def _write_one(job: tuple) -> None:
     identity = identity_from_index(domain, index)
     for k, seed in enumerate(seeds[1:]):
         render_input(identity, size=size, seed=seed).save(root / "subjects" / f"{name}-{k}.png")
-    render_target(identity, Context(tuple(context_values)), size=size, seed=seeds[0]).save(root / "targets" / f"{name}.png")
+    render_target(identity, Context(tuple(context_values)), size=size, seed=seeds[0]).image.save(root / "targets" / f"{name}.png")
 
 
 def write_triplets(out: str | Path, domain: str, count: int, seed: int = 0, size: int = 64, subject_images: int = 1,

@@ -12,36 +12,18 @@ from nested_attention import NestedAdapter
 from nested_attention.adapter import load_image_encoder
 from nested_attention.errors import NestedAttentionError
 from nested_attention.layers import cross_attention_layers
-from nested_attention.tiny import tiny_image_encoder, tiny_sd_pipeline, tiny_sdxl_pipeline
+from nested_attention.sources import IMAGE_ENCODER, find, load_pipeline, resolve
+from nested_attention.tiny import tiny_image_encoder
 
 from .config import TrainConfig
 
-TINY_PIPELINES = {"tiny-sd": tiny_sd_pipeline, "tiny-sdxl": tiny_sdxl_pipeline}
 TINY_IMAGE_ENCODER = "tiny"
-TOY = "toy"  # the shipped toy world stack: its pipeline, and its CLIP's vision tower as image encoder
-# image encoders that are names, not paths: an adapter trained on one carries it in image_encoder/
-NAMED_IMAGE_ENCODERS = (TINY_IMAGE_ENCODER, TOY)
 
 
-def resolve_model(name: str) -> str:
-    """``toy`` -> the shipped toy pipeline folder; anything else unchanged."""
-    if name != TOY:
-        return name
-    from nested_attention_toy.assets import is_shipped, model_path
-
-    if not is_shipped():
-        raise NestedAttentionError("pretrained_model: toy is missing from this installation; reinstall the package, "
-                                   "or rebuild it with nested-attention toy build --out DIR and give DIR/pipeline.")
-    return str(model_path(TOY))
-
-
-def resolve_image_encoder(name: str) -> str:
-    """``toy`` -> the shipped toy CLIP folder (its vision tower and image processor); anything else unchanged."""
-    if name != TOY:
-        return name
-    from nested_attention_toy.assets import shipped_path
-
-    return str(shipped_path("clip"))
+def named_image_encoder(name: str) -> bool:
+    """Whether ``image_encoder`` is a registered name (``tiny``, ``toy``) rather than a folder or hub id: an adapter
+    trained on one carries it in image_encoder/ (no name to resolve later)."""
+    return find(IMAGE_ENCODER, name) is not None
 
 
 @dataclass
@@ -66,19 +48,8 @@ class BaseModel:
 
 def load_base_model(config: TrainConfig) -> BaseModel:
     """The base pipeline, frozen (a tiny random one for `tiny-sd` / `tiny-sdxl`)."""
-    name = resolve_model(config.pretrained_model)
-    if name in TINY_PIPELINES:
-        pipe = TINY_PIPELINES[name](seed=0, tokenizer_dir=tempfile.mkdtemp(prefix="na-train-tok-"))
-    else:
-        try:
-            index = DiffusionPipeline.load_config(name)
-            extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
-            pipe = DiffusionPipeline.from_pretrained(name, **extra)
-        except (OSError, ValueError) as error:
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise NestedAttentionError(
-                f"Could not load the base model {name!r} ({first}). Give a diffusers pipeline folder or hub id."
-            ) from None
+    name = config.pretrained_model
+    pipe = load_pipeline(name, tokenizer_dir=tempfile.mkdtemp(prefix="na-train-tok-"))
     for part in ("unet", "vae", "text_encoder"):
         if getattr(pipe, part, None) is None:
             raise NestedAttentionError(f"The base model {name!r} has no {part}; training needs an SD 1.5 or SDXL pipeline.")
@@ -95,7 +66,7 @@ def load_adapter(config: TrainConfig, unet: torch.nn.Module) -> NestedAdapter:
     model comes from `config.image_encoder`.
     """
     tiny = config.image_encoder == TINY_IMAGE_ENCODER
-    named = config.image_encoder in NAMED_IMAGE_ENCODERS
+    named = named_image_encoder(config.image_encoder)
     if config.init_adapter:
         adapter = NestedAdapter.from_pretrained(config.init_adapter, image_encoder=None if named else config.image_encoder)
         adapter.check_compatible(cross_attention_layers(unet))
@@ -103,7 +74,7 @@ def load_adapter(config: TrainConfig, unet: torch.nn.Module) -> NestedAdapter:
         if tiny:
             image_encoder, processor = tiny_image_encoder(seed=config.seed)
         else:
-            image_encoder, processor = load_image_encoder(resolve_image_encoder(config.image_encoder))
+            image_encoder, processor = load_image_encoder(resolve(IMAGE_ENCODER, config.image_encoder))
         torch.manual_seed(config.seed)
         adapter = NestedAdapter.for_unet(
             unet, image_encoder, config.image_encoder, image_processor=processor, **config.adapter_kwargs

@@ -26,7 +26,7 @@ from nested_attention.paths import check_writable
 from . import data
 from .checkpoints import TrainState, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from .config import TrainConfig, load_config, save_config
-from .models import NAMED_IMAGE_ENCODERS, BaseModel, load_adapter, load_base_model
+from .models import BaseModel, load_adapter, load_base_model, named_image_encoder
 from .preflight import check_records
 from .step import NestedTrainingModule
 from .validation import save_grid, validation_grid
@@ -189,7 +189,7 @@ def run_training(config: TrainConfig, accelerator: Accelerator) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "config.yaml")
         accelerator.init_trackers("nested_attention")
-    save_image_encoder = config.image_encoder in NAMED_IMAGE_ENCODERS  # self-contained: no name to resolve later
+    save_image_encoder = named_image_encoder(config.image_encoder)  # self-contained: no name to resolve later
 
     progress = tqdm(total=max_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train")
     window_start, window_samples = time.perf_counter(), 0

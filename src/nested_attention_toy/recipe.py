@@ -1,0 +1,57 @@
+"""How much of everything a toy build trains: ``BuildSize``. ``FULL`` is what ships; ``SMOKE`` runs the same path at
+tiny sizes in seconds. ``nested-attention toy build field=value`` changes any field (recorded in build.json)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BuildSize:
+    corpus: int  # renders of train identities the CLIP, the VAE and the UNet train on
+    metric_train: int  # renders the factor classifier trains on
+    metric_epochs: int
+    identity_train: int  # renders each domain's identity network trains on
+    identity_epochs: int
+    clip_steps: int
+    vae_steps: int
+    unet_steps: int
+    eval_renders: int  # held-out renders that score the metric models and the VAE
+    eval_generations: int  # base-model generations that score prompt following
+    eval_identities: int  # held-out identities of the metric models' retrieval test
+    unet_batch: int = 32
+    vae_batch: int = 16
+    unet_lr: float = 4e-4
+    sample_steps: int = 20
+    guidance_scale: float = 5.0
+    unet_widths: tuple[int, ...] = (32, 64, 128)
+    clip_width: int = 128
+    vae_width: int = 32
+    identity_width: int = 48
+    # largest blur (pixels) of the identity networks' training augmentation (metric_models.random_blur); 0: none
+    identity_blur: float = 0.0
+    # weight of the word-grounding loss (grounding.py): the subject word's attention on the subject's pixels. Nested
+    # attention writes into that word's value, which reaches only the pixels that attend to it
+    grounding_weight: float = 0.1
+    # fraction of target and input captions that also name a few of the subject's attributes before the subject word
+    # (world.described_caption): what teaches the UNet to draw appearance from the subject word's embedding
+    describe_rate: float = 0.5
+    # learning rate of the pipeline's text encoder (it starts as CLIP's text tower) trained with the UNet; 0 keeps it
+    # frozen (CLIP's contrastive training keeps only the words its small vision tower could tell apart)
+    text_lr: float = 1e-4
+    # weight of the same grounding loss on the expression word and its emotion symbol's pixels (0: not grounded)
+    expression_grounding_weight: float = 0.05
+    # extra weight of the emotion symbol's and the subject's pixels in the VAE's reconstruction loss (0: plain L1 + MSE)
+    vae_symbol_weight: float = 16.0
+    vae_subject_weight: float = 1.0
+    # the UNet stage saves its whole training state this often (steps) for `toy build --resume`; it does not change
+    # what is trained
+    unet_checkpoint_every: int = 400
+
+
+FULL = BuildSize(corpus=60000, metric_train=40000, metric_epochs=8, identity_train=30000, identity_epochs=7,
+                 clip_steps=320, vae_steps=6000, unet_steps=7600, eval_renders=2000, eval_generations=400, eval_identities=50)
+SMOKE = BuildSize(corpus=600, metric_train=400, metric_epochs=1, identity_train=200, identity_epochs=1,
+                  clip_steps=10, vae_steps=10, unet_steps=10, eval_renders=64, eval_generations=8, eval_identities=10,
+                  sample_steps=4, unet_checkpoint_every=4, unet_widths=(16, 32), clip_width=64, vae_width=16,
+                  identity_width=16)
