@@ -1,4 +1,4 @@
-"""`nested-attention toy ...`: the toy world's commands (`toy build`, `toy data`, `toy eval`)."""
+"""`nested-attention toy ...`: the toy world's commands (`toy build`, `toy data`, `toy eval`, `toy diagnose`)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ examples:
 
 def add_parser(commands) -> None:
     """Register `toy` (with its `build` sub-command) on the top-level sub-command parsers."""
-    toy = commands.add_parser("toy", help="the toy world: rebuild its models (toy build), training triplets (toy data), measure adapters (toy eval)",
+    toy = commands.add_parser("toy", help="the toy world: rebuild its models (toy build), training triplets (toy data), measure adapters (toy eval), diagnostics (toy diagnose)",
                               description="The toy world of cartoon persons and pets with ground-truth identity.")
     sub = toy.add_subparsers(title="commands", dest="toy_command", metavar="COMMAND", required=True)
     build = sub.add_parser("build", help="rebuild the toy model stack from scratch", description=BUILD_DESCRIPTION,
@@ -106,6 +106,36 @@ def add_parser(commands) -> None:
     evaluation.add_argument("--model", default="toy", metavar="PATH", help="base pipeline (default: the shipped toy model)")
     evaluation.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="default: cpu")
     evaluation.set_defaults(run=run_eval)
+
+    lines = "\n".join(f"  {name:10s} {summary}" for name, (_, summary) in DIAGNOSTICS.items())
+    diagnose = sub.add_parser(
+        "diagnose", help="measure what a toy build can do (fine-tuning bound, latents, named attributes, ...)",
+        description=f"Diagnostics of a toy build (default: the shipped one; --model DIR for another). Each takes its "
+                    f"own options: nested-attention toy diagnose NAME --help.\n\ndiagnostics:\n{lines}",
+        epilog="examples:\n  nested-attention toy diagnose bound --domain pet --model toy-build\n"
+               "  nested-attention toy diagnose latents --model toy-build",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    diagnose.add_argument("name", choices=DIAGNOSTICS, metavar="NAME", help="which diagnostic (listed above)")
+    diagnose.add_argument("options", nargs=argparse.REMAINDER, help="the diagnostic's own options")
+    diagnose.set_defaults(run=run_diagnose)
+
+
+# name -> (module with main(argv) -> exit code, what it measures)
+DIAGNOSTICS = {
+    "bound": ("nested_attention_eval.toy_upper_bound",
+              "identity of a UNet fine-tuned on one held-out subject: the bound of every frozen-UNet method"),
+    "named": ("nested_attention_eval.toy_named", "how often the base model draws an attribute its prompt names"),
+    "latents": ("nested_attention_toy.latent_check", "what the VAE's latents keep: factors and identity after a round trip"),
+    "text-gain": ("nested_attention_toy.text_gain", "which prompt words the text encoder passes on to the denoiser"),
+    "grounding": ("nested_attention_toy.grounding", "the subject word's share of each layer's attention"),
+    "report": ("nested_attention_toy.report", "a build's measurements as markdown tables (build.json)"),
+}
+
+
+def run_diagnose(args: argparse.Namespace) -> int:
+    import importlib
+
+    return importlib.import_module(DIAGNOSTICS[args.name][0]).main(args.options) or 0
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from nested_attention_toy.world import (
     prompt,
     sample_context,
     sample_identities,
+    side_size,
 )
 
 from .toy_scorers import ToyIdentityEmbedder, metrics_beside
@@ -37,9 +38,10 @@ def named_attributes(pipe, domain: str, generations: int = 64, seed: int = 0, me
     rng = np.random.default_rng(seed)
     embedder = ToyIdentityEmbedder(domain, metrics)
     names = attribute_names(domain)
-    identities = sample_identities(domain, generations, rng, held_out=True)
+    pool = sample_identities(domain, min(generations, side_size(domain, held_out=True)), rng, held_out=True)
     described, plain, asked = [], [], []
-    for identity in identities:
+    for i in range(generations):
+        identity = pool[i % len(pool)]
         context = sample_context(rng, domain)
         options = [n for n in names if attribute_phrase(domain, n, identity.value(n))]
         name = options[int(rng.integers(len(options)))]

@@ -21,6 +21,7 @@ from .world import (
     attribute_values,
     sample_context,
     sample_identities,
+    side_size,
 )
 
 
@@ -40,7 +41,7 @@ def make_set(domains, count, held_out, size, seed, workers, input_fraction=0.0, 
     jobs, factor_labels, attribute_labels, domain_labels = [], [], [], []
     for d, domain in enumerate(domains):
         n = count // len(domains)
-        pool = sample_identities(domain, min(n, 4000), rng, held_out=held_out)
+        pool = sample_identities(domain, min(n, 4000, side_size(domain, held_out)), rng, held_out=held_out)
         for _ in range(n):
             identity = pool[int(rng.integers(len(pool)))]
             context = sample_context(rng, domain)

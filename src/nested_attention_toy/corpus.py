@@ -24,6 +24,7 @@ from .world import (
     sample_context,
     sample_identities,
     scene_prompt,
+    side_size,
 )
 
 
@@ -104,7 +105,8 @@ def make_corpus(count: int, seed: int, size: int = 64, held_out: bool = False, w
     planes = 2 if symbols else 1 if masks else 0
     rng = np.random.default_rng(seed)
     describe_rng = np.random.default_rng([seed, 1])
-    pools = {d: sample_identities(d, min(identity_pool, max(1, count)), rng, held_out=held_out) for d in DOMAINS}
+    pools = {d: sample_identities(d, min(identity_pool, max(1, count), side_size(d, held_out)), rng, held_out=held_out)
+             for d in DOMAINS}
 
     def pick(domain: str) -> Identity:
         pool = pools[domain]

@@ -136,14 +136,17 @@ def word_attention(pipe, prompts: list[str], word: str, steps: int = 10, seed: i
     return {name.removesuffix(".processor"): {"mean": s[0] / s[2], "peak": s[1] / s[2]} for name, s in sums.items()}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """``python -m nested_attention_toy.grounding [--model DIR]``: the subject word's attention per layer."""
     import argparse
+    import sys
 
     import numpy as np
     from diffusers import StableDiffusionPipeline
 
-    from .assets import shipped_path
+    from nested_attention.errors import NestedAttentionError
+
+    from .assets import build_part, shipped_path
     from .world import generic_caption, sample_context
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -151,13 +154,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--domain", default="person", choices=("person", "pet"))
     parser.add_argument("--prompts", type=int, default=8)
     args = parser.parse_args(argv)
-    pipe = StableDiffusionPipeline.from_pretrained(args.model)
+    try:
+        if args.prompts < 1:
+            raise NestedAttentionError(f"--prompts is {args.prompts}; expected at least 1.")
+        model = build_part(args.model, "pipeline", "model_index.json")
+    except NestedAttentionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    pipe = StableDiffusionPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(0)
     prompts = [generic_caption(args.domain, sample_context(rng), rng) for _ in range(args.prompts)]
     for layer, value in word_attention(pipe, prompts, args.domain).items():
         print(f"{layer:60s} mean {100 * value['mean']:5.1f} %   peak {100 * value['peak']:5.1f} %")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

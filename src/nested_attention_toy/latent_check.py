@@ -8,7 +8,7 @@ reconstructions the ceiling of an adapter's ``id_top1``.
 ``python -m nested_attention_toy.latent_check [--model DIR]`` (about a minute) prints, for 400 held-out renders in random contexts
 (seed 7) and 50 held-out identities per domain (6 queries each against one input view, seed 11): the PSNR, the
 factor classifier's accuracy per factor on the reconstructions and identity top-1 of the reconstructed queries. The
-metric models are the shipped ones (``--metrics`` for another build's), so that two VAEs are judged alike.
+metric models are the build's own (or ``--metrics``: another build's, so that two VAEs are judged alike).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--model", default=str(shipped_path("pipeline")), help="pipeline folder (default: the shipped toy)")
-    parser.add_argument("--metrics", default=str(shipped_path("metrics")), help="metric models (default: the shipped ones)")
+    parser.add_argument("--metrics", help="metric models (default: the build's own, else the shipped ones)")
     parser.add_argument("--renders", type=int, default=400, help="held-out renders for the factors (default: 400)")
     parser.add_argument("--identities", type=int, default=50, help="held-out identities per domain (default: 50)")
     args = parser.parse_args(argv)
@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             raise NestedAttentionError(f"--renders {args.renders} and --identities {args.identities}: expected at least "
                                        f"1 render and 2 identities to retrieve among.")
         model = build_part(args.model, "pipeline", "vae/config.json")
-        metrics = build_part(args.metrics, "metrics", "factor_classifier/config.json")
+        beside = model.parent / "metrics"
+        default = beside if (beside / "factor_classifier" / "config.json").is_file() else shipped_path("metrics")
+        metrics = build_part(args.metrics or default, "metrics", "factor_classifier/config.json")
     except NestedAttentionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -56,16 +56,19 @@ def report(record: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nested_attention_toy.report [BUILD]``: a build's measurements (default: the shipped build's)."""
     argv = sys.argv[1:] if argv is None else argv
     path = Path(argv[0]) if argv else shipped_path("build.json")
     if path.is_dir():
         path = path / "build.json"
     if not path.is_file():
-        sys.exit(f"expected a build folder or its build.json (what 'nested-attention toy build' writes); {path} does "
-                 "not exist: pass the --out folder of a finished build")
+        print(f"error: expected a build folder or its build.json (what 'nested-attention toy build' writes); {path} "
+              f"does not exist: pass the --out folder of a finished build", file=sys.stderr)
+        return 2
     print(report(json.loads(path.read_text())))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -93,10 +93,11 @@ def text_gain(tokenizer, text_encoder, rows=ROWS, pairs: int = 64, seed: int = 0
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """``python -m nested_attention_toy.text_gain [--model DIR] [--pairs N] [--untrained]``: which words the text
     encoder passes on to the denoiser."""
     import argparse
+    import sys
     from pathlib import Path
 
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -113,8 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     folder = shipped_path("clip") if args.model == "clip" else Path(args.model)
     if not (folder / "text_encoder").is_dir() and not (folder / "config.json").is_file():
-        raise SystemExit(f"--model expects a pipeline folder (with text_encoder/) or a CLIP folder (with config.json); "
-                         f"{folder} is neither. Give a toy build's pipeline/ or clip/ folder.")
+        print(f"error: --model expects a pipeline folder (with text_encoder/) or a CLIP folder (with config.json); "
+              f"{folder} is neither. Give a toy build's pipeline/ or clip/ folder.", file=sys.stderr)
+        return 2
+    if args.pairs < 1:
+        print(f"error: --pairs is {args.pairs}; expected at least 1.", file=sys.stderr)
+        return 2
     pipeline = (folder / "text_encoder").is_dir()
     tokenizer = CLIPTokenizer.from_pretrained(folder, **({"subfolder": "tokenizer"} if pipeline else {}))
     text_encoder = CLIPTextModel.from_pretrained(folder, **({"subfolder": "text_encoder"} if pipeline else {}))
@@ -125,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'swapped words':18s} {'embedding':>9s} {'text':>6s} {'gain':>6s}")
     for row, r in text_gain(tokenizer, text_encoder, pairs=args.pairs, seed=args.seed).items():
         print(f"{row:18s} {r['embedding']:9.2f} {r['text']:6.2f} {r['gain']:6.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
