@@ -10,9 +10,12 @@ import torch
 from PIL import Image
 
 from .corpus import make_corpus
+from .latent_check import vae_identity
 from .metric_models import FactorClassifier, head_accuracy
 from .render import render_target
 from .world import DOMAINS, FACTOR_NAMES, example_context, generic_caption, sample_context, sample_identities
+
+VAE_IDENTITIES = 20  # the gallery of the VAE round-trip retrieval, as `toy eval` scores identity
 
 
 def load_stack(root: str | Path):
@@ -60,6 +63,11 @@ def evaluate_stack(root: str | Path, size, seed: int, workers: int = 2, device: 
     results["vae_psnr_db"] = reconstruction_psnr(pipe.vae.to("cpu"), held_out.images)
     pipe.vae.to(device)
     log(f"VAE reconstruction PSNR on {len(held_out)} held-out renders: {results['vae_psnr_db']:.2f} dB")
+    results["vae_identity_top1"] = vae_identity(pipe.vae.to("cpu"), Path(root) / "metrics", VAE_IDENTITIES, 8,
+                                                seed=seed + 40, workers=workers)
+    pipe.vae.to(device)
+    log(f"identity top-1 among {VAE_IDENTITIES} held-out identities after a VAE round trip: "
+        f"{_fmt(results['vae_identity_top1'])}")
     results["clip_zero_shot_accuracy"] = zero_shot_accuracy(clip, tokenizer, held_out.images, held_out.factors,
                                                             held_out.domains, seed=seed)
     log(f"CLIP zero-shot factor accuracy: {_fmt(results['clip_zero_shot_accuracy'])}")

@@ -39,6 +39,8 @@ def report(record: dict) -> str:
         lines.append(_row([f"identity retrieval top-1 among {record['size']['eval_identities']}: {domain}",
                            _pct(metrics[f"identity_{domain}_top1"]), ">= 90 %"]))
     lines.append(_row(["VAE reconstruction PSNR", f"{stack['vae_psnr_db']:.2f} dB", "—"]))
+    for domain, top1 in stack.get("vae_identity_top1", {}).items():
+        lines.append(_row([f"identity top-1 among 20 after a VAE round trip: {domain}", _pct(top1), ">= 95 %"]))
     for factor, acc in stack["clip_zero_shot_accuracy"].items():
         lines.append(_row([f"CLIP zero-shot accuracy: {factor}", _pct(acc), "—"]))
     g = stack["base_generation"]
