@@ -17,6 +17,8 @@ import argparse
 import numpy as np
 import torch
 
+from nested_attention.errors import NestedAttentionError, exits_on_error
+from nested_attention_toy.assets import shipped_path
 from nested_attention_toy.world import (
     DOMAINS,
     attribute_names,
@@ -29,7 +31,7 @@ from nested_attention_toy.world import (
     side_size,
 )
 
-from .toy_scorers import ToyIdentityEmbedder, metrics_beside
+from .toy_scorers import ToyIdentityEmbedder, load_build_pipeline
 
 
 def named_attributes(pipe, domain: str, generations: int = 64, seed: int = 0, metrics=None, steps: int = 20,
@@ -66,30 +68,17 @@ def named_attributes(pipe, domain: str, generations: int = 64, seed: int = 0, me
     return results
 
 
+@exits_on_error
 def main(argv: list[str] | None = None) -> int:
-    import sys
-
-    from diffusers import StableDiffusionPipeline
-
-    from nested_attention.errors import NestedAttentionError
-    from nested_attention_toy.assets import build_part, model_path
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--domain", choices=DOMAINS, default="person")
     parser.add_argument("--generations", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", default=str(model_path("toy")), help="toy pipeline folder (default: the shipped one)")
+    parser.add_argument("--model", default=str(shipped_path("pipeline")), help="toy build or pipeline folder (default: the shipped one)")
     args = parser.parse_args(argv)
-    try:
-        if args.generations < 1:
-            raise NestedAttentionError(f"--generations is {args.generations}; expected at least 1.")
-        model = build_part(args.model, "pipeline", "model_index.json")
-    except NestedAttentionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    metrics = metrics_beside(model)
-    pipe = StableDiffusionPipeline.from_pretrained(str(model), torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    if args.generations < 1:
+        raise NestedAttentionError(f"--generations is {args.generations}; expected at least 1.")
+    pipe, metrics = load_build_pipeline(args.model)
     results = named_attributes(pipe, args.domain, args.generations, args.seed, metrics)
     for name, row in results.items():
         chance = "" if name == "all" else f" (chance {1 / len(attribute_values(args.domain, name)):.2f})"

@@ -46,6 +46,19 @@ def metrics_beside(pipeline: Path) -> Path | None:
     return folder if (folder / "metric_models.json").is_file() else None
 
 
+def load_build_pipeline(model: str | Path):
+    """A toy pipeline given as a build's root or its pipeline/ folder (one sentence otherwise), in fp32 with its
+    progress bar off, and the build's own metric models (None: use the shipped ones)."""
+    from diffusers import StableDiffusionPipeline
+
+    from nested_attention_toy.assets import build_part
+
+    folder = build_part(model, "pipeline", "model_index.json")
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, metrics_beside(folder)
+
+
 class ToyIdentityEmbedder(IdentityEmbedder):
     """The identity network of ``domain`` (trained on train identities only) from a build's ``metrics`` folder
     (default: the shipped build's)."""

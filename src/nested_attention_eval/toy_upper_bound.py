@@ -21,13 +21,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from nested_attention.errors import NestedAttentionError, exits_on_error
+from nested_attention_toy.assets import shipped_path
 from nested_attention_toy.autoencoder import encode_latents
 from nested_attention_toy.diffusion import train_unet
 from nested_attention_toy.render import render_input, render_target
 from nested_attention_toy.text_image import tokenize
 from nested_attention_toy.world import DOMAINS, attribute_names, generic_caption, sample_context, sample_identities
 
-from .toy_scorers import ToyIdentityEmbedder, metrics_beside, to_uint8
+from .toy_scorers import ToyIdentityEmbedder, load_build_pipeline, to_uint8
 
 
 @dataclass
@@ -92,34 +94,21 @@ def upper_bound(pipe, config: UpperBound, log=print, metrics=None) -> list[dict]
     return results
 
 
+@exits_on_error
 def main(argv: list[str] | None = None) -> int:
-    import sys
-
-    from diffusers import StableDiffusionPipeline
-
-    from nested_attention.errors import NestedAttentionError
-    from nested_attention_toy.assets import build_part, model_path
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--domain", choices=DOMAINS, default="person")
     parser.add_argument("--steps", type=int, default=UpperBound.steps)
     parser.add_argument("--subjects", type=int, default=UpperBound.subjects)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", default=str(model_path("toy")), help="toy pipeline folder (default: the shipped one)")
+    parser.add_argument("--model", default=str(shipped_path("pipeline")), help="toy build or pipeline folder (default: the shipped one)")
     args = parser.parse_args(argv)
-    try:
-        if args.steps < 1:
-            raise NestedAttentionError(f"--steps is {args.steps}; expected at least 1 training step.")
-        if not 1 <= args.subjects <= UpperBound.identities:
-            raise NestedAttentionError(f"--subjects is {args.subjects}; expected 1 to {UpperBound.identities} (the "
-                                       f"subjects are drawn from the {UpperBound.identities} held-out identities scored).")
-        model = build_part(args.model, "pipeline", "model_index.json")
-        metrics = metrics_beside(model)
-    except NestedAttentionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    pipe = StableDiffusionPipeline.from_pretrained(str(model), torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    if args.steps < 1:
+        raise NestedAttentionError(f"--steps is {args.steps}; expected at least 1 training step.")
+    if not 1 <= args.subjects <= UpperBound.identities:
+        raise NestedAttentionError(f"--subjects is {args.subjects}; expected 1 to {UpperBound.identities} (the "
+                                   f"subjects are drawn from the {UpperBound.identities} held-out identities scored).")
+    pipe, metrics = load_build_pipeline(args.model)
     results = upper_bound(pipe, UpperBound(domain=args.domain, steps=args.steps, subjects=args.subjects, seed=args.seed),
                           metrics=metrics)
     print(f"mean top-1: base {np.mean([r['base_top1'] for r in results]):.3f}, "

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from nested_attention.errors import NestedAttentionError, exits_on_error
+
 from .text_image import tokenize
 
 
@@ -136,15 +138,13 @@ def word_attention(pipe, prompts: list[str], word: str, steps: int = 10, seed: i
     return {name.removesuffix(".processor"): {"mean": s[0] / s[2], "peak": s[1] / s[2]} for name, s in sums.items()}
 
 
+@exits_on_error
 def main(argv: list[str] | None = None) -> int:
     """``python -m nested_attention_toy.grounding [--model DIR]``: the subject word's attention per layer."""
     import argparse
-    import sys
 
     import numpy as np
     from diffusers import StableDiffusionPipeline
-
-    from nested_attention.errors import NestedAttentionError
 
     from .assets import build_part, shipped_path
     from .world import generic_caption, sample_context
@@ -154,14 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--domain", default="person", choices=("person", "pet"))
     parser.add_argument("--prompts", type=int, default=8)
     args = parser.parse_args(argv)
-    try:
-        if args.prompts < 1:
-            raise NestedAttentionError(f"--prompts is {args.prompts}; expected at least 1.")
-        model = build_part(args.model, "pipeline", "model_index.json")
-    except NestedAttentionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    pipe = StableDiffusionPipeline.from_pretrained(model)
+    if args.prompts < 1:
+        raise NestedAttentionError(f"--prompts is {args.prompts}; expected at least 1.")
+    pipe = StableDiffusionPipeline.from_pretrained(build_part(args.model, "pipeline", "model_index.json"))
     pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(0)
     prompts = [generic_caption(args.domain, sample_context(rng), rng) for _ in range(args.prompts)]

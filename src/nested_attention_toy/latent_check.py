@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
+from nested_attention.errors import NestedAttentionError, exits_on_error
+
 from .autoencoder import reconstruction_psnr, round_trip
 from .build_metrics import make_set, retrieval_sets
 from .metric_models import FactorClassifier, IdentityNet, head_accuracy, retrieval_top1
@@ -51,12 +53,10 @@ def latent_check(vae: AutoencoderKL, metrics_dir, renders: int = 400, identities
             "id_top1": vae_identity(vae, metrics_dir, identities, queries, seed=11, workers=workers)}
 
 
+@exits_on_error
 def main(argv: list[str] | None = None) -> int:
     """``python -m nested_attention_toy.latent_check [--model DIR] [--metrics DIR] [--renders N] [--identities N]``."""
     import argparse
-    import sys
-
-    from nested_attention.errors import NestedAttentionError
 
     from .assets import build_part, shipped_path
 
@@ -66,17 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--renders", type=int, default=400, help="held-out renders for the factors (default: 400)")
     parser.add_argument("--identities", type=int, default=50, help="held-out identities per domain (default: 50)")
     args = parser.parse_args(argv)
-    try:
-        if args.renders < 1 or args.identities < 2:
-            raise NestedAttentionError(f"--renders {args.renders} and --identities {args.identities}: expected at least "
-                                       f"1 render and 2 identities to retrieve among.")
-        model = build_part(args.model, "pipeline", "vae/config.json")
-        beside = model.parent / "metrics"
-        default = beside if (beside / "factor_classifier" / "config.json").is_file() else shipped_path("metrics")
-        metrics = build_part(args.metrics or default, "metrics", "factor_classifier/config.json")
-    except NestedAttentionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.renders < 1 or args.identities < 2:
+        raise NestedAttentionError(f"--renders {args.renders} and --identities {args.identities}: expected at least "
+                                   f"1 render and 2 identities to retrieve among.")
+    model = build_part(args.model, "pipeline", "vae/config.json")
+    beside = model.parent / "metrics"
+    default = beside if (beside / "factor_classifier" / "config.json").is_file() else shipped_path("metrics")
+    metrics = build_part(args.metrics or default, "metrics", "factor_classifier/config.json")
     vae = AutoencoderKL.from_pretrained(str(model / "vae"), torch_dtype=torch.float32)
     result = latent_check(vae, metrics, renders=args.renders, identities=args.identities)
     factors = ", ".join(f"{name} {100 * value:.1f} %" for name, value in result["factors"].items())
