@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -34,8 +36,8 @@ def test_attribute_swaps_change_one_attribute_phrase(domain):
     prompts_a, prompts_b = make_swaps(f"{domain} attributes", 24, seed=3)
     for a, b in zip(prompts_a, prompts_b):
         assert prompt_factors(a) == prompt_factors(b)
-        head_a, head_b = a.split(f" {domain} ")[0], b.split(f" {domain} ")[0]
-        assert a.split(f" {domain} ")[1] == b.split(f" {domain} ")[1]
+        (head_a, tail_a), (head_b, tail_b) = (re.split(rf" {domain}\b", p, maxsplit=1) for p in (a, b))
+        assert tail_a == tail_b
         named = [name for name, options in phrases.items()
                  if any(head_a.endswith(" " + p) for p in options) and any(head_b.endswith(" " + p) for p in options)]
         assert named, (a, b)
@@ -68,11 +70,12 @@ def test_text_change_is_zero_for_equal_prompts_and_gain_is_the_ratio(tmp_path):
 def test_command_reads_a_pipeline_or_a_clip_folder_and_refuses_anything_else(tmp_path, capsys):
     from nested_attention_toy.text_gain import main
 
-    main(["--model", "clip", "--pairs", "4"])
+    assert main(["--model", "clip", "--pairs", "4"]) == 0
     clip_table = capsys.readouterr().out
-    main(["--pairs", "4"])  # the shipped pipeline's text encoder
+    assert main(["--pairs", "4"]) == 0  # the shipped pipeline's text encoder
     pipeline_table = capsys.readouterr().out
     for table in (clip_table, pipeline_table):
-        assert [line.split()[0] for line in table.splitlines()[1:6]] == list(ROWS[:5])
-    with pytest.raises(SystemExit, match="pipeline folder .* or a CLIP folder"):
-        main(["--model", str(tmp_path)])
+        assert [line.split()[0] for line in table.splitlines()[1:len(ROWS) + 1]] == [row.split()[0] for row in ROWS]
+    assert main(["--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "pipeline folder" in err and "or a CLIP folder" in err

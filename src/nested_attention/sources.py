@@ -87,16 +87,17 @@ def resolve(kind: str, name: str) -> str:
 
 
 def load_pipeline(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0,
-                  tokenizer_dir: str | Path | None = None):
+                  tokenizer_dir: str | Path | None = None, note_tiny: bool = True):
     """The base pipeline ``name`` (a registered name, a local diffusers folder or a hub id) in ``dtype`` on
-    ``device``, without a safety checker; a tiny random model is built from ``seed``. One sentence
-    (NestedAttentionError) when it cannot be loaded."""
+    ``device``, without a safety checker; a tiny random model is built from ``seed`` (with a note on stderr that its
+    images are noise, unless ``note_tiny`` is False). One sentence (NestedAttentionError) when it cannot be loaded."""
     from diffusers import DiffusionPipeline
 
     source = find(MODEL, name)
     if source is not None and source.make is not None:
-        print(f"note: {name} is a tiny, randomly initialized model: its images are noise-like "
-              f"(for checking the command, not for results).", file=sys.stderr)
+        if note_tiny:
+            print(f"note: {name} is a tiny, randomly initialized model: its images are noise-like "
+                  f"(for checking the command, not for results).", file=sys.stderr)
         return source.make(seed=seed, tokenizer_dir=tokenizer_dir).to(device=device, dtype=dtype)
     path = resolve(MODEL, name)
     try:
