@@ -224,8 +224,8 @@ def test_both_subjects_of_real_person_and_pet_scenes_are_identified():
     rng = np.random.default_rng(2028)
     identities = {d: sample_identities(d, 20, rng, held_out=True) for d in DOMAINS}
     pairs = [(int(rng.integers(20)), int(rng.integers(20))) for _ in range(120)]
-    scenes = [render_scene(identities["person"][a], identities["pet"][b], sample_context(rng), 64, int(rng.integers(2**31)))
-              for a, b in pairs]
+    scenes = [render_scene(identities["person"][a], identities["pet"][b], sample_context(rng), 64,
+                           int(rng.integers(2**31))).image for a, b in pairs]
     found = {}
     for d, domain in enumerate(DOMAINS):
         net = IdentityNet.from_pretrained(shipped_path(f"metrics/identity_{domain}"))

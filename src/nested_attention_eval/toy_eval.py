@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from nested_attention import NestedAttention, Subject
+from nested_attention_toy.metric_models import retrieval_hits
 from nested_attention_toy.render import render_input, render_scene, render_target
 from nested_attention_toy.world import (
     CONTEXT_FACTORS,
@@ -79,11 +80,8 @@ def _generate(pipe, na: NestedAttention | None, prompts: list[str], subjects: li
 
 def _scores(images: list[Image.Image], embedder: ToyIdentityEmbedder, gallery: torch.Tensor, owners: list[int]) -> tuple[list[float], list[float]]:
     """Per image: top-1 retrieval (0/1) among the gallery and cosine to its own gallery entry."""
-    e = embedder.embed(images)
-    cos = e @ gallery.T
-    rows = torch.arange(len(owners))
-    owners_t = torch.tensor(owners)
-    return (cos.argmax(-1) == owners_t).float().tolist(), cos[rows, owners_t].tolist()
+    hits, cos = retrieval_hits(embedder.embed(images), gallery, torch.tensor(owners))
+    return hits.float().tolist(), cos.tolist()
 
 
 def _attribute_hits(images: list[Image.Image], embedder: ToyIdentityEmbedder, subjects: list) -> dict[str, np.ndarray]:

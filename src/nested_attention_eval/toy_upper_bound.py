@@ -25,6 +25,7 @@ from nested_attention.errors import NestedAttentionError, exits_on_error
 from nested_attention_toy.assets import shipped_path
 from nested_attention_toy.autoencoder import encode_latents
 from nested_attention_toy.diffusion import train_unet
+from nested_attention_toy.metric_models import retrieval_hits
 from nested_attention_toy.render import render_input, render_target
 from nested_attention_toy.text_image import tokenize
 from nested_attention_toy.world import DOMAINS, attribute_names, generic_caption, sample_context, sample_identities
@@ -81,7 +82,8 @@ def upper_bound(pipe, config: UpperBound, log=print, metrics=None) -> list[dict]
             result = {"subject": who, "loss_first": losses[0], "loss_last": losses[-1]}
             for kind, unet in (("base", base), ("tuned", tuned)):
                 made = _generate(pipe, unet, prompts, seeds, config)
-                result[f"{kind}_top1"] = float(((embedder.embed(made) @ gallery.T).argmax(-1) == who).float().mean())
+                hits, _ = retrieval_hits(embedder.embed(made), gallery, torch.full((len(made),), who))
+                result[f"{kind}_top1"] = float(hits.float().mean())
                 read = embedder.attributes(made)
                 result[f"{kind}_attributes"] = {name: float((read[name] == identities[who].attributes[a]).float().mean())
                                                 for a, name in enumerate(attribute_names(config.domain))}

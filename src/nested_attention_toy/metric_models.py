@@ -210,4 +210,12 @@ def retrieval_top1(model: IdentityNet, gallery: torch.Tensor, queries: torch.Ten
     to_float = lambda x: x.float() / 127.5 - 1  # noqa: E731
     g = torch.cat([model.embed(to_float(gallery[i : i + 256])) for i in range(0, len(gallery), 256)])
     q = torch.cat([model.embed(to_float(queries[i : i + 256])) for i in range(0, len(queries), 256)])
-    return float(((q @ g.T).argmax(-1) == query_ids).float().mean())
+    return float(retrieval_hits(q, g, query_ids)[0].float().mean())
+
+
+def retrieval_hits(queries: torch.Tensor, gallery: torch.Tensor, owners: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one retrieval rule, on L2-normalized embeddings: per query (Q, D), whether its nearest gallery entry
+    (G, D) by cosine is its owner's (``owners`` (Q,) indices into the gallery), and its cosine to its owner's entry."""
+    owners = torch.as_tensor(owners, dtype=torch.long)
+    cos = queries @ gallery.T
+    return cos.argmax(-1) == owners, cos[torch.arange(len(owners)), owners]
