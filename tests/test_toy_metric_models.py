@@ -1,6 +1,7 @@
 """Toy-world metric models: storage round trip, retrieval arithmetic, the blur augmentation, and learning on a small
 render set."""
 
+import pytest
 import torch
 
 from nested_attention_toy.build_metrics import make_set
@@ -24,9 +25,15 @@ def test_save_and_load_round_trip(tmp_path):
     loaded = IdentityNet.from_pretrained(tmp_path / "m")
     loaded.save_pretrained(tmp_path / "again")
     again = IdentityNet.from_pretrained(tmp_path / "again")
-    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     assert all(torch.equal(x, y) for x, y in zip(loaded.state_dict().values(), again.state_dict().values()))
     torch.testing.assert_close(loaded.embed(images), model.embed(images), atol=2e-2, rtol=0)  # fp16 storage
+    # uint8 in, the training path's [-1, 1] floats inside, in chunks: the same as one plain forward
+    roots = [logits.softmax(-1).sqrt() for logits in model(images.float() / 127.5 - 1).values()]
+    torch.testing.assert_close(model.logits(images, batch_size=3)["a"], model(images.float() / 127.5 - 1)["a"])
+    torch.testing.assert_close(model.embed(images), torch.nn.functional.normalize(torch.cat(roots, -1), dim=-1))
+    with pytest.raises(TypeError, match="uint8"):
+        model.embed(images.float())
 
 
 def test_retrieval_top1_counts_nearest_gallery_match():

@@ -135,9 +135,7 @@ def toy_eval(pipe, adapters: dict[str, object], out: str | Path, config: ToyEval
                 }
                 for kind, images in made.items():
                     top1, similarity = _scores(images, embedders[domain], galleries[domain], owners)
-                    x = to_uint8(images, 64).float() / 127.5 - 1
-                    with torch.no_grad():
-                        predicted = factor_classifier.predict(x)
+                    predicted = factor_classifier.predict(to_uint8(images, 64))
                     accuracy = torch.stack([(predicted[f] == labels[:, i]).float() for i, f in enumerate(FACTOR_NAMES)], 1)
                     clip_t = clip_scorer.score(images, prompts)[clip_scorer.name]
                     scores = {"id_top1": top1, "id_similarity": similarity, "prompt_accuracy": accuracy.mean(1).tolist(),

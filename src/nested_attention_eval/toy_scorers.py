@@ -72,14 +72,11 @@ class ToyIdentityEmbedder(IdentityEmbedder):
         self.size = self.net.config.image_size
 
     def embed(self, images: list[Image.Image]) -> torch.Tensor:
-        x = to_uint8(images, self.size)
-        return torch.cat([self.net.embed(x[i : i + 256].float() / 127.5 - 1) for i in range(0, len(x), 256)])
+        return self.net.embed(to_uint8(images, self.size))
 
     def attributes(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         """The network's reading of each identity attribute: name -> (N,) value indices."""
-        x = to_uint8(images, self.size)
-        chunks = [self.net.predict(x[i : i + 256].float() / 127.5 - 1) for i in range(0, len(x), 256)]
-        return {name: torch.cat([c[name] for c in chunks]) for name in self.net.config.heads}
+        return self.net.predict(to_uint8(images, self.size))
 
 
 class ToyFactorScorer(PromptScorer):
@@ -93,9 +90,7 @@ class ToyFactorScorer(PromptScorer):
         self.size = self.classifier.config.image_size
 
     def score(self, images: list[Image.Image], prompts: list[str]) -> dict[str, list[float | None]]:
-        x = to_uint8(images, self.size)
-        predicted = {f: torch.cat([p[f] for p in (self.classifier.predict(x[i : i + 256].float() / 127.5 - 1)
-                                                   for i in range(0, len(x), 256))]) for f in CONTEXT_FACTORS}
+        predicted = self.classifier.predict(to_uint8(images, self.size))
         columns: dict[str, list[float | None]] = {self.name: []} | {f"factor_{f}": [] for f in CONTEXT_FACTORS}
         for row, prompt in enumerate(prompts):
             named = prompt_factors(prompt)
