@@ -162,7 +162,7 @@ def test_demo(tmp_path, capsys):
 
 def test_demo_cells_differ_only_by_what_their_labels_say():
     """The sheet's rows: same seed where the prompt is shared, every capability present, only held-out subjects."""
-    from nested_attention_cli.demo import demo_rows
+    from nested_attention_cli.demo import COLUMNS, demo_rows
     from nested_attention_toy.examples import EXAMPLES, load_example
 
     rows = demo_rows({e.name: load_example(e.name) for e in EXAMPLES})
@@ -174,7 +174,12 @@ def test_demo_cells_differ_only_by_what_their_labels_say():
     assert all((c.prompt, c.seed) in with_adapter for c in cells if not c.subjects)  # each baseline has its twin
     sweep = [c for c in cells if "lambda" in c.label]
     assert len({(c.prompt, c.seed) for c in sweep}) == 1 and len({c.subjects["toy-person"].lam for c in sweep}) == len(sweep)
-    assert all(len(row) <= 5 for row in rows) and all(e.identity.held_out for e in EXAMPLES)
+    assert all(len(row) <= COLUMNS for row in rows) and all(e.identity.held_out for e in EXAMPLES)
+    # every row of a subject's prompts starts with that subject's input view
+    for row in rows:
+        subjects = {id(s.images[0]) for c in row for s in c.subjects.values() if len(s.images) == 1}
+        if row[0].image is not None and subjects and all(c.words == () for c in row):
+            assert id(row[0].image) in subjects, row[0].label
 
 
 def test_shipped_adapters_load_by_name():

@@ -21,7 +21,7 @@ from .generate import positive_int
 
 CELL = 128  # each 64-pixel image is shown upscaled to this
 LABEL = 14  # pixels of text under each cell
-COLUMNS = 5
+COLUMNS = 6
 SEED = 0
 
 DESCRIPTION = """\
@@ -132,32 +132,33 @@ def run(args: argparse.Namespace) -> int:
 
 
 def demo_rows(images: dict[str, Image.Image]) -> list[list[Cell]]:
-    """The sheet, row by row (COLUMNS cells each)."""
+    """The sheet, row by row (COLUMNS cells each): every subject's input view first, the base model beside it."""
     a, a2, b, c, d = (images[n] for n in ("person-a", "person-a-2", "person-b", "pet-c", "pet-d"))
     person, pet = "toy-person", "toy-pet"
 
-    def prompts_row(label: str, image: Image.Image, adapter: str, prompts) -> list[Cell]:
-        return [Cell(f"input: {label}", image=image)] + [
-            Cell(f"{label}: {_short(p)}", p, {adapter: Subject(image)}, seed=i) for i, p in enumerate(prompts)]
+    def prompts_row(label: str, image: Image.Image, adapter: str, prompts, base: int) -> list[Cell]:
+        return ([Cell(f"input: {label}", image=image)]
+                + [Cell(f"{label}: {_short(p)}", p, {adapter: Subject(image)}, seed=i) for i, p in enumerate(prompts)]
+                + [Cell(f"no adapter: {_short(prompts[base])}", prompts[base], seed=base)])
 
     return [
-        prompts_row("A", a, person, PERSON_PROMPTS),
-        prompts_row("B", b, person, PERSON_PROMPTS),
-        [Cell("no adapter", PERSON_PROMPTS[0], seed=0),
-         Cell("no adapter", PERSON_PROMPTS[1], seed=1), Cell("no adapter", PET_PROMPTS[0], seed=0),
-         Cell("no adapter", PET_PROMPTS[1], seed=1), Cell("no adapter", SCENE_PROMPTS[0], seed=0)],
-        prompts_row("C", c, pet, PET_PROMPTS),
-        prompts_row("D", d, pet, PET_PROMPTS),
-        [Cell(f"A, lambda {lam:g}", SWEEP_PROMPT, {person: Subject(a, lam=lam)}) for lam in LAMBDAS],
+        prompts_row("A", a, person, PERSON_PROMPTS, 0),
+        prompts_row("B", b, person, PERSON_PROMPTS, 1),
+        prompts_row("C", c, pet, PET_PROMPTS, 0),
+        prompts_row("D", d, pet, PET_PROMPTS, 1),
+        [Cell("input: A", image=a)] + [Cell(f"A, lambda {lam:g}", SWEEP_PROMPT, {person: Subject(a, lam=lam)})
+                                       for lam in LAMBDAS],
         [Cell("input: A, 2nd photo", image=a2),
          Cell("A, one photo", PERSON_PROMPTS[2], {person: Subject(a)}, seed=2),
          Cell("A, two photos", PERSON_PROMPTS[2], {person: Subject([a, a2])}, seed=2),
          Cell("mix A:B = 1:1", PERSON_PROMPTS[2], {person: Subject([a, b])}, seed=2),
-         Cell("mix A:B = 1:3", PERSON_PROMPTS[2], {person: Subject([a, b], weights=[1.0, 3.0])}, seed=2)],
-        [Cell("A as a 'pet'", PET_PROMPTS[0], {person: Subject(a)}, words=((pet, "animal"), (person, "pet"))),
-         Cell("C as a 'person'", PERSON_PROMPTS[0], {pet: Subject(c)}, words=((person, "human"), (pet, "person"))),
-         *(Cell(f"{p} + {q}", prompt, {person: Subject(x), pet: Subject(y)}, seed=i)
-           for i, (p, q, x, y, prompt) in enumerate(zip("ABA", "CDD", (a, b, a), (c, d, d), SCENE_PROMPTS)))],
+         Cell("mix A:B = 1:3", PERSON_PROMPTS[2], {person: Subject([a, b], weights=[1.0, 3.0])}, seed=2),
+         Cell("A as a 'pet'", PET_PROMPTS[0], {person: Subject(a)}, words=((pet, "animal"), (person, "pet")))],
+        [*(Cell(f"{p} + {q}", prompt, {person: Subject(x), pet: Subject(y)}, seed=i)
+           for i, (p, q, x, y, prompt) in enumerate(zip("ABA", "CDD", (a, b, a), (c, d, d), SCENE_PROMPTS))),
+         Cell("no adapter: person + pet", SCENE_PROMPTS[0], seed=0),
+         Cell("input: C", image=c),
+         Cell("C as a 'person'", PERSON_PROMPTS[0], {pet: Subject(c)}, words=((person, "human"), (pet, "person")))],
     ]
 
 
