@@ -7,7 +7,7 @@ subject) and the real render (the oracle). Each is scored with the toy metric mo
 
 - ``id_top1``: the identity network retrieves the right subject among the ``identities`` input views;
 - ``id_similarity``: cosine of the generation's identity embedding and its subject's input view's;
-- ``prompt_accuracy``: the prompt-factor classifier's accuracy, mean over the five factors;
+- ``prompt_accuracy``: the prompt-factor classifier's accuracy, mean over the context factors;
 - ``clip_t``: the toy CLIP's image-prompt cosine;
 - per domain, ``attribute_accuracy`` and ``attribute_<name>``: how often the identity network reads each of the
   subject's attributes (hair colour, species, ...) in the image: which parts of an identity come through;

@@ -39,7 +39,7 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, steps: int, batch_size: 
     device = torch.device(device)
     vae.to(device, memory_format=torch.channels_last).train()
     # bf16 autocast where it is faster: a CPU with native bf16 (93 vs 110 ms a step here), not an H100, where this
-    # small VAE's step is host-bound and the casts made it slower (32 vs 22 ms, docs/toyworld.md)
+    # small VAE's step is host-bound and the casts made it slower (32 vs 22 ms, docs/toyworld-design.md)
     amp = device.type == "cpu" and bf16_autocast_supported(device)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, fused=True if device.type == "cuda" else None)

@@ -107,7 +107,7 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
     unet.to(device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     # fp32 everywhere: on a CPU bf16 does not speed this UNet up, and on an H100 a step is host-bound (a few ms of
-    # GPU work behind many kernel launches), where autocast's casts made it slower (151 vs 122 ms, docs/toyworld.md)
+    # GPU work behind many kernel launches), where autocast's casts made it slower (151 vs 122 ms, docs/toyworld-design.md)
     scheduler = training_scheduler()
     alphas = scheduler.alphas_cumprod.to(device)
     generator = torch.Generator().manual_seed(seed)
