@@ -49,8 +49,8 @@ class BuildSize:
     unet_checkpoint_every: int = 400
 
 
-FULL = BuildSize(corpus=60000, metric_train=40000, metric_epochs=8, identity_train=30000, identity_epochs=7,
-                 clip_steps=320, vae_steps=6000, unet_steps=7600, eval_renders=2000, eval_generations=400, eval_identities=50)
+FULL = BuildSize(corpus=30000, metric_train=12000, metric_epochs=4, identity_train=12000, identity_epochs=5,
+                 clip_steps=160, vae_steps=4000, unet_steps=2000, eval_renders=500, eval_generations=100, eval_identities=50)
 SMOKE = BuildSize(corpus=600, metric_train=400, metric_epochs=1, identity_train=200, identity_epochs=1,
                   clip_steps=10, vae_steps=10, unet_steps=10, eval_renders=64, eval_generations=8, eval_identities=10,
                   sample_steps=4, unet_checkpoint_every=4, unet_widths=(16, 32), clip_width=64, vae_width=16,
