@@ -28,3 +28,11 @@ def test_report_of_a_missing_build_gets_one_sentence(tmp_path, capsys):
 
 def test_an_unknown_diagnostic_is_refused(capsys):
     assert run_cli("toy", "diagnose", "nonsense") == 2
+
+
+@pytest.mark.parametrize("count, fragment", [("1", "at least 2"), ("100000", "at most")])
+def test_toy_eval_refuses_identity_counts_retrieval_cannot_use(count, fragment, tmp_path, capsys):
+    assert run_cli("toy", "eval", "--out", str(tmp_path / "eval"), "--identities", count) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and fragment in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "eval").exists()
