@@ -54,6 +54,7 @@ def _tiny() -> tuple[Source, ...]:
 
 
 _registry: dict[tuple[str, str], Source] = {}
+_discovered = False
 
 
 def register(*sources: Source) -> None:
@@ -62,10 +63,13 @@ def register(*sources: Source) -> None:
 
 
 def _load() -> dict[tuple[str, str], Source]:
-    if not _registry:
-        register(*_tiny())
-        for point in entry_points(group=ENTRY_POINTS):
-            register(*point.load())
+    """The registry, with the built-in and installed sources found once (a name registered by hand stays)."""
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        found = [*_tiny(), *(s for point in entry_points(group=ENTRY_POINTS) for s in point.load())]
+        for source in found:
+            _registry.setdefault((source.kind, source.name), source)
     return _registry
 
 

@@ -184,6 +184,8 @@ def unet_stage(parts: Parts) -> dict:
     unet.to(torch.float16).save_pretrained(out / "pipeline" / "unet")
     text_encoder.to(torch.float32).save_pretrained(out / "pipeline" / "text_encoder")
     shutil.rmtree(out / CHECKPOINT)
+    for name in ("corpus", "latents"):  # no later stage needs them: free their memory for the evaluation
+        parts.__dict__.pop(name, None)
     info = {"parameters": _count(unet), "loss_first": losses[0], "loss_last": losses[-1]}
     if step_before:
         info["resumed_at_step"] = step_before
