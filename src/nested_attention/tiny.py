@@ -86,6 +86,15 @@ def write_clip_tokenizer(directory: str | Path, words=TINY_WORDS, max_length: in
     return tokenizer
 
 
+def _tokenizer(directory: str | Path | None) -> CLIPTokenizer:
+    """``write_clip_tokenizer`` into ``directory``, or, without one, through a temporary folder that is removed (the
+    tokenizer keeps its vocabulary in memory)."""
+    if directory is not None:
+        return write_clip_tokenizer(directory)
+    with tempfile.TemporaryDirectory(prefix="na-tok-") as scratch:
+        return write_clip_tokenizer(scratch)
+
+
 def _text_config(tokenizer: CLIPTokenizer, hidden_size: int, projection_dim: int = 32) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
@@ -108,7 +117,7 @@ def _scheduler() -> EulerDiscreteScheduler:
 
 def tiny_sd_pipeline(seed: int = 0, tokenizer_dir: str | Path | None = None) -> StableDiffusionPipeline:
     """A tiny SD 1.5-architecture pipeline (two cross-attention resolutions, 32-wide text context)."""
-    tokenizer = write_clip_tokenizer(tokenizer_dir or tempfile.mkdtemp(prefix="na-tok-"))
+    tokenizer = _tokenizer(tokenizer_dir)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
@@ -126,9 +135,8 @@ def tiny_sd_pipeline(seed: int = 0, tokenizer_dir: str | Path | None = None) -> 
 
 def tiny_sdxl_pipeline(seed: int = 0, tokenizer_dir: str | Path | None = None) -> StableDiffusionXLPipeline:
     """A tiny SDXL-architecture pipeline (two text encoders, text_time conditioning, linear projections)."""
-    root = Path(tokenizer_dir or tempfile.mkdtemp(prefix="na-tok-"))
-    tokenizer = write_clip_tokenizer(root / "tokenizer")
-    tokenizer_2 = write_clip_tokenizer(root / "tokenizer_2")
+    tokenizer = _tokenizer(tokenizer_dir and Path(tokenizer_dir) / "tokenizer")
+    tokenizer_2 = _tokenizer(tokenizer_dir and Path(tokenizer_dir) / "tokenizer_2")
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,

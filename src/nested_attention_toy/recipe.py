@@ -30,6 +30,8 @@ class BuildSize:
     identity_width: int = 48
     # largest blur (pixels) of the identity networks' training augmentation (metric_models.random_blur); 0: none
     identity_blur: float = 0.0
+    # fraction of the identity networks' training renders that are person + pet scenes (the domain's subject labelled)
+    identity_scene_fraction: float = 0.2
     # weight of the word-grounding loss (grounding.py): the subject word's attention on the subject's pixels. Nested
     # attention writes into that word's value, which reaches only the pixels that attend to it
     grounding_weight: float = 0.1
@@ -50,7 +52,7 @@ class BuildSize:
 
 
 FULL = BuildSize(corpus=30000, metric_train=12000, metric_epochs=4, identity_train=12000, identity_epochs=5,
-                 clip_steps=160, vae_steps=4000, unet_steps=2000, eval_renders=500, eval_generations=100, eval_identities=50)
+                 clip_steps=160, vae_steps=4000, unet_steps=7000, eval_renders=500, eval_generations=100, eval_identities=50)
 SMOKE = BuildSize(corpus=600, metric_train=400, metric_epochs=1, identity_train=200, identity_epochs=1,
                   clip_steps=10, vae_steps=10, unet_steps=10, eval_renders=64, eval_generations=8, eval_identities=10,
                   sample_steps=4, unet_checkpoint_every=4, unet_widths=(16, 32), clip_width=64, vae_width=16,

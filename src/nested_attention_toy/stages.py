@@ -106,7 +106,8 @@ def metrics_stage(parts: Parts) -> dict:
                                   identity_width=size.identity_width, device=parts.device, test_count=size.eval_renders,
                                   queries_per_identity=10 if size.eval_renders >= 1000 else 2,
                                   identity_count=size.identity_train, identity_epochs=size.identity_epochs,
-                                  identity_blur=size.identity_blur, log=parts.log)
+                                  identity_blur=size.identity_blur, scene_fraction=size.identity_scene_fraction,
+                                  log=parts.log)
     return {"measured": {k: v for k, v in metrics.items() if not k.endswith("losses")}}
 
 

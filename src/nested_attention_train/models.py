@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +48,7 @@ class BaseModel:
 def load_base_model(config: TrainConfig) -> BaseModel:
     """The base pipeline, frozen (a tiny random one for `tiny-sd` / `tiny-sdxl`)."""
     name = config.pretrained_model
-    pipe = load_pipeline(name, tokenizer_dir=tempfile.mkdtemp(prefix="na-train-tok-"), note_tiny=False)
+    pipe = load_pipeline(name, note_tiny=False)
     for part in ("unet", "vae", "text_encoder"):
         if getattr(pipe, part, None) is None:
             raise NestedAttentionError(f"The base model {name!r} has no {part}; training needs an SD 1.5 or SDXL pipeline.")
