@@ -17,7 +17,7 @@ from nested_attention.pipeline import NestedAttention
 from nested_attention.subject import Subject
 from nested_attention_toy.assets import ADAPTER_NAMES, adapter_path, is_shipped, model_path
 
-from .generate import positive_int
+from .options import positive_int
 
 CELL = 128  # each 64-pixel image is shown upscaled to this
 LABEL = 14  # pixels of text under each cell

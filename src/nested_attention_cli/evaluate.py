@@ -10,17 +10,12 @@ from pathlib import Path
 from nested_attention.errors import NestedAttentionError
 from nested_attention.paths import check_writable
 
-from .generate import (
+from .generate import RANDOM_ADAPTER, RANDOM_ADAPTER_WORD, adapter_source, load_pipeline, model_source, random_adapter
+from .options import (
     MAX_STEPS,
-    RANDOM_ADAPTER,
-    RANDOM_ADAPTER_WORD,
-    adapter_source,
     finite_float,
     guidance_scale,
-    load_pipeline,
-    model_source,
     positive_int,
-    random_adapter,
     resolve_device,
     resolve_dtype,
     seed_value,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +21,22 @@ from nested_attention.sources import load_pipeline as load_base_pipeline
 from nested_attention.subject import Subject
 from nested_attention.tiny import TINY_ADAPTER_CONFIG, tiny_image_encoder
 
+from .options import (
+    DTYPES,
+    MAX_STEPS,
+    SEEDS,
+    guidance_scale,
+    image_side,
+    positive_int,
+    resolve_device,
+    resolve_dtype,
+    seed_value,
+    step_count,
+    subject_word,
+)
+
 RANDOM_ADAPTER = "random"
 RANDOM_ADAPTER_WORD = "person"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-MAX_STEPS = 1000  # the training timesteps of SD 1.5 and SDXL schedulers: more steps cannot be taken
-SEEDS = 2**64  # torch.Generator seeds are 64-bit
 
 DESCRIPTION = """\
 Generate images of your subjects with a diffusers SD 1.5 / SDXL pipeline and
@@ -107,56 +117,6 @@ class SubjectOption(argparse.Action):
             parser.error(f"{option_string} is given twice for --adapter {spec.adapter}; give it once per subject.")
         else:
             setattr(spec, self.dest, value)
-
-
-def int_in(low: int, high: int, what: str):
-    """An argparse type: an integer from `low` to `high`, described as `what` in its error."""
-
-    def parse(text: str) -> int:
-        value = int(text) if text.strip().lstrip("+-").isdigit() else None
-        if value is None or not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
-        return value
-
-    return parse
-
-
-positive_int = int_in(1, sys.maxsize, "a positive integer")
-step_count = int_in(1, MAX_STEPS, f"an integer from 1 to {MAX_STEPS}")
-seed_value = int_in(0, SEEDS - 1, "an integer from 0 to 2**64 - 1")
-
-
-def finite_float(low: float, what: str, above: bool = False):
-    """An argparse type: a finite number of at least `low` (above `low` with `above`), described as `what`."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and (value > low if above else value >= low)):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
-        return value
-
-    return parse
-
-
-guidance_scale = finite_float(0, "a finite number of at least 0 (e.g. 7.5)")
-
-
-def subject_word(text: str) -> str:
-    """argparse type: a non-empty word."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a word such as person, got an empty string")
-    return text.strip()
-
-
-def image_side(text: str) -> int:
-    """argparse type: an image side in pixels, a multiple of 8 as diffusers' pipelines require."""
-    value = int(text) if text.strip().lstrip("+-").isdigit() else 0
-    if value < 8 or value % 8:
-        raise argparse.ArgumentTypeError(f"expected a positive multiple of 8 pixels, got {text}")
-    return value
 
 
 def add_parser(commands) -> None:
@@ -353,28 +313,6 @@ def adapter_name(spec: SubjectSpec, index: int, specs: list[SubjectSpec]) -> str
     """The name a subject's adapter is loaded under: the --adapter argument, numbered when repeated."""
     repeated = sum(other.adapter == spec.adapter for other in specs) > 1
     return f"{spec.adapter} #{index + 1}" if repeated else spec.adapter
-
-
-def resolve_device(name: str) -> str:
-    """`auto` -> cuda, else mps, else cpu; an explicit accelerator must be available."""
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name == "auto":
-        return next(device for device in ("cuda", "mps", "cpu") if available[device])
-    if not available[name]:
-        raise NestedAttentionError(
-            f"--device {name} was asked for but this PyTorch build sees no {name} device; "
-            f"use --device cpu or --device auto."
-        )
-    return name
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """`auto` -> float32 on cpu, bfloat16 (or float16 without bf16 support) on cuda, float16 on mps."""
-    if name != "auto":
-        return DTYPES[name]
-    if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float16 if device == "mps" else torch.float32
 
 
 def model_source(model: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from nested_attention.errors import NestedAttentionError
 
-from .generate import positive_int
+from .options import positive_int, resolve_device
 
 # rendering is per-job seeded, so the renders do not depend on how many processes make them: use every core
 WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -147,7 +147,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from nested_attention_eval.toy_scorers import metrics_beside, metrics_folder
     from nested_attention_toy.metric_models import FactorClassifier
 
-    from .generate import RANDOM_ADAPTER, adapter_source, load_pipeline, model_source, random_adapter, resolve_device
+    from .generate import RANDOM_ADAPTER, adapter_source, load_pipeline, model_source, random_adapter
 
     if args.lam <= 0:
         raise NestedAttentionError(f"--lam is {args.lam}; expected a positive number (1 = the trained model).")
