@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from conftest import make_adapter, subject_image
+from nested_attention import NestedAttention
 from nested_attention.errors import NestedAttentionError
 from nested_attention_cli.main import main
-from nested_attention_eval.harness import Evaluator, Plan, Setting, read_records, summarize
+from nested_attention_eval.harness import Evaluator, Job, Plan, Setting, read_records, summarize
 from nested_attention_eval.report import write_reports
 from nested_attention_eval.scorers import (
     HFImageEmbedder,
@@ -101,6 +102,45 @@ def test_outputs_and_resume(sd_pipe, tmp_path):
     html = written["html"].read_text()
     assert all(r["image"] in html for r in again) and "tradeoff.png" in html
     assert written["plot"].stat().st_size > 1000
+
+
+def test_a_batch_of_several_subjects_gives_each_prompt_its_own_subject(sd_pipe, tmp_path, monkeypatch):
+    """Batches mix subjects: every prompt must be generated with its own job's subject and lambda, and one Subject
+    object per (subject, lambda), which the pipeline encodes once."""
+    sd_pipe.set_progress_bar_config(disable=True)
+    calls = []
+    original = NestedAttention.__call__
+
+    def recording(self, prompts, subjects, **kwargs):
+        calls.append((list(prompts), {name: list(s) for name, s in subjects.items()}, kwargs["generator"]))
+        return original(self, prompts, subjects, **kwargs)
+
+    monkeypatch.setattr(NestedAttention, "__call__", recording)
+    grid = _plan(sd_pipe)
+
+    class OwnSeeds:  # any plan will do; here each job's (prompt, seed) names its subject
+        settings, subjects = grid.settings[:1], grid.subjects
+
+        def jobs(self, setting):
+            return [Job(setting.name, j.identity, j.prompt, j.lam, 1000 * int(j.identity[1:]) + j.seed, {setting.name: j.identity})
+                    for j in grid.jobs(setting)]
+
+    plan = OwnSeeds()
+    Evaluator(sd_pipe, tmp_path, steps=1, batch_size=8, progress=False).run(plan)
+    jobs = plan.jobs(plan.settings[0])
+    owner = {images[0].convert("RGB").tobytes(): label for label, images in plan.subjects.items()}
+    assert len(owner) == 3 and sum(len(prompts) for prompts, _, _ in calls) == len(jobs) == 24
+    seen, mixed = [], False
+    for prompts, subjects, generators in calls:
+        (name, per_prompt), = subjects.items()
+        assert name == "adapter" and len(per_prompt) == len(prompts) == len(generators)
+        mixed |= len({id(s) for s in per_prompt}) > 1
+        for prompt, subject, generator in zip(prompts, per_prompt, generators):
+            seen.append((prompt, generator.initial_seed(), subject.lam, owner[subject.images[0].tobytes()], id(subject)))
+    assert mixed  # batches do mix subjects
+    expected = sorted((j.prompt, j.seed, j.lam, j.identity) for j in jobs)
+    assert sorted(s[:4] for s in seen) == expected
+    assert len({s[4] for s in seen}) == len({(s[2], s[3]) for s in seen})  # one Subject per (subject, lambda)
 
 
 def test_identity_scores_match_a_naive_reference(sd_pipe, tmp_path):
@@ -252,3 +292,15 @@ def test_toy_eval_writes_every_key(tmp_path, capsys):
             mean = sum(by_value[v] * counts[v] for v in counts) / sum(counts.values())
             assert mean == pytest.approx(metrics[prefix + "id_top1"])
     assert (tmp_path / "samples.png").is_file() and "metrics.json" in capsys.readouterr().out
+    records = read_records(tmp_path / "records.jsonl")  # 3 kinds x (2 domains x 2 subjects + 1 scene)
+    assert len(records) == 15 and {r["setting"] for r in records} == {"adapter", "baseline", "oracle"}
+
+    # the same command again resumes: every image is read back, nothing is made, the metrics are the same
+    images = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "images").iterdir()}
+    assert main(argv) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "images").iterdir()} == images
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    # other sampler settings would mix images of two runs in one folder: refused in one sentence
+    capsys.readouterr()
+    assert main([*argv[:-2], "--steps", "2", "--out", str(tmp_path)]) == 2
+    assert "steps 1 -> 2" in capsys.readouterr().err

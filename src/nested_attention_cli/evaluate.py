@@ -147,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
         settings.append(Setting("base model", base_word))
     plan = Plan(settings, subjects, prompts, lams=args.lam, seeds=args.seeds)
     evaluator = Evaluator(pipe, args.out, identity=identity, prompt_scorers=scorers, steps=args.steps,
-                          guidance=args.guidance, batch_size=args.batch_size)
+                          guidance=args.guidance, batch_size=args.batch_size,
+                          pinned={"model": source, "adapters": dict(named)})  # what a resumed --out must hold
     records = evaluator.run(plan)
     written = write_reports(records, args.out)
     for kind, path in written.items():

@@ -181,7 +181,8 @@ def run_eval(args: argparse.Namespace) -> int:
     clip = Path(model).parent / "clip"
     classifier = FactorClassifier.from_pretrained(metric_models / "factor_classifier")
     scorer = ClipTextScorer(str(clip)) if (clip / "config.json").is_file() else prompt_scorer("toy-clip")
-    metrics = toy_eval(pipe, adapters, args.out, config, scorer, classifier, metrics=metric_models)
+    pinned = {"model": model, "adapters": given}  # a resumed --out folder must hold images of these
+    metrics = toy_eval(pipe, adapters, args.out, config, scorer, classifier, metrics=metric_models, pinned=pinned)
     keys = ("id_top1", "id_similarity", "prompt_accuracy", "clip_t")
     for prefix, label in (("", "adapters"), ("baseline_", "base model"), ("oracle_", "real renders")):
         print(f"{label:>12}: " + ", ".join(f"{k} {metrics[prefix + k]:.3f}" for k in keys))

@@ -1,15 +1,18 @@
-"""The evaluation loop: generate every (setting, subject, prompt, lambda, seed) image once, score it, append its
-record to ``records.jsonl``. A record already there is skipped, so an interrupted run resumes where it stopped.
+"""The evaluation loop: make every job's image once, score it, append its record to ``records.jsonl``. A record
+already there is skipped, so an interrupted run resumes where it stopped.
 
-A *setting* is an adapter bound to a word, or the base model (``adapter=None``), whose images do not depend on the
-subject: they are generated once per (prompt, seed) and scored against every subject.
+A *plan* lists the jobs: `Plan` is the grid of (setting, subject, prompt, lambda, seed) of `nested-attention
+evaluate`; any object with ``settings``, ``subjects`` and ``jobs(setting)`` will do (the toy world's evaluation lists
+its jobs one by one). A *setting* is one way of making images: adapters bound to words, the base model
+(no adapter), whose images do not depend on the subject and are generated once per (prompt, seed), or a function
+that renders a job's image (ground truth).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,21 +31,38 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 @dataclass
 class Setting:
-    """One way of generating: ``adapter`` (a folder, or an already loaded `NestedAdapter`) bound to ``word``, or the
-    base model when ``adapter`` is None. ``name`` labels its rows, curves and images."""
+    """One way of making images: ``adapter`` (a folder, or an already loaded `NestedAdapter`) bound to ``word``;
+    several adapters at once with ``adapters`` (word -> adapter, each loaded under its word's name); the base model
+    when neither is given; or, with ``render``, a function from a job to its image (no model). ``name`` labels its
+    rows, curves and images."""
 
     name: str
-    word: str
+    word: str | None = None
     adapter: str | Path | NestedAdapter | None = None
+    adapters: Mapping[str, str | Path | NestedAdapter] | None = None
+    render: Callable[[Job], Image.Image] | None = None
+
+    def bound(self) -> list[tuple[str, str | Path | NestedAdapter, str]]:
+        """(adapter name, adapter, word) of each adapter the setting loads."""
+        if self.adapters is not None:
+            return [(word, adapter, word) for word, adapter in self.adapters.items()]
+        return [] if self.adapter is None else [(self.name, self.adapter, self.word)]
+
+    @property
+    def shared(self) -> bool:
+        """The base model: its images depend on (prompt, seed) only, shared by every subject."""
+        return not self.bound() and self.render is None
 
 
 @dataclass
 class Job:
     setting: str
-    identity: str
+    identity: str  # the scored subject's label (a plan's own labels, such as "person:3+pet:7", for several)
     prompt: str  # with the setting's word filled in
     lam: float | None  # None for the base model
     seed: int
+    subjects: dict[str, str] = field(default_factory=dict)  # adapter name -> the subject label bound to it
+    labels: dict = field(default_factory=dict)  # ground truth that a plan's own scorers read (JSON values)
 
     @property
     def key(self) -> str:
@@ -80,8 +100,17 @@ class Plan:
 
     def jobs(self, setting: Setting) -> list[Job]:
         lams: Sequence[float | None] = [None] if setting.adapter is None else self.lams
-        return [Job(setting.name, identity, self.prompt_for(setting, p), lam, seed)
+        return [Job(setting.name, identity, self.prompt_for(setting, p), lam, seed,
+                    {setting.name: identity} if setting.adapter is not None else {})
                 for identity in self.subjects for lam in lams for p in self.prompts for seed in self.seeds]
+
+
+class JobScorer:
+    """Scores that need more than the prompt: ``score(images, jobs, plan)`` -> columns, one value (or None) per
+    image, reading the jobs' ``labels`` (ground truth) and the plan's subjects."""
+
+    def score(self, images: list[Image.Image], jobs: list[Job], plan) -> dict[str, list]:
+        raise NotImplementedError
 
 
 def fill_word(prompt: str, word: str, setting: str) -> str:
@@ -140,16 +169,20 @@ class Evaluator:
 
     def __init__(self, pipe, out: str | Path, identity: IdentityEmbedder | None = None,
                  prompt_scorers: Iterable[PromptScorer] = (), steps: int = 30, guidance: float = 5.0,
-                 batch_size: int = 8, progress: bool = True):
+                 batch_size: int = 8, progress: bool = True, scorers: Iterable[JobScorer] = (),
+                 pinned: dict | None = None):
         self.pipe, self.out = pipe, Path(out)
-        self.identity, self.prompt_scorers = identity, list(prompt_scorers)
+        self.identity, self.prompt_scorers, self.scorers = identity, list(prompt_scorers), list(scorers)
         self.steps, self.guidance, self.batch_size, self.progress = steps, guidance, batch_size, progress
+        # as JSON reads it back (tuples become lists), so that a resumed run compares like with like
+        self.pinned = json.loads(json.dumps({"steps": steps, "guidance": guidance} | dict(pinned or {})))
         self.records_path = self.out / "records.jsonl"
-        (self.out / "images").mkdir(parents=True, exist_ok=True)
 
     def run(self, plan: Plan) -> list[dict]:
         from tqdm.auto import tqdm
 
+        self._check_generation()
+        (self.out / "images").mkdir(parents=True, exist_ok=True)
         done = {r["key"] for r in self._repair()}
         todo = {s.name: [j for j in plan.jobs(s) if j.key not in done] for s in plan.settings}
         references = self._references(plan) if self.identity is not None else None
@@ -164,6 +197,22 @@ class Evaluator:
         wanted = {j.key for s in plan.settings for j in plan.jobs(s)}  # a resumed folder may hold other plans' records
         return [r for r in read_records(self.records_path) if r["key"] in wanted]
 
+    def _check_generation(self) -> None:
+        """A folder's images were made with one sampler setting (and whatever the caller ``pinned``, such as the
+        model): resuming with another would mix them."""
+        path = self.out / "generation.json"
+        if path.is_file():
+            before = json.loads(path.read_text())
+            if before != self.pinned:
+                changed = ", ".join(f"{k} {before.get(k)!r} -> {self.pinned.get(k)!r}"
+                                    for k in sorted(before.keys() | self.pinned.keys()) if before.get(k) != self.pinned.get(k))
+                raise NestedAttentionError(
+                    f"{self.out} holds images made with other settings ({changed}); give a new --out folder, or the "
+                    f"same settings to resume.")
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.pinned) + "\n")
+
     def _repair(self) -> list[dict]:
         """The records so far; a line an interruption cut short is dropped from the file, so appending goes on
         from a clean line end."""
@@ -175,53 +224,67 @@ class Evaluator:
     # ---- one setting ---------------------------------------------------------------------------------------
 
     def _run_setting(self, na: NestedAttention, plan: Plan, setting: Setting, jobs: list[Job], references, bar) -> None:
-        shared = setting.adapter is None
-        if not shared:
-            na.load_adapter(setting.adapter, word=setting.word, name=setting.name)
+        bound = setting.bound()
+        for name, adapter, word in bound:
+            na.load_adapter(adapter, word=word, name=name)
         try:
             groups: dict[tuple, list[Job]] = {}
-            for job in jobs:  # the base model's images do not depend on the subject: one group for all
-                groups.setdefault((None if shared else job.identity, job.lam), []).append(job)
-            for (identity, lam), group in groups.items():
-                subject = None if shared else Subject(plan.subjects[identity], lam=lam)
+            for job in jobs:  # one batch binds the same adapters with one lambda
+                groups.setdefault((tuple(sorted(job.subjects)), job.lam), []).append(job)
+            for group in groups.values():
                 for start in range(0, len(group), self.batch_size):
                     chunk = group[start : start + self.batch_size]
-                    images = self._images(na, setting, subject, chunk, shared)
-                    self._write(chunk, images, references, shared)
+                    images = self._images(na, plan, setting, chunk)
+                    self._write(chunk, images, references, setting.shared, plan)
                     bar.update(len(chunk))
         finally:
-            if not shared:
-                na.unload_adapter(setting.name)
+            for name, _, _ in bound:
+                na.unload_adapter(name)
 
-    def _images(self, na: NestedAttention, setting: Setting, subject: Subject | None, jobs: list[Job], shared: bool) -> list[Image.Image]:
-        """The images of ``jobs``: read back where a previous run saved them, generated otherwise (one batch)."""
+    def _images(self, na: NestedAttention, plan: Plan, setting: Setting, jobs: list[Job]) -> list[Image.Image]:
+        """The images of ``jobs``: read back where a previous run saved them, made otherwise (one batch)."""
+        shared = setting.shared
         paths = [self.out / "images" / j.image_name(shared) for j in jobs]
         missing = [i for i, p in enumerate(paths) if not p.is_file()]
-        # the base model's images are shared: generate each (prompt, seed) once
-        unique = list(dict.fromkeys((jobs[i].prompt, jobs[i].seed) for i in missing))
-        if unique:
-            kwargs = dict(num_inference_steps=self.steps, guidance_scale=self.guidance,
-                          generator=[torch.Generator().manual_seed(seed) for _, seed in unique])
-            prompts = [p for p, _ in unique]
-            if subject is None:
-                images = self.pipe(prompts, **kwargs).images
-            else:
-                images = na(prompts, subjects={setting.name: subject}, **kwargs).images
-            made = dict(zip(unique, images))
+        if setting.render is not None:
+            for i in missing:
+                setting.render(jobs[i]).convert("RGB").save(paths[i])
+            missing = []
+        if shared:  # the base model's images: generate each (prompt, seed) once
+            unique = list(dict.fromkeys((jobs[i].prompt, jobs[i].seed) for i in missing))
+            made = dict(zip(unique, self._generate(na, [p for p, _ in unique], [seed for _, seed in unique]))) if unique else {}
             for i in missing:
                 made[(jobs[i].prompt, jobs[i].seed)].save(paths[i])
+        elif missing:
+            chosen = [jobs[i] for i in missing]
+            made: dict[tuple, Subject] = {}  # one Subject per (label, lambda): the pipeline encodes each once
+            subjects = {name: [made.setdefault((j.subjects[name], j.lam), Subject(plan.subjects[j.subjects[name]], lam=j.lam))
+                               for j in chosen] for name in chosen[0].subjects}
+            for i, image in zip(missing, self._generate(na, [j.prompt for j in chosen], [j.seed for j in chosen], subjects)):
+                image.save(paths[i])
         return [Image.open(p).convert("RGB") for p in paths]
 
-    def _write(self, jobs: list[Job], images: list[Image.Image], references, shared: bool) -> None:
+    def _generate(self, na: NestedAttention, prompts: list[str], seeds: list[int], subjects=None) -> list[Image.Image]:
+        kwargs = dict(num_inference_steps=self.steps, guidance_scale=self.guidance,
+                      generator=[torch.Generator().manual_seed(seed) for seed in seeds])
+        if subjects is None:
+            return self.pipe(prompts, **kwargs).images
+        return na(prompts, subjects=subjects, **kwargs).images
+
+    def _write(self, jobs: list[Job], images: list[Image.Image], references, shared: bool, plan: Plan) -> None:
         columns: dict[str, list] = {}
         for scorer in self.prompt_scorers:
             columns.update(scorer.score(images, [j.prompt for j in jobs]))
         if references is not None:
             columns.update(self._identity_scores(images, [j.identity for j in jobs], references))
+        for job_scorer in self.scorers:
+            columns.update(job_scorer.score(images, jobs, plan))
         with self.records_path.open("a") as file:
             for row, job in enumerate(jobs):
                 record = {"key": job.key, "setting": job.setting, "identity": job.identity, "prompt": job.prompt,
                           "lam": job.lam, "seed": job.seed, "image": f"images/{job.image_name(shared)}"}
+                if job.labels:
+                    record["labels"] = job.labels
                 record.update({name: values[row] for name, values in columns.items()})
                 file.write(json.dumps(record) + "\n")
 
@@ -239,6 +302,10 @@ class Evaluator:
         embedded = self.identity.embed(images)
         similarity, top1 = [], []
         for row, identity in enumerate(identities):
+            if identity not in labels:  # a job of several subjects: its plan's own scorers judge it
+                similarity.append(None)
+                top1.append(None)
+                continue
             own = labels.index(identity)
             similarity.append(float((per_identity[own] @ embedded[row]).mean()))
             top1.append(float(int((gallery @ embedded[row]).argmax()) == own) if len(labels) > 1 else None)
@@ -248,7 +315,7 @@ class Evaluator:
 
 def summarize(records: list[dict]) -> list[dict]:
     """One row per (setting, lambda): the count and the mean of every score column (None values left out)."""
-    fixed = {"key", "setting", "identity", "prompt", "lam", "seed", "image"}
+    fixed = {"key", "setting", "identity", "prompt", "lam", "seed", "image", "labels"}
     columns = sorted({k for r in records for k, v in r.items() if k not in fixed and isinstance(v, (int, float))})
     groups: dict[tuple, list[dict]] = {}
     for record in records:

@@ -3,7 +3,9 @@
 For each domain, ``identities`` held-out subjects drawn from ``seed`` (never in any training data) each get one input
 view and ``contexts`` random contexts. Three kinds of image per (subject, context): the adapter's generation from the
 input view and the generic prompt, the base model's generation for the same prompt (no adapter: it cannot know the
-subject) and the real render (the oracle). Each is scored with the toy metric models:
+subject) and the real render (the oracle). It is a plan for the resumable evaluator (`harness`): every image and
+its scores land in ``records.jsonl``, and running the same command again goes on where an interrupted run stopped.
+Each image is scored with the toy metric models:
 
 - ``id_top1``: the identity network retrieves the right subject among the ``identities`` input views;
 - ``id_similarity``: cosine of the generation's identity embedding and its subject's input view's;
@@ -28,13 +30,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nested_attention import NestedAttention, Subject
 from nested_attention_toy.metric_models import retrieval_hits
 from nested_attention_toy.render import render_input, render_scene, render_target
 from nested_attention_toy.world import (
     CONTEXT_FACTORS,
     DOMAINS,
     FACTOR_NAMES,
+    Context,
+    Identity,
     attribute_names,
     generic_caption,
     sample_context,
@@ -42,10 +45,12 @@ from nested_attention_toy.world import (
     scene_prompt,
 )
 
+from .harness import Evaluator, Job, JobScorer, Setting
 from .toy_scorers import ToyIdentityEmbedder, to_uint8
 
 KINDS = ("adapter", "baseline", "oracle")
 PREFIX = {"adapter": "", "baseline": "baseline_", "oracle": "oracle_"}
+SCENE = "scene"
 
 
 @dataclass
@@ -60,148 +65,194 @@ class ToyEvalConfig:
     batch_size: int = 16
 
 
-def _generate(pipe, na: NestedAttention | None, prompts: list[str], subjects: list[dict] | None, seeds: list[int],
-              config: ToyEvalConfig, progress) -> list[Image.Image]:
-    """Images for ``prompts`` (one seed each); ``subjects[i]`` maps adapter names to prompt i's Subject."""
-    images: list[Image.Image] = []
-    for start in range(0, len(prompts), config.batch_size):
-        end = min(start + config.batch_size, len(prompts))
-        kwargs = dict(num_inference_steps=config.steps, guidance_scale=config.guidance,
-                      generator=[torch.Generator().manual_seed(s) for s in seeds[start:end]])
-        if na is None:
-            images += pipe(prompts[start:end], **kwargs).images
-        else:
-            names = subjects[start]
-            batch = {name: [s[name] for s in subjects[start:end]] for name in names}
-            images += na(prompts[start:end], subjects=batch, **kwargs).images
-        progress.update(end - start)
-    return images
+def label(identity: Identity) -> str:
+    return f"{identity.domain}:{identity.index}"
 
 
-def _scores(images: list[Image.Image], embedder: ToyIdentityEmbedder, gallery: torch.Tensor, owners: list[int]) -> tuple[list[float], list[float]]:
-    """Per image: top-1 retrieval (0/1) among the gallery and cosine to its own gallery entry."""
-    hits, cos = retrieval_hits(embedder.embed(images), gallery, torch.tensor(owners))
-    return hits.float().tolist(), cos.tolist()
+class ToyPlan:
+    """The jobs of one toy evaluation, drawn from ``config.seed``: per domain, ``identities`` held-out subjects with
+    one input view (their ``subjects`` entry) and ``contexts`` prompts each; then ``scenes`` person + pet prompts;
+    made by the ``adapters`` (domain -> adapter, bound to the domain's word), the base model and the renderer.
+    A job's ``labels`` hold its ground truth: domain ("scene" for both), the subject's index among its domain's
+    subjects (``owner``, or ``owners`` per domain), the context's factor values."""
+
+    def __init__(self, config: ToyEvalConfig, adapters: dict[str, object]):
+        self.config = config
+        n, k = config.identities, config.contexts
+        rng = np.random.default_rng(config.seed)
+        self.identities: dict[str, list[Identity]] = {}
+        self.subjects: dict[str, list[Image.Image]] = {}
+        self.cases: list[tuple[str, str, int, dict]] = []  # (identity label, prompt, seed, labels), one per image
+        for domain in DOMAINS:
+            self.identities[domain] = sample_identities(domain, n, rng, held_out=True)
+            for identity in self.identities[domain]:
+                self.subjects[label(identity)] = [render_input(identity, 64, int(rng.integers(2**31)))]
+            contexts = [sample_context(rng, domain) for _ in range(n * k)]
+            prompts = [generic_caption(domain, c, rng) for c in contexts]
+            seeds = [int(s) for s in rng.integers(2**31, size=len(prompts))]
+            for i, (context, prompt, seed) in enumerate(zip(contexts, prompts, seeds)):
+                owner = i // k
+                self.cases.append((label(self.identities[domain][owner]), prompt, seed,
+                                   {"domain": domain, "owner": owner, "context": list(context.values)}))
+        pairs = [(int(rng.integers(n)), int(rng.integers(n))) for _ in range(config.scenes)]
+        contexts = [sample_context(rng) for _ in pairs]
+        pet_expressions = [int(rng.integers(len(CONTEXT_FACTORS["expression"]))) for _ in pairs]
+        prompts = [scene_prompt("person", "pet", c, rng, pet_expression=e) for c, e in zip(contexts, pet_expressions)]
+        seeds = [int(s) for s in rng.integers(2**31, size=len(prompts))]
+        for (a, b), context, expression, prompt, seed in zip(pairs, contexts, pet_expressions, prompts, seeds):
+            person, pet = self.identities["person"][a], self.identities["pet"][b]
+            self.cases.append((f"{label(person)}+{label(pet)}", prompt, seed,
+                               {"domain": SCENE, "owners": {"person": a, "pet": b}, "context": list(context.values),
+                                "pet_expression": expression}))
+        self.settings = [
+            Setting("adapter", adapters={domain: adapters[domain] for domain in DOMAINS}),
+            Setting("baseline"),
+            Setting("oracle", render=self.render),
+        ]
+
+    def jobs(self, setting: Setting) -> list[Job]:
+        lam = None if setting.shared or setting.render is not None else self.config.lam
+        jobs = []
+        for identity, prompt, seed, labels in self.cases:
+            bound = {}
+            if setting.adapters is not None:
+                owners = labels["owners"] if labels["domain"] == SCENE else {labels["domain"]: labels["owner"]}
+                bound = {d: label(self.identities[d][o]) for d, o in owners.items()}
+            jobs.append(Job(setting.name, identity, prompt, lam, seed, bound, labels))
+        return jobs
+
+    def render(self, job: Job) -> Image.Image:
+        """The ground truth of a job: the real render of its subject(s) in its context."""
+        labels, context = job.labels, Context(tuple(job.labels["context"]))
+        if labels["domain"] == SCENE:
+            person, pet = (self.identities[d][labels["owners"][d]] for d in DOMAINS)
+            return render_scene(person, pet, context, 64, job.seed, pet_expression=labels["pet_expression"]).image
+        return render_target(self.identities[labels["domain"]][labels["owner"]], context, 64, job.seed).image
 
 
-def _attribute_hits(images: list[Image.Image], embedder: ToyIdentityEmbedder, subjects: list) -> dict[str, np.ndarray]:
-    """Per image and identity attribute, 1 where the identity network reads the subject's true value; the mean over
-    attributes as ``attribute_accuracy``."""
-    read = embedder.attributes(images)
-    truth = torch.tensor([s.attributes for s in subjects]).view(len(subjects), -1)
-    hits = {f"attribute_{name}": (read[name] == truth[:, a]).float().numpy()
-            for a, name in enumerate(attribute_names(embedder.domain))}
-    return {"attribute_accuracy": np.mean(list(hits.values()), axis=0)} | hits
+class ToyScorer(JobScorer):
+    """The toy metric models on a `ToyPlan`'s images: identity retrieval among the plan's subjects of the domain,
+    attribute reading, prompt factors against the job's true context; per subject in scenes."""
+
+    def __init__(self, plan: ToyPlan, factor_classifier, metrics: str | Path | None = None):
+        self.classifier = factor_classifier
+        self.embedders = {d: ToyIdentityEmbedder(d, metrics) for d in DOMAINS}
+        self.galleries = {d: self.embedders[d].embed([plan.subjects[label(i)][0] for i in plan.identities[d]])
+                          for d in DOMAINS}
+        self.identities = plan.identities
+
+    def score(self, images: list[Image.Image], jobs: list[Job], plan) -> dict[str, list]:
+        columns: dict[str, list] = {}
+        rows = {d: [r for r, j in enumerate(jobs) if j.labels["domain"] == d] for d in (*DOMAINS, SCENE)}
+
+        def put(name: str, row: int, value) -> None:
+            columns.setdefault(name, [None] * len(jobs))[row] = value
+
+        for domain in DOMAINS:
+            if rows[domain]:
+                chosen = [images[r] for r in rows[domain]]
+                owners = [jobs[r].labels["owner"] for r in rows[domain]]
+                hits, cos = retrieval_hits(self.embedders[domain].embed(chosen), self.galleries[domain], torch.tensor(owners))
+                read = self.embedders[domain].attributes(chosen)
+                for i, (r, owner) in enumerate(zip(rows[domain], owners)):
+                    put("id_top1", r, float(hits[i]))
+                    put("id_similarity", r, float(cos[i]))
+                    truth = self.identities[domain][owner].attributes
+                    attribute_hits = [float(int(read[a][i]) == truth[k]) for k, a in enumerate(attribute_names(domain))]
+                    for a, hit in zip(attribute_names(domain), attribute_hits):
+                        put(f"attribute_{a}", r, hit)
+                    put("attribute_accuracy", r, float(np.mean(attribute_hits)))
+            if rows[SCENE]:
+                chosen = [images[r] for r in rows[SCENE]]
+                owners = [jobs[r].labels["owners"][domain] for r in rows[SCENE]]
+                hits, _ = retrieval_hits(self.embedders[domain].embed(chosen), self.galleries[domain], torch.tensor(owners))
+                for i, r in enumerate(rows[SCENE]):
+                    put(f"scene_{domain}_top1", r, float(hits[i]))
+        if rows[SCENE]:
+            for r in rows[SCENE]:
+                put("scene_both_top1", r, columns["scene_person_top1"][r] * columns["scene_pet_top1"][r])
+        single = rows["person"] + rows["pet"]
+        if single:
+            predicted = self.classifier.predict(to_uint8([images[r] for r in single], 64))
+            for i, r in enumerate(single):
+                hits = [float(int(predicted[f][i]) == jobs[r].labels["context"][k]) for k, f in enumerate(FACTOR_NAMES)]
+                for f, hit in zip(FACTOR_NAMES, hits):
+                    put(f"factor_{f}", r, hit)
+                put("prompt_accuracy", r, float(np.mean(hits)))
+        return columns
 
 
 def toy_eval(pipe, adapters: dict[str, object], out: str | Path, config: ToyEvalConfig, clip_scorer, factor_classifier,
-             progress: bool = True, metrics: str | Path | None = None) -> dict:
-    """Run the evaluation; ``adapters`` maps "person" and "pet" to adapter folders or loaded adapters. Writes
-    ``metrics.json`` and ``samples.png`` in ``out``; returns the metrics. ``metrics``: the identity networks' build
-    folder (default: the shipped build's)."""
-    from tqdm.auto import tqdm
-
+             progress: bool = True, metrics: str | Path | None = None, pinned: dict | None = None) -> dict:
+    """Run the evaluation (resuming what ``out`` already holds); ``adapters`` maps "person" and "pet" to adapter
+    folders or loaded adapters. Writes ``records.jsonl``, ``images/``, ``metrics.json`` and ``samples.png`` in
+    ``out``; returns the metrics. ``metrics``: the identity networks' build folder (default: the shipped build's);
+    ``pinned``: what else a resumed folder must have been made with (model, adapters; see `Evaluator`)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(config.seed)
-    na = NestedAttention(pipe)
-    for domain in DOMAINS:
-        na.load_adapter(adapters[domain], word=domain, name=domain)
-    n, k = config.identities, config.contexts
-    embedders = {d: ToyIdentityEmbedder(d, metrics) for d in DOMAINS}
-    results: dict = {"config": asdict(config)}
-    per_kind: dict[str, dict[str, list[float]]] = {kind: {} for kind in KINDS}
-    samples: list[list[Image.Image]] = []
-    context_labels: list[torch.Tensor] = []
-    total = 2 * (2 * n * k) + 2 * config.scenes
-    try:
-        with tqdm(total=total, desc="toy eval", disable=not progress) as bar:
-            identities, views, galleries = {}, {}, {}
-            for domain in DOMAINS:
-                identities[domain] = sample_identities(domain, n, rng, held_out=True)
-                views[domain] = [render_input(identity, 64, int(rng.integers(2**31))) for identity in identities[domain]]
-                galleries[domain] = embedders[domain].embed(views[domain])
-                contexts = [sample_context(rng, domain) for _ in range(n * k)]
-                owners = [i for i in range(n) for _ in range(k)]
-                prompts = [generic_caption(domain, c, rng) for c in contexts]
-                seeds = [int(s) for s in rng.integers(2**31, size=len(prompts))]
-                labels = torch.tensor([c.values for c in contexts])
-                context_labels.append(labels)
-                made = {
-                    "adapter": _generate(pipe, na, prompts, [{domain: Subject(views[domain][o], lam=config.lam)} for o in owners],
-                                         seeds, config, bar),
-                    "baseline": _generate(pipe, None, prompts, None, seeds, config, bar),
-                    "oracle": [render_target(identities[domain][o], c, 64, s).image for o, c, s in zip(owners, contexts, seeds)],
-                }
-                for kind, images in made.items():
-                    top1, similarity = _scores(images, embedders[domain], galleries[domain], owners)
-                    predicted = factor_classifier.predict(to_uint8(images, 64))
-                    accuracy = torch.stack([(predicted[f] == labels[:, i]).float() for i, f in enumerate(FACTOR_NAMES)], 1)
-                    clip_t = clip_scorer.score(images, prompts)[clip_scorer.name]
-                    scores = {"id_top1": top1, "id_similarity": similarity, "prompt_accuracy": accuracy.mean(1).tolist(),
-                              "clip_t": clip_t}
-                    scores |= {f"factor_{f}": accuracy[:, i].tolist() for i, f in enumerate(FACTOR_NAMES)}
-                    for name, values in scores.items():
-                        per_kind[kind].setdefault(name, []).extend(values)
-                        results.setdefault(domain, {})[PREFIX[kind] + name] = float(np.mean(values))
-                    attributes = _attribute_hits(images, embedders[domain], [identities[domain][o] for o in owners])
-                    for name, values in attributes.items():
-                        results[domain][PREFIX[kind] + name] = float(np.mean(values))
-                for row in range(min(n, 4)):
-                    samples.append([views[domain][row]] + [made[kind][row * k + j] for kind in KINDS for j in range(min(k, 3))])
-            scene_results = _scenes(pipe, na, identities, views, galleries, embedders, config, rng, bar)
-    finally:
-        na.uninstall()
-    for kind in KINDS:
-        for name, values in per_kind[kind].items():
-            results[PREFIX[kind] + name] = float(np.mean(values))
-    results |= _by_factor(torch.cat(context_labels), {kind: per_kind[kind]["id_top1"] for kind in KINDS})
-    results.update(scene_results.pop("metrics"))
-    _sheet(samples + scene_results["rows"]).save(out / "samples.png")
+    plan = ToyPlan(config, adapters)
+    evaluator = Evaluator(pipe, out, prompt_scorers=[clip_scorer], scorers=[ToyScorer(plan, factor_classifier, metrics)],
+                          steps=config.steps, guidance=config.guidance, batch_size=config.batch_size, progress=progress,
+                          pinned=pinned)
+    if clip_scorer.name != "clip_t":
+        raise ValueError(f"toy eval reports the CLIP score as clip_t; got a scorer named {clip_scorer.name!r}")
+    records = {r["key"]: r for r in evaluator.run(plan)}
+    made = {s.name: [records[j.key] for j in plan.jobs(s)] for s in plan.settings}
+    results = {"config": asdict(config)} | summarize_toy(made)
+    _sheet(_sample_rows(plan, made, out)).save(out / "samples.png")
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
-def _by_factor(labels: torch.Tensor, top1: dict[str, list[float]]) -> dict:
-    """``count_by_<factor>`` (value -> images) and, per kind, ``id_top1_by_<factor>`` (value -> mean top-1) for the
-    images whose contexts are ``labels`` (N, factors)."""
-    out: dict = {}
-    for i, factor in enumerate(FACTOR_NAMES):
-        present = [(v, labels[:, i] == j) for j, v in enumerate(CONTEXT_FACTORS[factor]) if bool((labels[:, i] == j).any())]
-        out[f"count_by_{factor}"] = {v: int(mask.sum()) for v, mask in present}
-        for kind, hits in top1.items():
-            hits_t = torch.tensor(hits)
-            out[f"{PREFIX[kind]}id_top1_by_{factor}"] = {v: float(hits_t[mask].mean()) for v, mask in present}
-    return out
+def _mean(records: list[dict], column: str) -> float:
+    return float(np.mean([r[column] for r in records]))
 
 
-def _scenes(pipe, na, identities, views, galleries, embedders, config: ToyEvalConfig, rng, bar) -> dict:
-    """Person + pet images: both adapters, each subject bound to its own word."""
-    n = config.identities
-    pairs = [(int(rng.integers(n)), int(rng.integers(n))) for _ in range(config.scenes)]
-    contexts = [sample_context(rng) for _ in pairs]
-    pet_expressions = [int(rng.integers(len(CONTEXT_FACTORS["expression"]))) for _ in pairs]
-    prompts = [scene_prompt("person", "pet", c, rng, pet_expression=e) for c, e in zip(contexts, pet_expressions)]
-    seeds = [int(s) for s in rng.integers(2**31, size=len(prompts))]
-    subjects = [{"person": Subject(views["person"][a], lam=config.lam), "pet": Subject(views["pet"][b], lam=config.lam)} for a, b in pairs]
-    made = {
-        "adapter": _generate(pipe, na, prompts, subjects, seeds, config, bar) if pairs else [],
-        "baseline": _generate(pipe, None, prompts, None, seeds, config, bar) if pairs else [],
-        "oracle": [render_scene(identities["person"][a], identities["pet"][b], c, 64, s, pet_expression=e).image
-                   for (a, b), c, s, e in zip(pairs, contexts, seeds, pet_expressions)],
-    }
-    metrics = {}
-    for kind, images in made.items():
-        if not images:
-            continue
-        hits = {}
-        for d, domain in enumerate(DOMAINS):
-            hits[domain], _ = _scores(images, embedders[domain], galleries[domain], [p[d] for p in pairs])
-            metrics[f"{PREFIX[kind]}scene_{domain}_top1"] = float(np.mean(hits[domain]))
-        metrics[f"{PREFIX[kind]}scene_both_top1"] = float(np.mean([a * b for a, b in zip(hits["person"], hits["pet"])]))
-    rows = [[views["person"][a], views["pet"][b]] + [made[kind][i] for kind in KINDS]
-            for i, (a, b) in enumerate(pairs[:4])]
-    return {"metrics": metrics, "rows": rows}
+def summarize_toy(made: dict[str, list[dict]]) -> dict:
+    """The metrics of ``made`` (kind -> its records in plan order): per kind overall and per domain, per context
+    factor value, and for the scenes."""
+    results: dict = {}
+    overall = ("id_top1", "id_similarity", "prompt_accuracy", "clip_t", *(f"factor_{f}" for f in FACTOR_NAMES))
+    for kind, records in made.items():
+        prefix = PREFIX[kind]
+        single = [r for r in records if r["labels"]["domain"] != SCENE]
+        for column in overall:
+            results[prefix + column] = _mean(single, column)
+        for domain in DOMAINS:
+            mine = [r for r in single if r["labels"]["domain"] == domain]
+            names = (*overall, "attribute_accuracy", *(f"attribute_{a}" for a in attribute_names(domain)))
+            results.setdefault(domain, {}).update({prefix + c: _mean(mine, c) for c in names})
+        labels = torch.tensor([r["labels"]["context"] for r in single])
+        hits = torch.tensor([r["id_top1"] for r in single])
+        for i, factor in enumerate(FACTOR_NAMES):
+            present = [(v, labels[:, i] == j) for j, v in enumerate(CONTEXT_FACTORS[factor]) if bool((labels[:, i] == j).any())]
+            results[f"count_by_{factor}"] = {v: int(mask.sum()) for v, mask in present}
+            results[f"{prefix}id_top1_by_{factor}"] = {v: float(hits[mask].mean()) for v, mask in present}
+        scenes = [r for r in records if r["labels"]["domain"] == SCENE]
+        if scenes:
+            for column in ("scene_person_top1", "scene_pet_top1", "scene_both_top1"):
+                results[prefix + column] = _mean(scenes, column)
+    return results
+
+
+def _sample_rows(plan: ToyPlan, made: dict[str, list[dict]], out: Path) -> list[list[Image.Image]]:
+    """Per domain, up to 4 subjects: the input view, then up to 3 images of each kind; then up to 4 scenes: both
+    input views and each kind's image."""
+    k = plan.config.contexts
+    open_ = lambda record: Image.open(out / record["image"]).convert("RGB")  # noqa: E731
+    rows = []
+    for domain in DOMAINS:
+        for owner, identity in enumerate(plan.identities[domain][:4]):
+            row = [plan.subjects[label(identity)][0]]
+            for kind in KINDS:
+                mine = [r for r in made[kind] if r["labels"].get("owner") == owner and r["labels"]["domain"] == domain]
+                row += [open_(r) for r in mine[: min(k, 3)]]
+            rows.append(row)
+    scenes = [i for i, r in enumerate(made["adapter"]) if r["labels"]["domain"] == SCENE][:4]
+    for i in scenes:
+        owners = made["adapter"][i]["labels"]["owners"]
+        rows.append([plan.subjects[label(plan.identities[d][owners[d]])][0] for d in DOMAINS]
+                    + [open_(made[kind][i]) for kind in KINDS])
+    return rows
 
 
 def _sheet(rows: list[list[Image.Image]], size: int = 64, pad: int = 2) -> Image.Image:
