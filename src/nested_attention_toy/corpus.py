@@ -83,13 +83,6 @@ class Corpus:
     def factor_labels(self) -> dict[str, torch.Tensor]:
         return {f: self.factors[:, i] for i, f in enumerate(FACTOR_NAMES)}
 
-    def subset(self, index) -> Corpus:
-        index = torch.as_tensor(index)
-        return Corpus(self.images[index], [self.captions[i] for i in index.tolist()], self.factors[index],
-                      self.domains[index], [self.kinds[i] for i in index.tolist()],
-                      None if self.masks is None else self.masks[index],
-                      None if self.symbols is None else self.symbols[index])
-
 
 def make_corpus(count: int, seed: int, size: int = 64, held_out: bool = False, workers: int = 2,
                 input_fraction: float = 0.1, scene_fraction: float = 0.1, identity_pool: int = 4000,
