@@ -3,6 +3,7 @@ shipped build). docs/toyworld.md pastes this output, so that its numbers are the
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -42,6 +43,9 @@ def report(record: dict) -> str:
     for domain in ("person", "pet"):
         lines.append(_row([f"identity retrieval top-1 among {record['size']['eval_identities']}: {domain}",
                            _pct(metrics[f"identity_{domain}_top1"]), _bar("retrieval")]))
+        if f"identity_{domain}_scene_top1" in metrics:
+            lines.append(_row([f"&nbsp;&nbsp;the same in person + pet scenes: {domain}",
+                               _pct(metrics[f"identity_{domain}_scene_top1"]), _bar("retrieval")]))
     lines.append(_row(["VAE reconstruction PSNR", f"{stack['vae_psnr_db']:.2f} dB", "—"]))
     for domain, top1 in stack.get("vae_identity_top1", {}).items():
         lines.append(_row([f"identity top-1 among 20 after a VAE round trip: {domain}", _pct(top1), _bar("vae_identity")]))
@@ -65,8 +69,12 @@ def report(record: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m nested_attention_toy.report [BUILD]``: a build's measurements (default: the shipped build's)."""
-    argv = sys.argv[1:] if argv is None else argv
-    path = Path(argv[0]) if argv else shipped_path("build.json")
+    parser = argparse.ArgumentParser(prog="nested-attention toy diagnose report",
+                                     description="A toy build's measurements as markdown tables (from its build.json).")
+    parser.add_argument("build", nargs="?", type=Path, default=None,
+                        help="a build folder or its build.json (default: the shipped build)")
+    args = parser.parse_args(argv)
+    path = args.build or shipped_path("build.json")
     if path.is_dir():
         path = path / "build.json"
     if not path.is_file():
