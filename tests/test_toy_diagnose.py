@@ -13,6 +13,12 @@ def test_help_lists_every_diagnostic(capsys):
         assert name in out and summary[:30] in out, name
 
 
+@pytest.mark.parametrize("name", list(DIAGNOSTICS))
+def test_each_diagnostic_has_its_own_help(name, capsys):
+    assert run_cli("toy", "diagnose", name, "--help") == 0
+    assert capsys.readouterr().out.startswith(f"usage: nested-attention toy diagnose {name} ")
+
+
 @pytest.mark.parametrize("name", [n for n in DIAGNOSTICS if n != "report"])
 def test_a_folder_that_is_not_a_build_gets_one_sentence(name, tmp_path, capsys):
     assert run_cli("toy", "diagnose", name, "--model", str(tmp_path)) == 2

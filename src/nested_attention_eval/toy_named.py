@@ -33,6 +33,8 @@ from nested_attention_toy.world import (
 
 from .toy_scorers import ToyIdentityEmbedder, load_build_pipeline
 
+NAME = "named"  # nested-attention toy diagnose NAME
+
 
 def named_attributes(pipe, domain: str, generations: int = 64, seed: int = 0, metrics=None, steps: int = 20,
                      guidance: float = 5.0) -> dict[str, dict[str, float]]:
@@ -70,7 +72,7 @@ def named_attributes(pipe, domain: str, generations: int = 64, seed: int = 0, me
 
 @exits_on_error
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"nested-attention toy diagnose {NAME}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--domain", choices=DOMAINS, default="person")
     parser.add_argument("--generations", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)

@@ -32,6 +32,8 @@ from nested_attention_toy.world import DOMAINS, attribute_names, generic_caption
 
 from .toy_scorers import ToyIdentityEmbedder, load_build_pipeline, to_uint8
 
+NAME = "bound"  # nested-attention toy diagnose NAME
+
 
 @dataclass
 class UpperBound:
@@ -98,7 +100,7 @@ def upper_bound(pipe, config: UpperBound, log=print, metrics=None) -> list[dict]
 
 @exits_on_error
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"nested-attention toy diagnose {NAME}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--domain", choices=DOMAINS, default="person")
     parser.add_argument("--steps", type=int, default=UpperBound.steps)
     parser.add_argument("--subjects", type=int, default=UpperBound.subjects)

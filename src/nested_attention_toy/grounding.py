@@ -25,6 +25,8 @@ from nested_attention.errors import NestedAttentionError, exits_on_error
 
 from .text_image import tokenize
 
+NAME = "grounding"  # nested-attention toy diagnose NAME
+
 
 class AttentionMapRecorder:
     """Cross-attention processor that also records, per sample, the attention on some token positions.
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     from .assets import build_part, shipped_path
     from .world import generic_caption, sample_context
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser = argparse.ArgumentParser(prog=f"nested-attention toy diagnose {NAME}", description=main.__doc__)
     parser.add_argument("--model", default=str(shipped_path("pipeline")), help="pipeline folder (default: the shipped toy)")
     parser.add_argument("--domain", default="person", choices=("person", "pet"))
     parser.add_argument("--prompts", type=int, default=8)

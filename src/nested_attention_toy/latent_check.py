@@ -26,6 +26,8 @@ from .build_metrics import make_set, retrieval_sets
 from .metric_models import FactorClassifier, IdentityNet, head_accuracy, retrieval_top1
 from .world import DOMAINS, sample_identities
 
+NAME = "latents"  # nested-attention toy diagnose NAME
+
 
 def vae_identity(vae: AutoencoderKL, metrics_dir, identities: int, queries: int, seed: int, workers: int = 2) -> dict:
     """Per domain, retrieval top-1 of VAE round trips of held-out target renders (``queries`` per identity) against
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .assets import build_part, shipped_path
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser = argparse.ArgumentParser(prog=f"nested-attention toy diagnose {NAME}", description=main.__doc__)
     parser.add_argument("--model", default=str(shipped_path("pipeline")), help="pipeline folder (default: the shipped toy)")
     parser.add_argument("--metrics", help="metric models (default: the build's own, else the shipped ones)")
     parser.add_argument("--renders", type=int, default=400, help="held-out renders for the factors (default: 400)")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from .assets import shipped_path
 
+NAME = "report"  # nested-attention toy diagnose NAME
+
 BARS = {"factor": 0.95, "retrieval": 0.90, "base_factor": 0.90, "vae_identity": 0.95}
 
 
@@ -69,7 +71,7 @@ def report(record: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m nested_attention_toy.report [BUILD]``: a build's measurements (default: the shipped build's)."""
-    parser = argparse.ArgumentParser(prog="nested-attention toy diagnose report",
+    parser = argparse.ArgumentParser(prog=f"nested-attention toy diagnose {NAME}",
                                      description="A toy build's measurements as markdown tables (from its build.json).")
     parser.add_argument("build", nargs="?", type=Path, default=None,
                         help="a build folder or its build.json (default: the shipped build)")

@@ -34,6 +34,8 @@ from .world import (
     sample_context,
 )
 
+NAME = "text-gain"  # nested-attention toy diagnose NAME
+
 ROWS = (*FACTOR_NAMES, *(f"{domain} attributes" for domain in DOMAINS))
 
 
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .assets import shipped_path
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser = argparse.ArgumentParser(prog=f"nested-attention toy diagnose {NAME}", description=main.__doc__)
     parser.add_argument("--model", default=str(shipped_path("pipeline")),
                         help="a pipeline folder or a CLIP folder; 'clip' is the shipped toy CLIP (default: the shipped toy pipeline)")
     parser.add_argument("--pairs", type=int, default=64, help="prompt pairs per row (default: 64)")
