@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import tarfile
 from pathlib import Path
 
@@ -261,8 +262,11 @@ def test_a_second_run_skips_what_is_done_and_an_interrupted_run_ends_like_a_whol
         assert (tmp_path / "split" / line["subject"]).read_bytes() == (tmp_path / "whole" / line["subject"]).read_bytes()
     calls.clear()
     folder(source, {"new.png": (cat.transpose(Image.Transpose.FLIP_LEFT_RIGHT), "a cat")})
+    os.utime(source / "0.png")  # touched, same content: done
+    folder(source, {"1.png": (cat.transpose(Image.Transpose.FLIP_TOP_BOTTOM), "a cat")})  # new content: again
     report = run(source, tmp_path / "split", domain="pet")
-    assert calls == ["new.png"] and report["kept"] == 5
+    assert sorted(calls) == ["1.png", "new.png"] and report["kept"] == 5
+    assert metadata(tmp_path / "split")[1] != metadata(tmp_path / "whole")[1]  # 1.png's record is the new one
     with pytest.raises(NestedAttentionError, match="other settings"):
         run(source, tmp_path / "split", domain="pet", resolution=64)
 
@@ -344,7 +348,7 @@ def test_unreadable_photos_and_captions_without_a_subject_are_counted_or_stop_a_
     assert code == 2 and "None of the 2 photos" in one_error_line(err)
 
 
-@pytest.mark.parametrize("case", ["bad-jsonl", "template", "occupied-out", "masks", "words"])
+@pytest.mark.parametrize("case", ["bad-jsonl", "template", "occupied-out", "masks", "words", "masks-for-persons"])
 def test_bad_options_and_caption_files_are_one_sentence_and_exit_code_2(photos, tmp_path, capsys, case):
     source = folder(tmp_path / "in", {"cat.png": (photos["cat"], None)})
     out, extra = tmp_path / "out", []
@@ -357,12 +361,23 @@ def test_bad_options_and_caption_files_are_one_sentence_and_exit_code_2(photos, 
         (out / "mine.txt").write_text("someone else's file")
     elif case == "masks":
         extra = ["--masks", str(tmp_path / "no-masks")]
+    elif case == "masks-for-persons":
+        (tmp_path / "masks").mkdir()
+        extra = ["--masks", str(tmp_path / "masks")]
     elif case == "words":
         (tmp_path / "words.txt").write_text("# nothing\n")
         extra = ["--words", str(tmp_path / "words.txt")]
-    code, err = cli(capsys, "--domain", "pet", *extra, str(source), str(out))
+    domain = "person" if case == "masks-for-persons" else "pet"
+    code, err = cli(capsys, "--domain", domain, *extra, str(source), str(out))
     line = one_error_line(err)
     assert code == 2
     expected = {"bad-jsonl": "captions.jsonl:1", "template": "{word}", "occupied-out": "not a folder made by data",
-                "masks": "masks folder", "words": "has no words"}[case]
+                "masks": "masks folder", "words": "has no words", "masks-for-persons": "Leave out the masks"}[case]
     assert expected in line
+
+
+def test_help_names_the_outputs_and_the_docs(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["data", "prepare", "--help"])
+    text = capsys.readouterr().out
+    assert stop.value.code == 0 and "metadata.jsonl" in text and "docs/data.md" in text and "--workers" in text

@@ -69,19 +69,20 @@ def prepare(
             if strict and outcome.get("reason") in ERRORS:
                 raise NestedAttentionError(outcome["message"])
 
-        tasks, hashes = [], {entry["sha256"]: name for name, entry in log.items() if "sha256" in entry}
+        tasks, hashes = [], {entry["sha256"]: name for name, entry in log.items()
+                             if "sha256" in entry and entry.get("reason") != "duplicate"}
         for relative in tqdm(photos, desc="reading", disable=not progress, leave=False):
             task_or_outcome = _task(source, relative, log, hashes, captions, replace, settings.word)
             if isinstance(task_or_outcome, tuple):
                 tasks.append(task_or_outcome)
             elif task_or_outcome is not None:
                 record(task_or_outcome)
-        digests = {task.relative: sha for task, sha in tasks}
+        stamps = {task.relative: stamp for task, stamp in tasks}
         work = [task for task, _ in tasks]
         outcomes = _run(work, settings, out, workers)
         try:
             for outcome in tqdm(outcomes, total=len(work), desc=f"preparing {settings.domain}s", disable=not progress):
-                record({**outcome, "sha256": digests[outcome["file"]]})
+                record({**outcome, **stamps[outcome["file"]]})
         finally:
             outcomes.close()  # ends the worker processes at once when --strict stops the run
     records = _write_metadata(out, log)
@@ -155,30 +156,40 @@ def _claim_output(out: Path, settings: PrepareSettings) -> None:
 
 def _task(source: Path, relative: str, log: dict, hashes: dict, captions: Captions, replace: WordReplacer,
           word: str):
-    """(Task, sha256) for a photo to prepare, an outcome for one that is not (with its sha256), or None if done."""
+    """(Task, stamp) for a photo to prepare, an outcome for one that is not (with its stamp), or None if it is done.
+
+    The stamp (sha256, size, mtime_ns) identifies the file's content; a photo whose size and modification time
+    match its log entry is done without being read again, so resuming a large folder costs a stat per photo.
+    """
+    path = source / relative
     try:
-        sha = hashlib.sha256((source / relative).read_bytes()).hexdigest()
+        stat = path.stat()
+        done = log.get(relative, {})
+        if done.get("size") == stat.st_size and done.get("mtime_ns") == stat.st_mtime_ns and "sha256" in done:
+            return None
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError as error:
         return skipped(relative, "unreadable", f"the photo {relative} could not be read ({error.strerror}).")
-    if log.get(relative, {}).get("sha256") == sha:
-        return None
+    stamp = {"sha256": sha, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if done.get("sha256") == sha:
+        return {**done, **stamp}  # touched but unchanged: done, with its new stamp
     first = hashes.setdefault(sha, relative)
     if first != relative:
-        return {**skipped(relative, "duplicate", f"{relative} is the same file as {first}."), "sha256": sha}
+        return {**skipped(relative, "duplicate", f"{relative} is the same file as {first}."), **stamp}
     try:
         caption = captions.caption(relative, word)
     except CaptionError as error:
-        return {**skipped(relative, "no_caption", str(error)), "sha256": sha}
+        return {**skipped(relative, "no_caption", str(error)), **stamp}
     if caption is None:
         return {**skipped(relative, "no_caption",
                           f"{relative} has no caption: expected {Path(relative).with_suffix('.txt').name} beside it "
-                          f"or a line in captions.jsonl (or give a caption template)."), "sha256": sha}
+                          f"or a line in captions.jsonl (or give a caption template)."), **stamp}
     rewrite = replace(caption)
     if rewrite.prompt is None:
         return {**skipped(relative, "no_subject_word",
                           f"{relative}: {rewrite.reason}; add the word to the list (--words) or fix the caption."),
-                "sha256": sha}
-    return Task(relative, str(source / relative), sha[:16], rewrite.prompt), sha
+                **stamp}
+    return Task(relative, str(path), sha[:16], rewrite.prompt), stamp
 
 
 def _run(tasks: list[Task], settings: PrepareSettings, out: Path, workers: int) -> Iterator[dict]:

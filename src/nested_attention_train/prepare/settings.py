@@ -59,6 +59,11 @@ class PrepareSettings:
                 f"got {self.caption_template!r}."
             )
         if self.masks is not None:
+            if self.domain != "pet":
+                raise NestedAttentionError(
+                    f"Masks put pets onto white; the {self.domain} domain finds faces instead. Leave out the masks or "
+                    f"prepare the pet domain."
+                )
             if not Path(self.masks).is_dir():
                 raise NestedAttentionError(
                     f"The masks folder {self.masks} does not exist; give a folder of masks named like the photos "
