@@ -2,8 +2,9 @@
 
 Why these (docs/data.md): they are the only face detector with landmarks whose weights ship inside a well-kept pip
 package that installs from wheels here with no GPU packages and no weights fetched at run time. OpenCV's YuNet
-needs an ONNX file that is not in the wheel, mediapipe from 0.10.30 on ships no models (its older wheels need
-numpy < 2), dlib builds from source, and the RetinaFace / InsightFace packages download their weights.
+needs an ONNX file that is not in the wheel, mediapipe's current wheels ship no models (0.10.21, the last checked
+that does, needs numpy < 2), dlib builds from source, and the RetinaFace / InsightFace packages download their
+weights.
 
 The landmarks are the two eye centres, found by the eye cascade inside the upper part of each face box; when it
 does not find one eye on each side, the eyes are placed where they sit in an upright face box
