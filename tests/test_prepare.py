@@ -333,8 +333,8 @@ def test_an_empty_or_missing_input_folder_is_one_sentence_and_exit_code_2(tmp_pa
 def test_unreadable_photos_and_captions_without_a_subject_are_counted_or_stop_a_strict_run(photos, tmp_path, capsys):
     source = folder(tmp_path / "in", {"broken.jpg": (b"not a JPEG", "a cat"), "car.png": (photos["coffee"], "a car"),
                                       "cat.png": (photos["cat"], "a cat")})
-    code, _ = cli(capsys, "--domain", "pet", str(source), str(tmp_path / "out"))
-    assert code == 0
+    code, err = cli(capsys, "--domain", "pet", str(source), str(tmp_path / "out"))
+    assert code == 0 and err.startswith("warning: 2 photos were unusable inputs (") and err.count("\n") == 1
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["kept"] == 1 and report["skipped"] == {"unreadable": 1, "no_subject_word": 1}
     code, err = cli(capsys, "--domain", "pet", "--strict", str(source), str(tmp_path / "strict"))

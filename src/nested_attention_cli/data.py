@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from .options import int_in, positive_int
@@ -78,6 +79,7 @@ def add_parser(commands) -> None:
 
 def run_prepare(args: argparse.Namespace) -> int:
     from nested_attention_train.prepare import PrepareSettings, prepare, read_word_list
+    from nested_attention_train.prepare.process import ERRORS
     from nested_attention_train.prepare.report import summary_lines
 
     settings = PrepareSettings(
@@ -90,5 +92,11 @@ def run_prepare(args: argparse.Namespace) -> int:
                      shards=args.shards, shard_size=args.shard_size, progress=not args.no_progress)
     for line in summary_lines(report):
         print(line)
+    unusable = {reason: count for reason, count in report["skipped"].items() if reason in ERRORS}
+    if unusable:
+        counts = ", ".join(f"{reason}: {count}" for reason, count in unusable.items())
+        total = sum(unusable.values())
+        print(f"warning: {total} {'photo was an unusable input' if total == 1 else 'photos were unusable inputs'} "
+              f"({counts}); report.json gives each one's reason (--strict stops at the first instead)", file=sys.stderr)
     print(f"wrote {args.out_dir / 'metadata.jsonl'} (report: {args.out_dir / 'report.json'})")
     return 0
