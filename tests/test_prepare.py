@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 pytest.importorskip("cv2", reason="data prepare needs opencv-python-headless (the [prepare] extra)")
 skimage_data = pytest.importorskip("skimage.data", reason="the sample photos come from scikit-image")
@@ -109,27 +109,42 @@ def test_photos_without_one_usable_face_are_skipped_with_their_reasons(photos, t
     two.paste(astronaut, (0, 0))
     two.paste(astronaut.resize((400, 400)), (560, 56))  # a second, smaller person
     tiny_face = astronaut.resize((200, 200))  # its face is about 36 pixels wide
+    blurred_eyes = astronaut.copy()
+    blurred_eyes.paste(astronaut.crop((185, 85, 265, 120)).filter(ImageFilter.GaussianBlur(6)), (185, 85))
     source = folder(tmp_path / "in", {
         "coffee.png": (photos["coffee"], "a man's coffee"),
         "cat.png": (photos["cat"], "a man's cat"),
         "two.png": (two, "a woman"),
         "small.png": (tiny_face, "a woman"),
+        "blurred.png": (blurred_eyes, "a woman"),
     })
-    with pytest.raises(NestedAttentionError, match="None of the 4 photos"):
+    with pytest.raises(NestedAttentionError, match="None of the 5 photos"):
         run(source, tmp_path / "out", min_face=48)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     reasons = {entry["file"]: entry["reason"] for entry in report["skipped_photos"]}
     assert reasons == {"coffee.png": "no_face", "cat.png": "no_face", "two.png": "several_faces",
-                       "small.png": "small_face"}
+                       "small.png": "small_face", "blurred.png": "no_eyes"}
     messages = [entry["message"] for entry in report["skipped_photos"]]
     assert all(message.count(". ") == 0 and message.endswith(".") for message in messages)  # one sentence each
-    # asked to, the photo with two people keeps the larger one: the target is the square around its face
-    report = run(source, tmp_path / "largest", min_face=48, keep_largest_face=True)
-    assert report["kept"] == 1
-    (line,) = metadata(tmp_path / "largest")
+    # asked to, the photo with two people keeps the larger one (the target is the square around its face), and
+    # the face without eyes is kept upright
+    report = run(source, tmp_path / "largest", min_face=48, keep_largest_face=True, keep_faces_without_eyes=True)
+    assert report["kept"] == 2 and report["notes"] == {"eyes_from_box": 1}
+    line = metadata(tmp_path / "largest")[1]  # the lines follow the photos' names: blurred.png, two.png
     target = np.asarray(Image.open(tmp_path / "largest" / line["target"]), dtype=np.float32)
     expected = np.asarray(astronaut.resize((128, 128), Image.Resampling.LANCZOS), dtype=np.float32)
     assert np.abs(target - expected).mean() < 4
+
+
+def test_false_hits_on_a_large_photo_do_not_make_it_one_of_several_faces(photos, detector, tmp_path):
+    large = photos["astronaut"].resize((2048, 2048), Image.Resampling.LANCZOS)  # the cascade also fires on the suit
+    source = folder(tmp_path / "in", {"large.jpg": (large, "a woman")})
+    report = run(source, tmp_path / "out")
+    assert report["kept"] == 1 and report["notes"] == {}
+    face = the_face(detector, Image.open(tmp_path / "out" / metadata(tmp_path / "out")[0]["subject"]))
+    for found, (x, y) in zip((face.left_eye, face.right_eye), CANONICAL_EYES):  # the crop of a shrunken photo
+        assert abs(found[0] / 128 - x) < 0.04 and abs(found[1] / 128 - y) < 0.04
+
 
 
 # ---------------------------------------------------------------------------------------------------- captions
@@ -297,7 +312,7 @@ def test_the_prepared_folder_trains_and_its_shards_and_contact_sheet_are_written
     assert len(records) == 3 and not problems and {r.word for r in records} == {"person"}
     with tarfile.open(out / report["shards"][0]) as tar:
         assert len({Path(name).name.split(".")[0] for name in tar.getnames()}) == 2  # two samples per shard
-    assert len(report["shards"]) == 2
+    assert len(report["shards"]) == 2 and json.loads((out / "report.json").read_text())["shards"] == report["shards"]
     sheet = Image.open(out / report["contact_sheet"])
     assert sheet.width > sheet.height > 0
     config = str(Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml")

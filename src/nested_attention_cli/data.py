@@ -17,8 +17,8 @@ metadata.jsonl, subjects/ and targets/ (docs/data.md).
 
 person: each photo's face is found, aligned (eyes level) and cropped FFHQ-style
 as the subject image; the photo squared around the face, at --resolution, is
-the target. Photos with no face, several faces or a face under --min-face
-pixels are skipped and counted.
+the target. Photos with no face, several faces, a face under --min-face
+pixels or a face whose eyes are not found are skipped and counted.
 pet: the pet on white around its mask (--masks, or the photo's transparency),
 else the whole photo squared, is both subject and target.
 
@@ -60,6 +60,8 @@ def add_parser(commands) -> None:
                          metavar="PIXELS", help="skip photos whose short side is smaller (default: 256)")
     prepare.add_argument("--keep-largest-face", action="store_true",
                          help="with several faces, keep the largest (default: skip the photo)")
+    prepare.add_argument("--keep-faces-without-eyes", action="store_true",
+                         help="keep a face whose eyes are not found, cropped upright (default: skip the photo)")
     prepare.add_argument("--masks", metavar="DIR",
                          help="pets: masks named like the photos (white is the pet); the pet is put on white")
     prepare.add_argument("--caption-template", metavar="TEXT",
@@ -85,6 +87,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     settings = PrepareSettings(
         domain=args.domain, word=args.word, resolution=args.resolution, subject_size=args.subject_size,
         min_face=args.min_face, min_side=args.min_side, keep_largest_face=args.keep_largest_face,
+        keep_faces_without_eyes=args.keep_faces_without_eyes,
         caption_template=args.caption_template,
         subject_words=read_word_list(args.words) if args.words else None, masks=args.masks,
     )

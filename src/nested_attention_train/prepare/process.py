@@ -18,15 +18,16 @@ from nested_attention.errors import NestedAttentionError
 from nested_attention.images import decode_image
 
 from .crops import aligned_face, mask_box, on_white, pet_square, square_around
-from .faces import FaceDetector
+from .faces import Face, FaceDetector
 from .settings import IMAGE_SUFFIXES, PrepareSettings
 
 SUBJECTS, TARGETS = "subjects", "targets"
 JPEG_QUALITY = 95
+SECOND_FACE = 0.5  # see counted_faces
 
 # reasons a photo is not used: input errors (--strict stops at the first) and photos filtered out
 ERRORS = ("unreadable", "unreadable_mask", "no_caption", "no_subject_word")
-FILTERED = ("duplicate", "small_image", "no_face", "several_faces", "small_face", "empty_mask")
+FILTERED = ("duplicate", "small_image", "no_face", "several_faces", "small_face", "no_eyes", "empty_mask")
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def skipped(relative: str, reason: str, message: str) -> dict:
     return {"file": relative, "status": "skipped", "reason": reason, "message": message}
 
 
-_detector: FaceDetector | None = None
+_detectors: dict[int, FaceDetector] = {}  # per process, by the smallest face they find
 
 
 def prepare_one(task: Task, settings: PrepareSettings, out: str) -> dict:
@@ -68,12 +69,12 @@ def prepare_one(task: Task, settings: PrepareSettings, out: str) -> dict:
 
 def _person(task: Task, image: Image.Image, settings: PrepareSettings, out: Path) -> dict:
     """Aligned face crop -> prompt -> the photo squared around the face."""
-    global _detector
-    if _detector is None:
-        _detector = FaceDetector(min_detect=max(12, settings.min_face // 2))
+    least = max(12, settings.min_face // 2)  # smaller faces are found too, to say why a photo is skipped
+    if least not in _detectors:
+        _detectors[least] = FaceDetector(min_detect=least)
     pixels = np.asarray(image)
-    found = _detector(pixels)
-    faces = [face for face in found if face.size >= settings.min_face]
+    found = _detectors[least](pixels)
+    faces = counted_faces(found, settings.min_face)
     if not faces:
         if found:
             return skipped(task.relative, "small_face",
@@ -84,6 +85,10 @@ def _person(task: Task, image: Image.Image, settings: PrepareSettings, out: Path
         return skipped(task.relative, "several_faces",
                        f"{task.relative} shows {len(faces)} faces; one is needed (keep_largest_face keeps the "
                        f"largest).")
+    if not faces[0].eyes_found and not settings.keep_faces_without_eyes:
+        return skipped(task.relative, "no_eyes",
+                       f"the eyes of the face in {task.relative} were not found, so it cannot be aligned "
+                       f"(keep_faces_without_eyes keeps it upright).")
     face = faces[0]
     subject = f"{SUBJECTS}/{task.key}.png"
     target = f"{TARGETS}/{task.key}.jpg"
@@ -91,6 +96,15 @@ def _person(task: Task, image: Image.Image, settings: PrepareSettings, out: Path
     _save(square_around(image, face.box, settings.resolution), out / target)
     record = {"subject": subject, "target": target, "prompt": task.prompt, "word": settings.word}
     return kept(task, record, [] if face.eyes_found else ["eyes_from_box"])
+
+
+def counted_faces(found: list[Face], min_face: int) -> list[Face]:
+    """The detections that count as faces, largest first: at least `min_face` wide, and either with their eyes
+    found or at least SECOND_FACE times as wide as the largest. Small detections without eyes are mostly the
+    cascade's false hits (on clothing, a flag) or far background people: they neither make a photo one of
+    several faces nor replace its face."""
+    faces = [face for face in found if face.size >= min_face]
+    return [face for face in faces if face.eyes_found or face.size >= SECOND_FACE * faces[0].size]
 
 
 def _pet(task: Task, image: Image.Image, settings: PrepareSettings, out: Path) -> dict:

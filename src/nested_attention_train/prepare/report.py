@@ -19,8 +19,12 @@ THUMB = 128
 COLUMNS = 6
 
 
-def write_report(out: Path, log: dict[str, dict], photos: int, settings: PrepareSettings) -> dict:
-    """Count the log's outcomes into out/report.json and draw out/contact-sheet.png; returns the report."""
+def write_report(out: Path, log: dict[str, dict], photos: int, settings: PrepareSettings,
+                 shards: list[str] = ()) -> dict:
+    """Count the log's outcomes into out/report.json and draw out/contact-sheet.png; returns the report.
+
+    `photos`: how many photos the input folder holds now; `shards`: the shard files written (relative to out).
+    """
     entries = [log[name] for name in sorted(log)]
     kept = [entry for entry in entries if entry.get("status") == "kept"]
     skipped = [entry for entry in entries if entry.get("status") == "skipped"]
@@ -34,6 +38,7 @@ def write_report(out: Path, log: dict[str, dict], photos: int, settings: Prepare
         "notes": dict(Counter(note for entry in kept for note in entry.get("notes", ())).most_common()),
         "skipped_photos": [{key: entry[key] for key in ("file", "reason", "message")} for entry in skipped],
         "contact_sheet": contact_sheet(out, [entry["record"] for entry in kept]),
+        "shards": list(shards),
     }
     (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report

@@ -86,14 +86,13 @@ def prepare(
         finally:
             outcomes.close()  # ends the worker processes at once when --strict stops the run
     records = _write_metadata(out, log)
-    report = write_report(out, log, len(photos), settings)
+    shard_files = _write_shards(out, settings.word, shard_size) if shards and records else []
+    report = write_report(out, log, len(photos), settings, shard_files)
     if not records:
         raise NestedAttentionError(
             f"None of the {len(photos)} photos in {source} gave a training record ({_reasons(report)}); see "
             f"{out / 'report.json'} for each photo's reason."
         )
-    if shards:
-        report["shards"] = _write_shards(out, settings.word, shard_size)
     return report
 
 

@@ -25,6 +25,7 @@ class PrepareSettings:
     min_face: faces narrower than this many pixels of the photo are dropped.
     min_side: photos whose short side is below this many pixels are skipped.
     keep_largest_face: with several faces, keep the largest instead of skipping the photo.
+    keep_faces_without_eyes: keep a face whose eyes are not found, cropped upright (default: skip the photo).
     caption_template: the caption of photos without one, with {word} for the domain word (default: skip them).
     subject_words: the words rewritten to `word` (default: SUBJECT_WORDS of the domain).
     masks: a folder of masks named like the photos (pets: white is the pet; composited onto white).
@@ -37,6 +38,7 @@ class PrepareSettings:
     min_face: int = 64
     min_side: int = 256
     keep_largest_face: bool = False
+    keep_faces_without_eyes: bool = False
     caption_template: str | None = None
     subject_words: tuple[str, ...] | None = None
     masks: str | None = None
