@@ -147,6 +147,18 @@ def test_false_hits_on_a_large_photo_do_not_make_it_one_of_several_faces(photos,
 
 
 
+def test_a_photo_stored_sideways_is_turned_by_its_exif_orientation(photos, detector, tmp_path):
+    sideways = photos["astronaut"].rotate(90, expand=True)  # stored turned left; EXIF 6 says: turn right to view
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "in").mkdir()
+    sideways.save(tmp_path / "in" / "phone.jpg", exif=exif, quality=95)
+    (tmp_path / "in" / "phone.txt").write_text("a woman")
+    run(tmp_path / "in", tmp_path / "out")
+    face = the_face(detector, Image.open(tmp_path / "out" / metadata(tmp_path / "out")[0]["subject"]))
+    assert face.eyes_found and abs(face.left_eye[1] - face.right_eye[1]) < 4
+
+
 # ---------------------------------------------------------------------------------------------------- captions
 
 
@@ -169,7 +181,7 @@ def test_the_subject_word_becomes_the_domain_word(caption, domain, prompt):
 
 
 @pytest.mark.parametrize("caption", ["two women at a table", "a man and a woman", "a superman costume", "a red car",
-                                     "   "])
+                                     "a man-made lake", "   "])
 def test_captions_without_one_subject_are_refused(caption):
     rewrite = WordReplacer("person", PrepareSettings(domain="person").subject_words)(caption)
     assert rewrite.prompt is None and rewrite.reason
@@ -284,6 +296,13 @@ def test_a_second_run_skips_what_is_done_and_an_interrupted_run_ends_like_a_whol
     assert metadata(tmp_path / "split")[1] != metadata(tmp_path / "whole")[1]  # 1.png's record is the new one
     with pytest.raises(NestedAttentionError, match="other settings"):
         run(source, tmp_path / "split", domain="pet", resolution=64)
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_read_as_photos(photos, tmp_path):
+    source = folder(tmp_path / "in", {"cat.png": (photos["cat"], "a cat")})
+    first = run(source, source / "prepared", domain="pet")
+    second = run(source, source / "prepared", domain="pet")
+    assert first["photos_found"] == second["photos_found"] == 1 and second["kept"] == 1
 
 
 def test_several_workers_give_the_same_folder(photos, tmp_path):

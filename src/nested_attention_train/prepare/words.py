@@ -37,8 +37,9 @@ class Rewrite:
 
 
 class WordReplacer:
-    """Replaces every listed word or phrase (whole words, any case, longest phrase first) by the domain `word`; a run
-    of listed words ("tabby cat", "baby girl") is one subject and becomes one domain word.
+    """Replaces every listed word or phrase (whole words, not inside hyphenated ones, any case, longest phrase
+    first) by the domain `word`; a run of listed words ("tabby cat", "baby girl") is one subject and becomes one
+    domain word.
 
     An article directly before a replaced word is made to agree with the domain word ("an animal" -> "a pet").
     """
@@ -50,9 +51,10 @@ class WordReplacer:
         words = sorted({w.strip().lower() for w in subject_words if w.strip()} | {self.word.lower()},
                        key=lambda w: (-len(w), w))
         alternatives = "|".join(r"\s+".join(map(re.escape, w.split())) for w in words)
-        run = rf"(?:{alternatives})\b(?:\s+(?:{alternatives})\b)*"  # "tabby cat", "baby girl": one subject
-        self._pattern = re.compile(rf"\b(?:(an?)\s+)?({run})", flags=re.IGNORECASE)
-        self._domain = re.compile(rf"\b{re.escape(self.word)}\b", flags=re.IGNORECASE)
+        end = r"(?![\w-])"  # whole words, and not part of a hyphenated one ("man-made")
+        run = rf"(?:{alternatives}){end}(?:\s+(?:{alternatives}){end})*"  # "tabby cat", "baby girl": one subject
+        self._pattern = re.compile(rf"(?<![\w-])(?:(an?)\s+)?({run})", flags=re.IGNORECASE)
+        self._domain = re.compile(rf"(?<![\w-]){re.escape(self.word)}{end}", flags=re.IGNORECASE)
 
     def __call__(self, caption: str) -> Rewrite:
         """The caption with the domain word in place of the subject's word, or why it cannot be used."""
