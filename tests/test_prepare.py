@@ -208,6 +208,66 @@ def test_captions_come_from_sidecars_then_captions_jsonl_then_the_template(photo
         "a pet on a chair", "a sleepy pet", "a photo of a pet"]
 
 
+@pytest.fixture(scope="module")
+def caption_model(tmp_path_factory):
+    """A tiny random BLIP captioning model saved as a local folder, its word head biased to say "woman"."""
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    folder = tmp_path_factory.mktemp("blip")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo", "of", "woman", "cat"]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]", model_max_length=32)  # the path: any version
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    text = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                bos_token_id=5, eos_token_id=3, pad_token_id=0, sep_token_id=3, max_position_embeddings=64)
+    vision = dict(hidden_size=32, image_size=32, patch_size=8, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=37)
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision))
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[vocab.index("woman")] = 50.0
+    model.save_pretrained(folder / "model")
+    processor.save_pretrained(folder / "model")
+    return folder / "model"
+
+
+def test_a_captioning_model_captions_the_photos_without_one_once(photos, caption_model, tmp_path, monkeypatch):
+    from nested_attention_train.prepare import captioner
+
+    made = []
+    original = captioner.Captioner.__call__
+    monkeypatch.setattr(captioner.Captioner, "__call__", lambda self, images: made.append(len(images))
+                        or original(self, images))
+    cat = photos["cat"]
+    source = folder(tmp_path / "in", {"a.png": (cat, "a cat on a chair"), "b.png": (cat.rotate(180), None),
+                                      "c.png": (cat.rotate(90, expand=True), None)})
+    options = dict(domain="pet", word="person", caption_model=str(caption_model), caption_prompt="a photo of")
+    run(source, tmp_path / "out", subject_words=("woman", "cat"), caption_batch=8, **options)
+    assert made == [2]  # one batch: the two photos without a caption
+    generated = [json.loads(line) for line in (tmp_path / "out" / "generated-captions.jsonl").read_text().splitlines()]
+    assert [entry["file_name"] for entry in generated] == ["b.png", "c.png"]
+    assert all(entry["caption"].startswith("a photo of woman") for entry in generated)
+    assert [line["prompt"] for line in metadata(tmp_path / "out")] == [
+        "a person on a chair", "a photo of person", "a photo of person"]
+    # a second run captions only the new photo; the others' captions are kept
+    made.clear()
+    folder(source, {"d.png": (cat.transpose(Image.Transpose.FLIP_LEFT_RIGHT), None)})
+    (tmp_path / "out" / "prepare-log.jsonl").write_text("")  # forget what was prepared: captions still come cached
+    report = run(source, tmp_path / "out", subject_words=("woman", "cat"), **options)
+    assert made == [1] and report["kept"] == 4
+
+
+def test_a_caption_model_folder_without_safetensors_weights_is_refused(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "in" / "x.png")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "pytorch_model.bin").write_bytes(b"pickle")
+    code, err = cli(capsys, "--domain", "pet", "--caption-model", str(tmp_path / "model"), str(tmp_path / "in"),
+                    str(tmp_path / "out"))
+    assert code == 2 and "pickled .bin weights are not loaded" in one_error_line(err)
+
+
 # ------------------------------------------------------------------------------------------------------ pets
 
 

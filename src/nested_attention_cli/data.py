@@ -22,8 +22,8 @@ pixels or a face whose eyes are not found are skipped and counted.
 pet: the pet on white around its mask (--masks, or the photo's transparency),
 else the whole photo squared, is both subject and target.
 
-Captions come from NAME.txt beside each photo or from IN_DIR/captions.jsonl;
-their subject word (woman, man, dog, cat, ...) becomes the domain word, and
+Captions come from NAME.txt beside each photo, from IN_DIR/captions.jsonl or
+from a local captioning model (--caption-model); their subject word (woman, man, dog, cat, ...) becomes the domain word, and
 captions without one are refused and counted. Identical files are prepared
 once. Running the same command again goes on where it stopped; report.json
 and contact-sheet.png in OUT_DIR tell what was kept and why the rest was not.
@@ -66,6 +66,13 @@ def add_parser(commands) -> None:
                          help="pets: masks named like the photos (white is the pet); the pet is put on white")
     prepare.add_argument("--caption-template", metavar="TEXT",
                          help="caption of photos without one, e.g. 'a photo of a {word}' (default: skip them)")
+    prepare.add_argument("--caption-model", metavar="DIR",
+                         help="a local transformers captioning model (e.g. BLIP, safetensors) for photos without a "
+                              "caption; its captions are kept in OUT_DIR/generated-captions.jsonl")
+    prepare.add_argument("--caption-prompt", metavar="TEXT",
+                         help="text the model's captions continue, for conditional models (BLIP: 'a photo of')")
+    prepare.add_argument("--caption-batch", type=positive_int, default=8, metavar="N",
+                         help="photos per captioning batch (default: 8)")
     prepare.add_argument("--words", type=Path, metavar="FILE",
                          help="the words replaced by the domain word, one a line (default: the list in docs/data.md)")
     prepare.add_argument("--workers", type=positive_int, default=CORES,
@@ -90,9 +97,11 @@ def run_prepare(args: argparse.Namespace) -> int:
         keep_faces_without_eyes=args.keep_faces_without_eyes,
         caption_template=args.caption_template,
         subject_words=read_word_list(args.words) if args.words else None, masks=args.masks,
+        caption_model=args.caption_model, caption_prompt=args.caption_prompt,
     )
     report = prepare(args.in_dir, args.out_dir, settings, workers=args.workers, strict=args.strict,
-                     shards=args.shards, shard_size=args.shard_size, progress=not args.no_progress)
+                     shards=args.shards, shard_size=args.shard_size, progress=not args.no_progress,
+                     caption_batch=args.caption_batch)
     for line in summary_lines(report):
         print(line)
     unusable = {reason: count for reason, count in report["skipped"].items() if reason in ERRORS}

@@ -1,6 +1,6 @@
 """Captions of the input photos: a sidecar ``NAME.txt`` beside ``NAME.jpg``, else a line of ``captions.jsonl`` at the
 top of the input folder (``{"file_name": "sub/NAME.jpg", "caption": "..."}``, as Hugging Face's imagefolder has it),
-else an optional template such as ``"a photo of a {word}"``."""
+else one a captioning model made in an earlier run, else an optional template such as ``"a photo of a {word}"``."""
 
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ class CaptionError(NestedAttentionError):
 class Captions:
     """Finds the caption of each photo under `root` (paths relative to it)."""
 
-    def __init__(self, root: Path, template: str | None = None):
+    def __init__(self, root: Path, template: str | None = None, generated: dict[str, str] | None = None):
         self.root = root
         self.template = template
         self.listed = read_captions_jsonl(root / CAPTIONS_NAME) if (root / CAPTIONS_NAME).is_file() else {}
+        self.generated = generated or {}
 
     def caption(self, relative: str, word: str) -> str | None:
         """The caption of photo `relative` (a POSIX path under root), or None if it has none; CaptionError if its
@@ -39,6 +40,8 @@ class Captions:
                 ) from None
         if relative in self.listed:
             return self.listed[relative]
+        if relative in self.generated:
+            return self.generated[relative]
         return self.template.format(word=word) if self.template else None
 
 

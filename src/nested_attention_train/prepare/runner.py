@@ -1,16 +1,15 @@
 """`nested-attention data prepare`: a folder of photos -> a training folder (metadata.jsonl, subjects/, targets/).
 
-The run reads each photo once in this process (its SHA-256 finds identical files and names the outputs), finds
-and rewrites its caption, and hands the rest to `workers` processes (:func:`process.prepare_one`). Every outcome
-is appended to ``prepare-log.jsonl`` as it comes, so a second run into the same folder skips the photos already
-done (same path, same content) and goes on with the rest; ``metadata.jsonl`` and the report are written again
-from the whole log at the end of each run.
+The run reads each photo once in this process (:class:`intake.Intake`: its SHA-256 finds identical files and names
+the outputs; its caption is found or made, and rewritten) and hands the rest to `workers` processes
+(:func:`process.prepare_one`). Every outcome is appended to ``prepare-log.jsonl`` as it comes, so a second run into
+the same folder skips the photos already done (same path, same content) and goes on with the rest;
+``metadata.jsonl`` and the report are written again from the whole log at the end of each run.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import multiprocessing
 import os
@@ -22,8 +21,10 @@ from tqdm.auto import tqdm
 from nested_attention.errors import NestedAttentionError
 from nested_attention_train.data import METADATA_NAME, read_metadata, write_shards
 
-from .captions import CaptionError, Captions
-from .process import ERRORS, Task, prepare_one, skipped
+from .captioner import GENERATED_NAME, Captioner, read_generated
+from .captions import Captions
+from .intake import Intake
+from .process import ERRORS, Task, prepare_one
 from .report import write_report
 from .settings import IMAGE_SUFFIXES, PrepareSettings
 from .words import WordReplacer
@@ -42,11 +43,13 @@ def prepare(
     shards: bool = False,
     shard_size: int = 1000,
     progress: bool = True,
+    caption_batch: int = 8,
 ) -> dict:
     """Prepare the photos under `in_dir` into `out_dir`; returns the report (also in out_dir/report.json).
 
     strict: stop at the first unusable input (an unreadable photo, a missing caption or one without a subject
     word) with its sentence, instead of counting it. shards: also write out_dir/shards/*.tar (WebDataset).
+    caption_batch: photos per batch of the captioning model (settings.caption_model).
     Raises a NestedAttentionError for an unusable folder and when no photo gives a training record.
     """
     source, out = _input_folder(in_dir), Path(out_dir).resolve()
@@ -59,8 +62,12 @@ def prepare(
         )
     _claim_output(out, settings)
     log = read_log(out / LOG_NAME)
-    captions = Captions(source, settings.caption_template)
-    replace = WordReplacer(settings.word, settings.subject_words)
+    captioner = functools.partial(Captioner, settings.caption_model, settings.caption_prompt) \
+        if settings.caption_model else None  # loaded when a photo without a caption comes
+    cache = out / GENERATED_NAME
+    captions = Captions(source, settings.caption_template, read_generated(cache))
+    intake = Intake(source, log, captions, WordReplacer(settings.word, settings.subject_words), captioner, cache,
+                    caption_batch)
     with (out / LOG_NAME).open("a", encoding="utf-8") as sink:
         def record(outcome: dict) -> None:
             sink.write(json.dumps(outcome) + "\n")
@@ -69,14 +76,12 @@ def prepare(
             if strict and outcome.get("reason") in ERRORS:
                 raise NestedAttentionError(outcome["message"])
 
-        tasks, hashes = [], {entry["sha256"]: name for name, entry in log.items()
-                             if "sha256" in entry and entry.get("reason") != "duplicate"}
-        for relative in tqdm(photos, desc="reading", disable=not progress, leave=False):
-            task_or_outcome = _task(source, relative, log, hashes, captions, replace, settings.word)
-            if isinstance(task_or_outcome, tuple):
-                tasks.append(task_or_outcome)
-            elif task_or_outcome is not None:
-                record(task_or_outcome)
+        tasks = []
+        for item in intake.items(photos, progress):
+            if isinstance(item, tuple):
+                tasks.append(item)
+            else:
+                record(item)
         stamps = {task.relative: stamp for task, stamp in tasks}
         work = [task for task, _ in tasks]
         outcomes = _run(work, settings, out, workers)
@@ -151,44 +156,6 @@ def _claim_output(out: Path, settings: PrepareSettings) -> None:
         )
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(settings.as_json(), indent=2) + "\n", encoding="utf-8")
-
-
-def _task(source: Path, relative: str, log: dict, hashes: dict, captions: Captions, replace: WordReplacer,
-          word: str):
-    """(Task, stamp) for a photo to prepare, an outcome for one that is not (with its stamp), or None if it is done.
-
-    The stamp (sha256, size, mtime_ns) identifies the file's content; a photo whose size and modification time
-    match its log entry is done without being read again, so resuming a large folder costs a stat per photo.
-    """
-    path = source / relative
-    try:
-        stat = path.stat()
-        done = log.get(relative, {})
-        if done.get("size") == stat.st_size and done.get("mtime_ns") == stat.st_mtime_ns and "sha256" in done:
-            return None
-        sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError as error:
-        return skipped(relative, "unreadable", f"the photo {relative} could not be read ({error.strerror}).")
-    stamp = {"sha256": sha, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    if done.get("sha256") == sha:
-        return {**done, **stamp}  # touched but unchanged: done, with its new stamp
-    first = hashes.setdefault(sha, relative)
-    if first != relative:
-        return {**skipped(relative, "duplicate", f"{relative} is the same file as {first}."), **stamp}
-    try:
-        caption = captions.caption(relative, word)
-    except CaptionError as error:
-        return {**skipped(relative, "no_caption", str(error)), **stamp}
-    if caption is None:
-        return {**skipped(relative, "no_caption",
-                          f"{relative} has no caption: expected {Path(relative).with_suffix('.txt').name} beside it "
-                          f"or a line in captions.jsonl (or give a caption template)."), **stamp}
-    rewrite = replace(caption)
-    if rewrite.prompt is None:
-        return {**skipped(relative, "no_subject_word",
-                          f"{relative}: {rewrite.reason}; add the word to the list (--words) or fix the caption."),
-                **stamp}
-    return Task(relative, str(path), sha[:16], rewrite.prompt), stamp
 
 
 def _run(tasks: list[Task], settings: PrepareSettings, out: Path, workers: int) -> Iterator[dict]:

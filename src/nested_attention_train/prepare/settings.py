@@ -29,6 +29,8 @@ class PrepareSettings:
     caption_template: the caption of photos without one, with {word} for the domain word (default: skip them).
     subject_words: the words rewritten to `word` (default: SUBJECT_WORDS of the domain).
     masks: a folder of masks named like the photos (pets: white is the pet; composited onto white).
+    caption_model: a local transformers captioning model folder, for photos without a caption (before the template).
+    caption_prompt: the text its captions continue, for conditional captioning models (BLIP: "a photo of").
     """
 
     domain: str
@@ -42,6 +44,8 @@ class PrepareSettings:
     caption_template: str | None = None
     subject_words: tuple[str, ...] | None = None
     masks: str | None = None
+    caption_model: str | None = None
+    caption_prompt: str | None = None
 
     def __post_init__(self):
         if self.domain not in DOMAINS:
@@ -72,6 +76,14 @@ class PrepareSettings:
                     f"(white is the subject)."
                 )
             object.__setattr__(self, "masks", str(Path(self.masks).resolve()))
+
+        if self.caption_model is not None:
+            if not Path(self.caption_model).is_dir() or not any(Path(self.caption_model).glob("*.safetensors")):
+                raise NestedAttentionError(
+                    f"The caption model {self.caption_model} is not a folder with safetensors weights; give a local "
+                    f"transformers captioning model saved with save_pretrained (pickled .bin weights are not loaded)."
+                )
+            object.__setattr__(self, "caption_model", str(Path(self.caption_model).resolve()))
 
     def as_json(self) -> dict:
         values = asdict(self)
