@@ -23,9 +23,9 @@ pet: the pet on white around its mask (--masks, or the photo's transparency),
 else the whole photo squared, is both subject and target.
 
 Captions come from NAME.txt beside each photo, from IN_DIR/captions.jsonl or
-from a local captioning model (--caption-model); their subject word (woman, man, dog, cat, ...) becomes the domain word, and
-captions without one are refused and counted. Identical files are prepared
-once. Running the same command again goes on where it stopped; report.json
+from a local captioning model (--caption-model); their subject word (woman,
+man, dog, cat, ...) becomes the domain word, and captions without one are
+refused and counted. Identical files are prepared once. Running the same command again goes on where it stopped; report.json
 and contact-sheet.png in OUT_DIR tell what was kept and why the rest was not.
 """
 
@@ -33,6 +33,7 @@ PREPARE_EPILOG = """\
 examples:
   nested-attention data prepare --domain person photos/ data/faces --workers 8
   nested-attention data prepare --domain pet pets/ data/pets --masks pet-masks/ --shards
+  nested-attention data prepare --domain person photos/ data/faces --caption-model blip-base/
   nested-attention train --config configs/sdxl-faces-phase1.yaml data=data/faces
 """
 
@@ -70,7 +71,7 @@ def add_parser(commands) -> None:
                          help="a local transformers captioning model (e.g. BLIP, safetensors) for photos without a "
                               "caption; its captions are kept in OUT_DIR/generated-captions.jsonl")
     prepare.add_argument("--caption-prompt", metavar="TEXT",
-                         help="text the model's captions continue, for conditional models (BLIP: 'a photo of')")
+                         help="text the model's captions continue, for conditional models (BLIP: 'a photography of')")
     prepare.add_argument("--caption-batch", type=positive_int, default=8, metavar="N",
                          help="photos per captioning batch (default: 8)")
     prepare.add_argument("--words", type=Path, metavar="FILE",

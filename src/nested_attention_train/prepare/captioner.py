@@ -38,6 +38,7 @@ class Captioner:
                 f"transformers could not load {folder} as an image-to-text model ({error.__class__.__name__}: "
                 f"{str(error).splitlines()[0][:200]}); give a captioning model such as a BLIP one."
             ) from None
+        self.folder = folder
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         self.prompt = prompt
@@ -46,8 +47,15 @@ class Captioner:
     def __call__(self, images: list) -> list[str]:
         """One caption per image, generated greedily."""
         text = [self.prompt] * len(images) if self.prompt else None
-        inputs = self.processor(images=images, text=text, return_tensors="pt").to(self.device)
-        ids = self.model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        try:
+            inputs = self.processor(images=images, text=text, return_tensors="pt").to(self.device)
+            ids = self.model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        except (ValueError, TypeError) as error:  # a model that needs another kind of input (a chat template, ...)
+            raise NestedAttentionError(
+                f"The caption model {self.folder} could not caption a photo ({error.__class__.__name__}: "
+                f"{str(error).splitlines()[0][:200]}); give a plain image-to-text model such as BLIP, or a "
+                f"--caption-prompt if it needs one."
+            ) from None
         return [caption.strip() for caption in self.processor.batch_decode(ids, skip_special_tokens=True)]
 
 
