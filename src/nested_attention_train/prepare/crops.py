@@ -32,9 +32,9 @@ def aligned_face(pixels: np.ndarray, face: Face, size: int) -> Image.Image:
     shrink = min(1.0, 2 * size / side)  # downscale a large photo first, so the warp does not alias
     if shrink < 1.0:
         pixels = cv2.resize(pixels, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
-    corners = np.float32(np.array([centre - x - y, centre + x - y, centre + x + y]) * shrink)  # top-left, top-right, bottom-right
+    corners = np.array([centre - x - y, centre + x - y, centre + x + y]) * shrink  # top-left, top-right, bottom-right
     target = np.float32([[0, 0], [size, 0], [size, size]])
-    matrix = cv2.getAffineTransform(corners, target)
+    matrix = cv2.getAffineTransform(np.float32(corners), target)
     warped = cv2.warpAffine(pixels, matrix, (size, size), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT_101)
     return Image.fromarray(warped)
 

@@ -35,9 +35,10 @@ class Intake:
         uncaptioned: dict[str, dict] = {}
         for relative in tqdm(photos, desc="reading", disable=not progress, leave=False):
             stamp = self._stamp(relative)
-            if not isinstance(stamp, dict) or "status" in stamp:
-                if stamp is not None:
-                    yield stamp
+            if stamp is None:  # done
+                continue
+            if "status" in stamp:  # an outcome already: unreadable, a duplicate, or done with a new stamp
+                yield stamp
                 continue
             try:
                 caption = self.captions.caption(relative, self.replace.word)

@@ -1,7 +1,7 @@
 """One photo -> its training files (subject crop, target) and metadata record, or the reason it is skipped.
 
-Runs in the worker processes: every function here takes plain values and returns an :class:`Outcome` dict that
-the runner writes to its log. Files are written under a temporary name and renamed, so an interrupted run never
+Runs in the worker processes: :func:`prepare_one` takes plain values and returns an outcome dict (:func:`kept` or
+:func:`skipped`) that the runner writes to its log. Files are written under a temporary name and renamed, so an interrupted run never
 leaves a half-written image under its final name.
 """
 
@@ -41,6 +41,7 @@ class Task:
 
 
 def kept(task: Task, record: dict, notes: list[str]) -> dict:
+    """The outcome of a prepared photo: its metadata.jsonl `record`, and `notes` such as "eyes_from_box"."""
     return {"file": task.relative, "status": "kept", "record": record, "notes": notes}
 
 
