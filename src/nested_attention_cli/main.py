@@ -23,6 +23,7 @@ EPILOG = """\
 examples:
   nested-attention demo
   nested-attention toy build --out toy-build
+  nested-attention data prepare --domain person photos/ my-triplets/
   nested-attention train --config configs/tiny-cpu.yaml data=my-triplets/
   nested-attention generate --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
       --adapter adapters/person --image me.jpg --prompt "a watercolor painting of a person"
@@ -67,7 +68,7 @@ def show_library_warnings() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with its `generate` and `demo` sub-commands."""
-    from . import demo, evaluate, generate, toy  # after quiet_libraries(): these import diffusers' pipelines
+    from . import data, demo, evaluate, generate, toy  # after quiet_libraries(): these import diffusers' pipelines
 
     parser = argparse.ArgumentParser(
         prog="nested-attention",
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(commands)
     evaluate.add_parser(commands)
     toy.add_parser(commands)
+    data.add_parser(commands)
     commands.add_parser("train", help="train an adapter on your triplets (nested-attention train --help)",
                         add_help=False)  # dispatched to nested_attention_train.main before parsing
     return parser
