@@ -16,6 +16,7 @@ from .controller import NestedAttentionController, install
 from .encoder import preprocess
 from .errors import NestedAttentionError
 from .state import BoundSubject
+from .strength import layer_strengths
 from .subject import Subject
 
 
@@ -24,6 +25,7 @@ class LoadedAdapter:
     adapter: NestedAdapter
     word: str
     follow_pipeline: bool = True  # moved to the UNet's device and dtype at every call
+    scale: dict[str, float] | None = None  # strength per layer (None: 1 everywhere)
 
 
 class NestedAttention:
@@ -94,6 +96,18 @@ class NestedAttention:
         self._get(name)
         self._check_word(word.strip(), exclude=name)
         self.adapters[name].word = word.strip()
+
+    def set_scale(self, name: str, scale: float | dict) -> None:
+        """The strength of adapter `name`, from 0 (exactly the base model) to 1 (the adapter as trained, the default).
+
+        At strength s the subject word's value is (1 - s) V + s v* (its base value blended with the nested one)
+        and its lambda acts as 1 + s (lambda - 1), so 0 is the base model whatever the subject's `lam`. The
+        strength dials the adapter in; lambda (from 1 up) then trades identity against the prompt within it.
+        Per block, `scale` takes the format of diffusers' `set_ip_adapter_scale`, e.g.
+        `{"down": 0.0, "mid": 0.5, "up": {"block_0": [0.0, 1.0, 0.0]}}` (blocks left out get 0). Layers where
+        every bound subject has strength 0 run the processor nested attention wrapped, unchanged.
+        """
+        self._get(name).scale = layer_strengths(self.pipe.unet, self.controller.layers, scale)
 
     def unload_adapter(self, name: str) -> None:
         self._get(name)
@@ -216,6 +230,7 @@ class NestedAttention:
                     bias=bias,
                     lam=None if bool((lam == 1).all()) else lam,
                     alpha=loaded.adapter.config.alpha,
+                    scale=loaded.scale,
                 )
             )
         return bound
