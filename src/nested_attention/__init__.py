@@ -7,10 +7,11 @@ from .controller import NestedAttentionController, install
 from .errors import NestedAttentionError
 from .pipeline import NestedAttention
 from .state import BoundSubject
-from .subject import Subject
+from .subject import EncodedSubject, Subject
 
 __all__ = [
     "BoundSubject",
+    "EncodedSubject",
     "NestedAdapter",
     "NestedAdapterConfig",
     "NestedAttention",

@@ -17,7 +17,7 @@ from .encoder import preprocess
 from .errors import NestedAttentionError
 from .state import BoundSubject
 from .strength import layer_strengths
-from .subject import Subject
+from .subject import EncodedSubject, Subject
 
 
 @dataclass
@@ -139,47 +139,86 @@ class NestedAttention:
     # ---- binding subjects for one call ---------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, name: str, subjects: Sequence[Subject]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Subject tokens of several subjects for one adapter, padded to a common length.
+    def encode_subject(self, name: str, subject: Subject) -> EncodedSubject:
+        """Encode `subject`'s images once with adapter `name`, for reuse in any number of calls.
 
-        Returns:
-            tokens (S, M, width) and an additive bias (S, M) (log image weights, -inf on padding) or None.
+        The result goes wherever a Subject goes for this adapter (`subjects={name: encoded}`, or in a per-prompt
+        list), and the images are not encoded again; the analogue of diffusers' `ip_adapter_image_embeds`.
+
+        Example:
+            >>> me = na.encode_subject("person", Subject(["me-1.jpg", "me-2.jpg"]))
+            >>> na("a person surfing", subjects={"person": me})
+            >>> na("a person reading", subjects={"person": dataclasses.replace(me, lam=2.0)})
         """
+        if not isinstance(subject, Subject):
+            raise NestedAttentionError(f"encode_subject takes a Subject; got {type(subject).__name__}.")
+        return self._encode_each(name, [subject])[0]
+
+    def _encode_each(self, name: str, subjects: Sequence[Subject]) -> list[EncodedSubject]:
+        """All images of `subjects` through the adapter's encoder in one batch, split back per subject."""
         adapter = self._get(name).adapter
         images = [image for subject in subjects for image in subject.images]
         pixels = preprocess(adapter.image_processor, images, adapter.encoder.query_tokens.device,
                             adapter.encoder.image_encoder.dtype)
         per_image = adapter.encoder(pixels)  # (total images, n_q, width)
         n_q = per_image.shape[1]
-        counts = [len(s.images) for s in subjects]
-        length = max(counts) * n_q
-        tokens = per_image.new_zeros(len(subjects), length, per_image.shape[-1])
-        bias = torch.zeros(len(subjects), length)
-        start = 0
-        for i, (subject, count) in enumerate(zip(subjects, counts)):
-            tokens[i, : count * n_q] = per_image[start : start + count].flatten(0, 1)
+        encoded, start = [], 0
+        for subject in subjects:
+            count = len(subject.images)
+            bias = None
+            # equal weights shift every logit by the same constant: no bias, and the fused attention kernel
+            if subject.weights and len(set(subject.weights)) > 1:
+                bias = torch.tensor([math.log(w) if w > 0 else -math.inf for w in subject.weights],
+                                    device=per_image.device).repeat_interleave(n_q)
+            encoded.append(EncodedSubject(name, per_image[start : start + count].flatten(0, 1), bias, subject.lam))
             start += count
-            weights = subject.weights or [1.0] * count
-            bias[i] = -math.inf
-            bias[i, : count * n_q] = torch.tensor([math.log(w) if w > 0 else -math.inf for w in weights]).repeat_interleave(n_q)
-        # equal weights shift every logit by the same constant: no bias, and the fused attention kernel
-        uneven = any(s.weights and len(set(s.weights)) > 1 for s in subjects)
-        needs_bias = uneven or any(c != max(counts) for c in counts)
-        return tokens, (bias.to(tokens.device) if needs_bias else None)
+        return encoded
+
+    @torch.no_grad()
+    def encode(
+        self, name: str, subjects: Sequence[Subject | EncodedSubject]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Subject tokens of several subjects for one adapter, padded to a common length.
+
+        Returns:
+            tokens (S, M, width) and an additive bias (S, M) (log image weights, -inf on padding) or None.
+        """
+        adapter = self._get(name).adapter
+        width = adapter.config.qformer_hidden_size
+        for subject in subjects:
+            if isinstance(subject, EncodedSubject) and (subject.adapter != name or subject.tokens.shape[-1] != width):
+                raise NestedAttentionError(
+                    f"A subject encoded by adapter {subject.adapter!r} (width {subject.tokens.shape[-1]}) was given "
+                    f"for adapter {name!r} (width {width}); encode it with na.encode_subject({name!r}, ...)."
+                )
+        raw = [s for s in subjects if isinstance(s, Subject)]
+        fresh = iter(self._encode_each(name, raw) if raw else [])
+        encoded = [next(fresh) if isinstance(s, Subject) else s for s in subjects]
+        device, dtype = adapter.encoder.query_tokens.device, adapter.encoder.query_tokens.dtype
+        length = max(e.tokens.shape[0] for e in encoded)
+        tokens = torch.zeros(len(encoded), length, width, device=device, dtype=dtype)
+        bias = torch.zeros(len(encoded), length, device=device)
+        for i, e in enumerate(encoded):
+            tokens[i, : e.tokens.shape[0]] = e.tokens
+            if e.bias is not None:
+                bias[i, : e.tokens.shape[0]] = e.bias
+            bias[i, e.tokens.shape[0] :] = -math.inf
+        needs_bias = any(e.bias is not None or e.tokens.shape[0] != length for e in encoded)
+        return tokens, (bias if needs_bias else None)
 
     @torch.no_grad()  # inference only: the trainer builds its BoundSubject with gradients itself
     def bind(
         self,
         prompts: Sequence[str],
-        subjects: Mapping[str, Subject | Sequence[Subject | None]],
+        subjects: Mapping[str, Subject | EncodedSubject | Sequence[Subject | EncodedSubject | None]],
         num_images_per_prompt: int = 1,
     ) -> list[BoundSubject]:
         """Encode the subjects once and find their words in the prompts: the state for one generation.
 
         Args:
             prompts: the batch of prompts.
-            subjects: adapter name -> a Subject for every prompt, or a list with one Subject (or None: that
-                prompt does not use this adapter) per prompt.
+            subjects: adapter name -> a Subject (or an EncodedSubject from `encode_subject`) for every prompt, or
+                a list with one of them (or None: that prompt does not use this adapter) per prompt.
             num_images_per_prompt: rows per prompt, as the pipeline repeats them.
         """
         if not isinstance(subjects, Mapping):
@@ -200,11 +239,15 @@ class NestedAttention:
         text_length = self.tokenizers[0].model_max_length
         bound = []
         for name, given in subjects.items():
-            per_prompt = [given] * len(prompts) if isinstance(given, Subject) else list(given)
-            if len(per_prompt) != len(prompts) or not all(s is None or isinstance(s, Subject) for s in per_prompt):
+            one = isinstance(given, (Subject, EncodedSubject))
+            per_prompt = [given] * len(prompts) if one else list(given) if isinstance(given, Sequence) else []
+            if len(per_prompt) != len(prompts) or not all(
+                s is None or isinstance(s, (Subject, EncodedSubject)) for s in per_prompt
+            ):
+                got = f"a {type(given).__name__}" + (f" of {len(given)}" if isinstance(given, Sequence) else "")
                 raise NestedAttentionError(
-                    f"Subjects for {name!r} must be one Subject or a list of {len(prompts)} (one per prompt, None "
-                    f"to skip a prompt); got {given!r}."
+                    f"Subjects for {name!r} must be one Subject (or EncodedSubject) or a list of {len(prompts)} (one "
+                    f"per prompt, None to skip a prompt); got {got}."
                 )
             distinct = list({id(s): s for s in per_prompt if s is not None}.values())
             if not distinct:
@@ -240,7 +283,7 @@ class NestedAttention:
     def __call__(
         self,
         prompt: str | Sequence[str],
-        subjects: Mapping[str, Subject | Sequence[Subject | None]],
+        subjects: Mapping[str, Subject | EncodedSubject | Sequence[Subject | EncodedSubject | None]],
         num_images_per_prompt: int = 1,
         **pipe_kwargs,
     ):
