@@ -13,6 +13,7 @@ from .adapter import NestedAdapter
 from .binding import pipeline_tokenizers, warn_if_truncated, word_positions, word_token_id
 from .call_checks import check_call
 from .controller import NestedAttentionController, install
+from .embeds import positions_for_embeds
 from .encoder import preprocess
 from .errors import NestedAttentionError
 from .state import BoundSubject
@@ -96,6 +97,10 @@ class NestedAttention:
         self._get(name)
         self._check_word(word.strip(), exclude=name)
         self.adapters[name].word = word.strip()
+
+    def token_positions(self, name: str, prompt: str) -> list[int]:
+        """The positions of adapter `name`'s word in `prompt` as the pipeline tokenizes it (for `subject_positions`)."""
+        return word_positions(self.tokenizers, prompt, self._get(name).word)
 
     def set_scale(self, name: str, scale: float | dict) -> None:
         """The strength of adapter `name`, from 0 (exactly the base model) to 1 (the adapter as trained, the default).
@@ -209,17 +214,22 @@ class NestedAttention:
     @torch.no_grad()  # inference only: the trainer builds its BoundSubject with gradients itself
     def bind(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[str | None],
         subjects: Mapping[str, Subject | EncodedSubject | Sequence[Subject | EncodedSubject | None]],
         num_images_per_prompt: int = 1,
+        positions: Mapping[str, Sequence[Sequence[int]]] | None = None,
+        text_length: int | None = None,
     ) -> list[BoundSubject]:
         """Encode the subjects once and find their words in the prompts: the state for one generation.
 
         Args:
-            prompts: the batch of prompts.
+            prompts: the batch of prompts (None each when `positions` are given).
             subjects: adapter name -> a Subject (or an EncodedSubject from `encode_subject`) for every prompt, or
                 a list with one of them (or None: that prompt does not use this adapter) per prompt.
             num_images_per_prompt: rows per prompt, as the pipeline repeats them.
+            positions: adapter name -> the token positions of its word in each prompt (prompt embeddings), or
+                None to find each adapter's word in `prompts`.
+            text_length: the text tokens the UNet attends to (default: the tokenizer's length).
         """
         if not isinstance(subjects, Mapping):
             raise NestedAttentionError(
@@ -236,7 +246,7 @@ class NestedAttention:
             if loaded.follow_pipeline:
                 loaded.adapter.to(device=unet.device, dtype=unet.dtype)
         rows = len(prompts) * num_images_per_prompt
-        text_length = self.tokenizers[0].model_max_length
+        text_length = text_length or self.tokenizers[0].model_max_length
         bound = []
         for name, given in subjects.items():
             one = isinstance(given, (Subject, EncodedSubject))
@@ -261,7 +271,13 @@ class NestedAttention:
                 if subject is None:
                     continue
                 span = slice(p * num_images_per_prompt, (p + 1) * num_images_per_prompt)
-                mask[span, word_positions(self.tokenizers, prompt, loaded.word)] = True
+                where = word_positions(self.tokenizers, prompt, loaded.word) if positions is None else positions[name][p]
+                if not where:
+                    raise NestedAttentionError(
+                        f"subject_positions[{name!r}] gives no token for prompt {p}, which has a subject; give the "
+                        f"position of its word, or None as that prompt's subject."
+                    )
+                mask[span, where] = True
                 slots[span] = slot_of[id(subject)]
                 lam[span] = subject.lam
             tokens, bias = self.encode(name, distinct)
@@ -282,22 +298,36 @@ class NestedAttention:
 
     def __call__(
         self,
-        prompt: str | Sequence[str],
-        subjects: Mapping[str, Subject | EncodedSubject | Sequence[Subject | EncodedSubject | None]],
+        prompt: str | Sequence[str] | None = None,
+        subjects: Mapping[str, Subject | EncodedSubject | Sequence[Subject | EncodedSubject | None]] | None = None,
         num_images_per_prompt: int = 1,
+        subject_positions: Mapping[str, int | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor] | None = None,
         **pipe_kwargs,
     ):
         """Run the pipeline with the subjects bound; other keyword arguments go to the pipeline unchanged.
 
         The nested keys and values are computed once here, before the denoising loop. Rows of the negative
         prompt (the unconditional half of guidance) get exactly the vanilla attention.
+
+        With precomputed `prompt_embeds` (P, T, width) (prompt weighting, long-prompt helpers; SDXL also needs
+        `pooled_prompt_embeds`), leave `prompt` None and give `subject_positions`: adapter name -> the subject
+        word's token positions, as one index, a list of them for every prompt, a list of P lists (one per prompt)
+        or a bool mask (P, T). `token_positions` finds them in a prompt string.
         """
         self.controller.check_installed()
         prompts = check_call(self.pipe, prompt, num_images_per_prompt, pipe_kwargs)
+        if prompts is None:
+            names = list(subjects) if isinstance(subjects, Mapping) else []
+            count, length, positions = positions_for_embeds(self.pipe, subject_positions, names, pipe_kwargs)
+            bound = self.bind([None] * count, subjects, num_images_per_prompt, positions, length)
+            with self.controller.bound(bound):
+                return self.pipe(num_images_per_prompt=num_images_per_prompt, **pipe_kwargs)
+        if subject_positions is not None:
+            raise NestedAttentionError(
+                "subject_positions go with prompt_embeds; with prompt strings the subject word is found by tokenizing."
+            )
         for text in prompts:
             warn_if_truncated(self.tokenizers, text)
-        if "prompt_embeds" in pipe_kwargs:
-            raise NestedAttentionError("Pass prompt strings, not prompt_embeds: the subject word is found by tokenizing them.")
         prompt_2 = pipe_kwargs.get("prompt_2")
         if prompt_2 is not None and ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2)) != prompts:
             raise NestedAttentionError("prompt_2 must equal prompt: the subject word must be the same token for both SDXL text encoders.")
