@@ -140,3 +140,22 @@ def test_image_term_on_nested_rows_equals_diffusers_ip_adapter_term(sd_pipe, tmp
     if masked:  # the right half of the image (columns 4-7 of each row of queries) gets no image attention
         assert reference.view(1, 8, 8, -1)[:, :, 4:].abs().max() < 1e-6
     na.uninstall()
+
+
+def test_a_batch_with_ip_adapter_matches_generating_each_row_alone(fresh_pipe):
+    """Rows 1 and 3 carry a subject (gathered, not a contiguous span); every row also gets IP-Adapter's image."""
+    pipe = fresh_pipe
+    load_tiny_ip_adapter(pipe)
+    na = NestedAttention(pipe)
+    na.load_adapter(make_adapter(pipe.unet))
+    prompts = ["a dog in the city", "a photo of a person", "a cat in the snow", "a person"]
+    subjects = [None, Subject(subject_image(0)), None, Subject(subject_image(1))]
+    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(ip_adapter_image_embeds=image_embeds(), num_inference_steps=STEPS, height=32, width=32,
+                  output_type="latent")
+    batch = na(prompts, {"person": subjects}, latents=latents, **kwargs).images
+    for row, (prompt, subject) in enumerate(zip(prompts, subjects)):
+        one = dict(latents=latents[row : row + 1], **kwargs)
+        alone = (na(prompt, {"person": subject}, **one) if subject else pipe(prompt, **one)).images
+        assert_same(batch[row], alone[0])
+    na.uninstall()

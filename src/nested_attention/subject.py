@@ -69,7 +69,8 @@ class EncodedSubject:
     """A subject encoded once by an adapter (`NestedAttention.encode_subject`), reusable in any number of calls.
 
     It goes wherever a `Subject` goes, for the adapter that encoded it; the images are not encoded again.
-    `dataclasses.replace(encoded, lam=2.0)` changes lambda; the tensors can be stored with `torch.save`.
+    `dataclasses.replace(encoded, lam=2.0)` changes lambda; the tensors can be stored (`torch.save`, safetensors)
+    and the EncodedSubject rebuilt from them.
 
     Attributes:
         adapter: the name of the adapter that encoded it (it is refused for another).
