@@ -33,9 +33,9 @@ def tiny_ip_adapter_state_dict(unet, seed=0):
     return {"image_proj": image_proj, "ip_adapter": ip_layers}
 
 
-def load_tiny_ip_adapter(pipe):
-    pipe.load_ip_adapter(tiny_ip_adapter_state_dict(pipe.unet), subfolder="", weight_name="",
-                         image_encoder_folder=None)
+def load_tiny_ip_adapter(pipe, count=1):
+    state_dicts = [tiny_ip_adapter_state_dict(pipe.unet, seed=i) for i in range(count)]
+    pipe.load_ip_adapter(state_dicts, subfolder=[""] * count, weight_name=[""] * count, image_encoder_folder=None)
 
 
 def image_embeds(seed=1):
@@ -111,25 +111,27 @@ def test_ip_adapter_and_nested_attention_in_one_pipeline(fresh_pipe, order):
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_image_term_on_nested_rows_equals_diffusers_ip_adapter_term(sd_pipe, tmp_path, masked):
-    """At one layer: what IP-Adapter adds to a nested row is what diffusers' IP-Adapter processor adds to a vanilla
-    one. Both sides are differences of two calls of one processor, so they agree to float32 rounding of the
-    layer's outputs (1e-5 of their scale); the term itself is two orders of magnitude larger."""
+    """At one layer, with two IP-Adapters at scales 0.5 and 1: what they add to a nested row is what diffusers'
+    IP-Adapter processor adds to a vanilla one. Both sides are differences of two calls of one processor, so they
+    agree to float32 rounding of the layer's outputs (1e-5 of their scale); the term itself is far larger."""
     pipe = tiny_sd_pipeline(seed=0, tokenizer_dir=tmp_path)
-    load_tiny_ip_adapter(pipe)
+    load_tiny_ip_adapter(pipe, count=2)
     na = NestedAttention(pipe)
     na.load_adapter(make_adapter(pipe.unet))
+    pipe.set_ip_adapter_scale([0.5, 1.0])  # set through the nested processors, read by both sides
     path = next(iter(na.controller.layers))
     attn = pipe.unet.get_submodule(path)
     ip_processor = attn.processor.original
+    assert ip_processor.scale == [0.5, 1.0]
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, 64, attn.to_q.in_features, generator=gen)  # 8 x 8 queries
     text = pipe.encode_prompt("a photo of a person", "cpu", 1, False)[0]
-    image_states = [pipe.unet.encoder_hid_proj([torch.randn(1, 1, IMAGE_EMBED_DIM, generator=gen)])[0]]
+    image_states = pipe.unet.encoder_hid_proj([torch.randn(1, 1, IMAGE_EMBED_DIM, generator=gen) for _ in range(2)])
     masks = None
     if masked:
         mask = torch.zeros(1, 1, 8, 8)
-        mask[..., :, :4] = 1.0  # IP-Adapter on the left half only
-        masks = [mask]
+        mask[..., :, :4] = 1.0  # the first IP-Adapter on the left half only, the second everywhere
+        masks = [mask, None]
     kwargs = {} if masks is None else {"ip_adapter_masks": masks}
     with torch.no_grad(), na.controller.bound(na.bind(["a photo of a person"], {"person": Subject(subject_image(0))})):
         ours = attn.processor(attn, hidden, (text, image_states), **kwargs) - attn.processor(attn, hidden, text)
@@ -137,8 +139,13 @@ def test_image_term_on_nested_rows_equals_diffusers_ip_adapter_term(sd_pipe, tmp
         reference = ip_processor(attn, hidden, (text, image_states), **kwargs) - AttnProcessor2_0()(attn, hidden, text)
     torch.testing.assert_close(ours, reference, atol=1e-5 * reference.abs().max().item(), rtol=0)
     assert reference.abs().max() > 1e-3 * hidden.abs().max()
-    if masked:  # the right half of the image (columns 4-7 of each row of queries) gets no image attention
-        assert reference.view(1, 8, 8, -1)[:, :, 4:].abs().max() < 1e-6
+    if masked:  # the mask holds: on the right half (query columns 4-7) only the second adapter adds anything
+        with torch.no_grad():
+            second = ip_processor(attn, hidden, (text, image_states), ip_adapter_masks=[torch.zeros_like(mask), None])
+            second = (second - AttnProcessor2_0()(attn, hidden, text)).view(8, 8, -1)
+        grid = reference.view(8, 8, -1)
+        torch.testing.assert_close(grid[:, 4:], second[:, 4:], atol=1e-5 * reference.abs().max().item(), rtol=0)
+        assert (grid[:, :4] - second[:, :4]).abs().max() > 1e-3 * reference.abs().max()
     na.uninstall()
 
 
