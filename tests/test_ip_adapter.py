@@ -110,7 +110,7 @@ def test_ip_adapter_and_nested_attention_in_one_pipeline(fresh_pipe, order):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_image_term_on_nested_rows_equals_diffusers_ip_adapter_term(sd_pipe, tmp_path, masked):
+def test_image_term_on_nested_rows_equals_diffusers_ip_adapter_term(tmp_path, masked):
     """At one layer, with two IP-Adapters at scales 0.5 and 1: what they add to a nested row is what diffusers'
     IP-Adapter processor adds to a vanilla one. Both sides are differences of two calls of one processor, so they
     agree to float32 rounding of the layer's outputs (1e-5 of their scale); the term itself is far larger."""

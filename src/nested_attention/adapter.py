@@ -16,7 +16,7 @@ from .config import CONFIG_NAME, NestedAdapterConfig
 from .encoder import CLIPImageProcessor, SubjectEncoder, default_image_processor
 from .errors import NestedAttentionError
 from .layers import CrossAttentionLayer, cross_attention_layers
-from .paths import looks_like_local_path
+from .paths import hub_or_local_folder, looks_like_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -210,18 +210,23 @@ class NestedAdapter(nn.Module):
         directory: str | os.PathLike,
         image_encoder: CLIPVisionModel | str | None = None,
         torch_dtype: torch.dtype | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        revision: str | None = None,
     ) -> NestedAdapter:
-        """Load an adapter folder written by `save_pretrained`.
+        """Load an adapter folder written by `save_pretrained`, or a hub repository holding one.
 
         Args:
-            directory: the adapter folder.
+            directory: the adapter folder, or a hub id ("owner/name"; downloaded once into the hub cache, or
+                `cache_dir`, then read from there, also offline).
             image_encoder: a loaded CLIP vision model, or a local directory / hub id, overriding the one the
                 config names (use when the adapter was trained on a machine whose paths you do not have).
             torch_dtype: dtype of the returned adapter (fp32 by default).
+            cache_dir, revision: for a hub id, as in huggingface_hub's `snapshot_download`.
 
         Returns the adapter in eval mode.
         """
-        directory = Path(directory)
+        files = [CONFIG_NAME, WEIGHTS_NAME, f"{IMAGE_ENCODER_FOLDER}/*"]
+        directory = hub_or_local_folder(directory, "The adapter", files, cache_dir=cache_dir, revision=revision)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not directory.is_dir():
             raise NestedAttentionError(f"Adapter folder {directory} does not exist.")
