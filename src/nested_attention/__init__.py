@@ -2,6 +2,7 @@
 
 from .adapter import NestedAdapter
 from .attention import nested_values, personalized_attention
+from .card import AdapterCard
 from .config import NestedAdapterConfig
 from .controller import NestedAttentionController, install
 from .errors import NestedAttentionError
@@ -10,6 +11,7 @@ from .state import BoundSubject
 from .subject import EncodedSubject, Subject
 
 __all__ = [
+    "AdapterCard",
     "BoundSubject",
     "EncodedSubject",
     "NestedAdapter",

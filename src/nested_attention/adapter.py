@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPVisionModel
 
+from .card import AdapterCard, write_card
 from .config import CONFIG_NAME, NestedAdapterConfig
 from .encoder import CLIPImageProcessor, SubjectEncoder, default_image_processor
 from .errors import NestedAttentionError
@@ -189,8 +190,11 @@ class NestedAdapter(nn.Module):
         path, _, which = body.rpartition(".")
         return f"{_LAYER_PREFIX}{_module_key(path)}.{which}.{leaf}"
 
-    def save_pretrained(self, directory: str | os.PathLike, save_image_encoder: bool = False) -> Path:
-        """Write `nested_adapter_config.json` and `nested_adapter.safetensors` (adapter weights only).
+    def save_pretrained(
+        self, directory: str | os.PathLike, save_image_encoder: bool = False, card: AdapterCard | None = None
+    ) -> Path:
+        """Write `nested_adapter_config.json`, `nested_adapter.safetensors` (adapter weights only) and a model card
+        (`README.md`: the adapter, its base model, training and metrics as far as `card` tells them, and usage).
 
         With `save_image_encoder`, the CLIP vision model and its processor go to `image_encoder/` so that the
         folder is self-contained.
@@ -198,6 +202,7 @@ class NestedAdapter(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.to_json_file(directory / CONFIG_NAME)
+        write_card(directory, self.config, card)
         save_file(self.adapter_state_dict(), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
         if save_image_encoder:
             self.encoder.image_encoder.save_pretrained(directory / IMAGE_ENCODER_FOLDER)
