@@ -3,6 +3,10 @@
 The tests run offline (conftest sets HF_HUB_OFFLINE): the cache is written by hand, as a download would leave it.
 """
 
+import shutil
+from pathlib import Path
+
+import huggingface_hub
 import pytest
 import torch
 
@@ -44,3 +48,26 @@ def test_an_adapter_loads_by_hub_id_from_the_cache(sd_pipe, tmp_path):
 def test_an_adapter_that_is_neither_folder_nor_hub_repository_is_one_sentence(tmp_path, name, match):
     with pytest.raises(NestedAttentionError, match=match):
         NestedAdapter.from_pretrained(name, cache_dir=tmp_path)
+
+
+def test_push_to_hub_uploads_what_from_pretrained_loads(sd_pipe, tmp_path, monkeypatch):
+    """The hub is replaced by a fake that files each upload into a cache folder as a download would lay it out."""
+    created, uploads = [], []
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message, **kwargs):
+        uploads.append(sorted(p.name for p in Path(folder_path).iterdir()))
+        snapshot = tmp_path / ("models--" + repo_id.replace("/", "--")) / "snapshots" / COMMIT
+        shutil.copytree(folder_path, snapshot)
+        (snapshot.parent.parent / "refs").mkdir()
+        (snapshot.parent.parent / "refs" / "main").write_text(COMMIT)
+        return f"https://huggingface.co/{repo_id}/commit/{COMMIT}"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **k: created.append(repo_id))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    adapter = make_adapter(sd_pipe.unet, seed=5).eval()
+    url = adapter.push_to_hub("someone/pushed", save_image_encoder=True)
+    assert created == ["someone/pushed"] and url.endswith(COMMIT)
+    assert uploads == [["README.md", "image_encoder", "nested_adapter.safetensors", "nested_adapter_config.json"]]
+    loaded = NestedAdapter.from_pretrained("someone/pushed", cache_dir=tmp_path)
+    ours, theirs = adapter.adapter_state_dict(), loaded.adapter_state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

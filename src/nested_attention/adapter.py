@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -208,6 +209,21 @@ class NestedAdapter(nn.Module):
             self.encoder.image_encoder.save_pretrained(directory / IMAGE_ENCODER_FOLDER)
             self.image_processor.save_pretrained(directory / IMAGE_ENCODER_FOLDER)
         return directory
+
+    def push_to_hub(
+        self, repo_id: str, card: AdapterCard | None = None, save_image_encoder: bool = False,
+        private: bool | None = None, token: str | None = None, commit_message: str = "Upload nested attention adapter",
+    ) -> str:
+        """Upload the folder `save_pretrained` writes (config, weights, model card) to hub repository `repo_id`,
+        creating it if needed; `from_pretrained(repo_id)` loads it back. Returns the commit's URL."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="nested-adapter-") as folder:
+            self.save_pretrained(folder, save_image_encoder=save_image_encoder, card=card)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+        return str(getattr(commit, "commit_url", commit))
 
     @classmethod
     def from_pretrained(
