@@ -16,7 +16,7 @@ from nested_attention.layers import cross_attention_layers
 def test_round_trip_is_exact(pipe, tmp_path):
     adapter = make_adapter(pipe.unet, seed=3).eval()
     adapter.save_pretrained(tmp_path, save_image_encoder=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, "image_encoder"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, "image_encoder", "README.md"])
     loaded = NestedAdapter.from_pretrained(tmp_path)
     assert loaded.config == adapter.config
     ours, theirs = adapter.adapter_state_dict(), loaded.adapter_state_dict()

@@ -14,8 +14,10 @@ def naive_nested_value(q, nested_key, nested_value, bias):
     return torch.softmax(logits, dim=0) @ nested_value
 
 
-def naive_attention(query, key, value, nested_keys, nested_vals, biases, masks, lam, alpha):
-    """Loop over rows, heads and queries; build V_q with the subject rows replaced, then softmax."""
+def naive_attention(query, key, value, nested_keys, nested_vals, biases, masks, lam, alpha, scale=None):
+    """Loop over rows, heads and queries; build V_q with the subject rows replaced, then softmax.
+
+    At strength s (`scale`) a subject row's value is (1 - s) V[s] + s v*_q and its lambda 1 + s (lambda - 1)."""
     B, H, N, d = query.shape
     out = torch.zeros_like(query)
     for b in range(B):
@@ -26,13 +28,12 @@ def naive_attention(query, key, value, nested_keys, nested_vals, biases, masks, 
                 values = value[b, h].clone()
                 for k in range(len(nested_keys)):
                     v_star = naive_nested_value(q, nested_keys[k][b, h], nested_vals[k][b, h], biases[k][b])
+                    strength = 1.0 if scale is None else scale[k]
                     for s in torch.nonzero(masks[k, b]).flatten().tolist():
-                        logits[s] = max(logits[s], lam[k, b] * logits[s])
+                        logits[s] = max(logits[s], (1 + strength * (lam[k, b] - 1)) * logits[s])
                         a = alpha[k] if isinstance(alpha, tuple) else alpha
-                        if a is None:
-                            values[s] = v_star
-                        else:
-                            values[s] = a * value[b, h, s].norm() * v_star / v_star.norm()
+                        nested = v_star if a is None else a * value[b, h, s].norm() * v_star / v_star.norm()
+                        values[s] = (1 - strength) * value[b, h, s] + strength * nested
                 out[b, h, n] = torch.softmax(logits, dim=0) @ values
     return out
 
@@ -76,6 +77,30 @@ def test_matches_naive_reference(shape, lam_value, alpha, num_subjects):
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
     vanilla = torch.softmax(query[-1] @ key[-1].transpose(-1, -2) / math.sqrt(d), -1) @ value[-1]
     torch.testing.assert_close(ours[-1], vanilla, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("lam_value", [1.0, 2.5])
+@pytest.mark.parametrize("alpha", [None, 2.0])
+@pytest.mark.parametrize("scale", [(0.0, 0.0), (0.3, 1.0), (1.0, 0.6)])
+def test_strength_matches_naive_reference(lam_value, alpha, scale):
+    B, H, N, d, T, M = 2, 2, 5, 8, 7, 4
+    gen = torch.Generator().manual_seed(7)
+    rand = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    query, key, value = rand(B, H, N, d), rand(B, H, T, d), rand(B, H, T, d)
+    masks = torch.zeros(2, B, T, dtype=torch.bool)
+    masks[0, :, 1] = True
+    masks[1, 0, 4] = True
+    nested_keys, nested_vals = [rand(B, H, M, d) for _ in range(2)], [rand(B, H, M, d) for _ in range(2)]
+    biases = [torch.zeros(B, M) for _ in range(2)]
+    lam = torch.full((2, B), lam_value)
+    subject_values = [nested_values(query, nested_keys[k], nested_vals[k]) for k in range(2)]
+    ours = personalized_attention(query, key, value, subject_values, masks, lam=None if lam_value == 1.0 else lam,
+                                  alpha=alpha, scale=list(scale))
+    reference = naive_attention(query, key, value, nested_keys, nested_vals, biases, masks, lam, alpha, scale)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    if scale == (0.0, 0.0):  # strength 0: the base model's attention, whatever lambda
+        vanilla = torch.nn.functional.scaled_dot_product_attention(query, key, value)
+        torch.testing.assert_close(ours, vanilla, atol=1e-6, rtol=1e-6)
 
 
 def test_lambda_path_equals_fused_path_at_one():

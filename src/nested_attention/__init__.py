@@ -2,15 +2,18 @@
 
 from .adapter import NestedAdapter
 from .attention import nested_values, personalized_attention
+from .card import AdapterCard
 from .config import NestedAdapterConfig
 from .controller import NestedAttentionController, install
 from .errors import NestedAttentionError
 from .pipeline import NestedAttention
 from .state import BoundSubject
-from .subject import Subject
+from .subject import EncodedSubject, Subject
 
 __all__ = [
+    "AdapterCard",
     "BoundSubject",
+    "EncodedSubject",
     "NestedAdapter",
     "NestedAdapterConfig",
     "NestedAttention",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -12,11 +13,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPVisionModel
 
+from .card import AdapterCard, write_card
 from .config import CONFIG_NAME, NestedAdapterConfig
 from .encoder import CLIPImageProcessor, SubjectEncoder, default_image_processor
 from .errors import NestedAttentionError
 from .layers import CrossAttentionLayer, cross_attention_layers
-from .paths import looks_like_local_path
+from .paths import hub_or_local_folder, looks_like_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -189,8 +191,11 @@ class NestedAdapter(nn.Module):
         path, _, which = body.rpartition(".")
         return f"{_LAYER_PREFIX}{_module_key(path)}.{which}.{leaf}"
 
-    def save_pretrained(self, directory: str | os.PathLike, save_image_encoder: bool = False) -> Path:
-        """Write `nested_adapter_config.json` and `nested_adapter.safetensors` (adapter weights only).
+    def save_pretrained(
+        self, directory: str | os.PathLike, save_image_encoder: bool = False, card: AdapterCard | None = None
+    ) -> Path:
+        """Write `nested_adapter_config.json`, `nested_adapter.safetensors` (adapter weights only) and a model card
+        (`README.md`: the adapter, its base model, training and metrics as far as `card` tells them, and usage).
 
         With `save_image_encoder`, the CLIP vision model and its processor go to `image_encoder/` so that the
         folder is self-contained.
@@ -198,11 +203,27 @@ class NestedAdapter(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.to_json_file(directory / CONFIG_NAME)
+        write_card(directory, self.config, card)
         save_file(self.adapter_state_dict(), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
         if save_image_encoder:
             self.encoder.image_encoder.save_pretrained(directory / IMAGE_ENCODER_FOLDER)
             self.image_processor.save_pretrained(directory / IMAGE_ENCODER_FOLDER)
         return directory
+
+    def push_to_hub(
+        self, repo_id: str, card: AdapterCard | None = None, save_image_encoder: bool = False,
+        private: bool | None = None, token: str | None = None, commit_message: str = "Upload nested attention adapter",
+    ) -> str:
+        """Upload the folder `save_pretrained` writes (config, weights, model card) to hub repository `repo_id`,
+        creating it if needed; `from_pretrained(repo_id)` loads it back. Returns the commit's URL."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="nested-adapter-") as folder:
+            self.save_pretrained(folder, save_image_encoder=save_image_encoder, card=card)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+        return str(getattr(commit, "commit_url", commit))
 
     @classmethod
     def from_pretrained(
@@ -210,18 +231,23 @@ class NestedAdapter(nn.Module):
         directory: str | os.PathLike,
         image_encoder: CLIPVisionModel | str | None = None,
         torch_dtype: torch.dtype | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        revision: str | None = None,
     ) -> NestedAdapter:
-        """Load an adapter folder written by `save_pretrained`.
+        """Load an adapter folder written by `save_pretrained`, or a hub repository holding one.
 
         Args:
-            directory: the adapter folder.
+            directory: the adapter folder, or a hub id ("owner/name"; downloaded once into the hub cache, or
+                `cache_dir`, then read from there, also offline).
             image_encoder: a loaded CLIP vision model, or a local directory / hub id, overriding the one the
                 config names (use when the adapter was trained on a machine whose paths you do not have).
             torch_dtype: dtype of the returned adapter (fp32 by default).
+            cache_dir, revision: for a hub id, as in huggingface_hub's `snapshot_download`.
 
         Returns the adapter in eval mode.
         """
-        directory = Path(directory)
+        files = [CONFIG_NAME, WEIGHTS_NAME, f"{IMAGE_ENCODER_FOLDER}/*"]
+        directory = hub_or_local_folder(directory, "The adapter", files, cache_dir=cache_dir, revision=revision)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not directory.is_dir():
             raise NestedAttentionError(f"Adapter folder {directory} does not exist.")

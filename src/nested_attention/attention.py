@@ -80,6 +80,7 @@ def personalized_attention(
     lam: torch.Tensor | None = None,
     alpha: float | None | Sequence[float | None] = 2.0,
     attn_mask: torch.Tensor | None = None,
+    scale: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Cross-attention in which each bound subject token takes a per-query value (paper eq. 4).
 
@@ -97,6 +98,9 @@ def personalized_attention(
             (the raw v*_q is used, as in the paper's "no regularization" ablation). One value for all
             subjects, or one per subject (adapters trained with different alpha).
         attn_mask: optional additive mask broadcastable to (B, H, N, T) (e.g. an encoder attention mask).
+        scale: the strength s of each subject, or None for 1 everywhere. A subject token's value becomes
+            (1 - s) V[s] + s v*_q and its lambda 1 + s (lambda - 1): 0 is the base model's attention, 1 the
+            nested attention above. Both are linear in the token mask, so s simply weighs the mask.
 
     Returns:
         (B, H, N, d).
@@ -104,6 +108,8 @@ def personalized_attention(
     head_dim = value.shape[-1]
     alphas = list(alpha) if isinstance(alpha, Sequence) else [alpha] * len(subject_values)
     masks = subject_masks.to(value.dtype)  # (K, B, T)
+    if scale is not None:  # the strength weighs each subject's tokens: their share of V[s], v*_q and lambda
+        masks = torch.stack([s * masks[k] for k, s in enumerate(scale)]) if len(scale) else masks
     bound = masks.sum(0).clamp(max=1)  # (B, T)
     value_norm = value.norm(dim=-1) if any(a is not None for a in alphas) else None  # (B, H, T)
     columns = [  # per subject (B, H, T, 1): the coefficient of its unit value on its own tokens

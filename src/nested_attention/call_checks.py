@@ -9,20 +9,29 @@ from collections.abc import Sequence
 from .errors import NestedAttentionError
 
 
-def check_call(pipe, prompt, num_images_per_prompt, pipe_kwargs: dict) -> list[str]:
-    """The prompts as a list; refuses a missing or empty prompt, a row count below 1, and unusable sampler settings.
+def check_call(pipe, prompt, num_images_per_prompt, pipe_kwargs: dict) -> list[str] | None:
+    """The prompts as a list (None with `prompt_embeds`); refuses a missing or empty prompt, a prompt next to
+    `prompt_embeds`, a row count below 1, and unusable sampler settings.
 
     `guidance_scale` must be finite and non-negative (diffusers turns guidance off at <= 1; NaN or infinity would
     give black images); `num_inference_steps` must lie between 1 and the scheduler's training timesteps.
     """
-    if isinstance(prompt, str):
+    with_embeds = pipe_kwargs.get("prompt_embeds") is not None
+    if with_embeds and prompt is not None:
+        raise NestedAttentionError(
+            "Both prompt and prompt_embeds are given; give one: prompt strings, or prompt=None with prompt_embeds "
+            "and subject_positions."
+        )
+    if with_embeds:
+        prompts = None
+    elif isinstance(prompt, str):
         prompts = [prompt]
     elif isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt):
         prompts = list(prompt)
     else:
         raise NestedAttentionError(
             f"prompt is {prompt!r}; expected a string or a non-empty list of strings, each containing the subject "
-            f"word."
+            f"word (or prompt=None with prompt_embeds and subject_positions)."
         )
     if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
         raise NestedAttentionError(

@@ -10,7 +10,7 @@ from torch import nn
 
 from .errors import NestedAttentionError
 from .layers import CrossAttentionLayer, cross_attention_layers
-from .processor import NestedAttnProcessor
+from .processor import NestedAttnProcessor, nested_processor
 from .state import BoundSubject, RowLayout, row_layout
 
 
@@ -52,7 +52,7 @@ class NestedAttentionController:
         for path in self.layers:
             module = self._module(path)
             self._originals[path] = module.processor
-            module.set_processor(NestedAttnProcessor(path, self, module.processor))
+            module.set_processor(nested_processor(path, self, module.processor))
         self.installed = True
         return self
 
@@ -79,7 +79,7 @@ class NestedAttentionController:
         for path in self.replaced_layers():
             module = self._module(path)
             self._originals[path] = module.processor
-            module.set_processor(NestedAttnProcessor(path, self, module.processor))
+            module.set_processor(nested_processor(path, self, module.processor))
 
     def check_installed(self) -> None:
         if not self.installed:
@@ -88,8 +88,9 @@ class NestedAttentionController:
         if replaced:
             raise NestedAttentionError(
                 f"{len(replaced)} of {len(self.layers)} nested attention processors were replaced after "
-                f"installation (first: {replaced[0]}), e.g. by set_attn_processor or enabling xformers; call "
-                f"reinstall() to keep the new backend and nested attention together."
+                f"installation (first: {replaced[0]}), e.g. by set_attn_processor, load_ip_adapter, attention "
+                f"slicing or enabling xformers; call reinstall() to keep the new backend and nested attention "
+                f"together."
             )
 
     # ---- per-call state ------------------------------------------------------------------------------------
@@ -99,6 +100,9 @@ class NestedAttentionController:
         missing = [p for s in subjects for p in self.layers if p not in s.nested]
         if missing:
             raise NestedAttentionError(f"A bound subject has no nested keys for layer {missing[0]}.")
+        missing = [p for s in subjects if s.scale is not None for p in self.layers if p not in s.scale]
+        if missing:
+            raise NestedAttentionError(f"A bound subject has no strength for layer {missing[0]}.")
         rows = {s.token_mask.shape for s in subjects}
         if len(rows) > 1:
             raise NestedAttentionError(f"Bound subjects disagree on the batch layout: {sorted(rows)}.")
@@ -120,6 +124,11 @@ class NestedAttentionController:
             except NotImplementedError:  # fake/meta tensors (FLOP counting): built lazily at the first layer instead
                 self._layouts.clear()
                 self._vanilla_rows.clear()
+
+    def layer_scales(self, path: str) -> list[float] | None:
+        """The strength of each bound subject at layer `path`, or None when every one is 1 there."""
+        scales = [1.0 if s.scale is None else float(s.scale[path]) for s in self.subjects]
+        return None if all(s == 1.0 for s in scales) else scales
 
     def clear(self) -> None:
         self.subjects = []

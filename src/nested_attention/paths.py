@@ -14,6 +14,26 @@ def looks_like_local_path(name: str) -> bool:
     return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
 
 
+def hub_or_local_folder(name: str | os.PathLike, what: str, allow_patterns: list[str], cache_dir=None,
+                        revision: str | None = None) -> Path:
+    """The local folder `name`, or the snapshot of hub repository `name` ("owner/name": downloaded once, then read
+    from the cache, also offline). One sentence (NestedAttentionError) when it is neither."""
+    local = Path(name).expanduser()
+    if local.is_dir() or looks_like_local_path(str(name)) or str(name).count("/") != 1:
+        return local
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return Path(snapshot_download(str(name), revision=revision, cache_dir=cache_dir, allow_patterns=allow_patterns))
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+        raise NestedAttentionError(
+            f"{what} {str(name)!r} is no local folder and could not be fetched as a hub repository ({reason}); give "
+            f"an existing folder, or a hub id (owner/name) that is reachable or already cached."
+        ) from None
+
+
 def check_writable(path: str | os.PathLike, what: str) -> None:
     """Refuse, before any work, an output `path` that cannot be created: under a regular file, or unwritable.
 

@@ -13,10 +13,12 @@ from .adapter import NestedAdapter
 from .binding import pipeline_tokenizers, warn_if_truncated, word_positions, word_token_id
 from .call_checks import check_call
 from .controller import NestedAttentionController, install
+from .embeds import positions_for_embeds
 from .encoder import preprocess
 from .errors import NestedAttentionError
 from .state import BoundSubject
-from .subject import Subject
+from .strength import layer_strengths
+from .subject import EncodedSubject, Subject
 
 
 @dataclass
@@ -24,6 +26,7 @@ class LoadedAdapter:
     adapter: NestedAdapter
     word: str
     follow_pipeline: bool = True  # moved to the UNet's device and dtype at every call
+    scale: dict[str, float] | None = None  # strength per layer (None: 1 everywhere)
 
 
 class NestedAttention:
@@ -95,6 +98,22 @@ class NestedAttention:
         self._check_word(word.strip(), exclude=name)
         self.adapters[name].word = word.strip()
 
+    def token_positions(self, name: str, prompt: str) -> list[int]:
+        """The positions of adapter `name`'s word in `prompt` as the pipeline tokenizes it (for `subject_positions`)."""
+        return word_positions(self.tokenizers, prompt, self._get(name).word)
+
+    def set_scale(self, name: str, scale: float | dict) -> None:
+        """The strength of adapter `name`, from 0 (exactly the base model) to 1 (the adapter as trained, the default).
+
+        At strength s the subject word's value is (1 - s) V + s v* (its base value blended with the nested one)
+        and its lambda acts as 1 + s (lambda - 1), so 0 is the base model whatever the subject's `lam`. The
+        strength dials the adapter in; lambda (from 1 up) then trades identity against the prompt within it.
+        Per block, `scale` takes the format of diffusers' `set_ip_adapter_scale`, e.g.
+        `{"down": 0.0, "mid": 0.5, "up": {"block_0": [0.0, 1.0, 0.0]}}` (blocks left out get 0). Layers where
+        every bound subject has strength 0 run the processor nested attention wrapped, unchanged.
+        """
+        self._get(name).scale = layer_strengths(self.pipe.unet, self.controller.layers, scale)
+
     def unload_adapter(self, name: str) -> None:
         self._get(name)
         del self.adapters[name]
@@ -125,48 +144,92 @@ class NestedAttention:
     # ---- binding subjects for one call ---------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, name: str, subjects: Sequence[Subject]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Subject tokens of several subjects for one adapter, padded to a common length.
+    def encode_subject(self, name: str, subject: Subject) -> EncodedSubject:
+        """Encode `subject`'s images once with adapter `name`, for reuse in any number of calls.
 
-        Returns:
-            tokens (S, M, width) and an additive bias (S, M) (log image weights, -inf on padding) or None.
+        The result goes wherever a Subject goes for this adapter (`subjects={name: encoded}`, or in a per-prompt
+        list), and the images are not encoded again; the analogue of diffusers' `ip_adapter_image_embeds`.
+
+        Example:
+            >>> me = na.encode_subject("person", Subject(["me-1.jpg", "me-2.jpg"]))
+            >>> na("a person surfing", subjects={"person": me})
+            >>> na("a person reading", subjects={"person": dataclasses.replace(me, lam=2.0)})
         """
+        if not isinstance(subject, Subject):
+            raise NestedAttentionError(f"encode_subject takes a Subject; got {type(subject).__name__}.")
+        return self._encode_each(name, [subject])[0]
+
+    def _encode_each(self, name: str, subjects: Sequence[Subject]) -> list[EncodedSubject]:
+        """All images of `subjects` through the adapter's encoder in one batch, split back per subject."""
         adapter = self._get(name).adapter
         images = [image for subject in subjects for image in subject.images]
         pixels = preprocess(adapter.image_processor, images, adapter.encoder.query_tokens.device,
                             adapter.encoder.image_encoder.dtype)
         per_image = adapter.encoder(pixels)  # (total images, n_q, width)
         n_q = per_image.shape[1]
-        counts = [len(s.images) for s in subjects]
-        length = max(counts) * n_q
-        tokens = per_image.new_zeros(len(subjects), length, per_image.shape[-1])
-        bias = torch.zeros(len(subjects), length)
-        start = 0
-        for i, (subject, count) in enumerate(zip(subjects, counts)):
-            tokens[i, : count * n_q] = per_image[start : start + count].flatten(0, 1)
+        encoded, start = [], 0
+        for subject in subjects:
+            count = len(subject.images)
+            bias = None
+            # equal weights shift every logit by the same constant: no bias, and the fused attention kernel
+            if subject.weights and len(set(subject.weights)) > 1:
+                bias = torch.tensor([math.log(w) if w > 0 else -math.inf for w in subject.weights],
+                                    device=per_image.device).repeat_interleave(n_q)
+            encoded.append(EncodedSubject(name, per_image[start : start + count].flatten(0, 1), bias, subject.lam))
             start += count
-            weights = subject.weights or [1.0] * count
-            bias[i] = -math.inf
-            bias[i, : count * n_q] = torch.tensor([math.log(w) if w > 0 else -math.inf for w in weights]).repeat_interleave(n_q)
-        # equal weights shift every logit by the same constant: no bias, and the fused attention kernel
-        uneven = any(s.weights and len(set(s.weights)) > 1 for s in subjects)
-        needs_bias = uneven or any(c != max(counts) for c in counts)
-        return tokens, (bias.to(tokens.device) if needs_bias else None)
+        return encoded
+
+    @torch.no_grad()
+    def encode(
+        self, name: str, subjects: Sequence[Subject | EncodedSubject]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Subject tokens of several subjects for one adapter, padded to a common length.
+
+        Returns:
+            tokens (S, M, width) and an additive bias (S, M) (log image weights, -inf on padding) or None.
+        """
+        adapter = self._get(name).adapter
+        width = adapter.config.qformer_hidden_size
+        for subject in subjects:
+            if isinstance(subject, EncodedSubject) and (subject.adapter != name or subject.tokens.shape[-1] != width):
+                raise NestedAttentionError(
+                    f"A subject encoded by adapter {subject.adapter!r} (width {subject.tokens.shape[-1]}) was given "
+                    f"for adapter {name!r} (width {width}); encode it with na.encode_subject({name!r}, ...)."
+                )
+        raw = [s for s in subjects if isinstance(s, Subject)]
+        fresh = iter(self._encode_each(name, raw) if raw else [])
+        encoded = [next(fresh) if isinstance(s, Subject) else s for s in subjects]
+        device, dtype = adapter.encoder.query_tokens.device, adapter.encoder.query_tokens.dtype
+        length = max(e.tokens.shape[0] for e in encoded)
+        tokens = torch.zeros(len(encoded), length, width, device=device, dtype=dtype)
+        bias = torch.zeros(len(encoded), length, device=device)
+        for i, e in enumerate(encoded):
+            tokens[i, : e.tokens.shape[0]] = e.tokens
+            if e.bias is not None:
+                bias[i, : e.tokens.shape[0]] = e.bias
+            bias[i, e.tokens.shape[0] :] = -math.inf
+        needs_bias = any(e.bias is not None or e.tokens.shape[0] != length for e in encoded)
+        return tokens, (bias if needs_bias else None)
 
     @torch.no_grad()  # inference only: the trainer builds its BoundSubject with gradients itself
     def bind(
         self,
-        prompts: Sequence[str],
-        subjects: Mapping[str, Subject | Sequence[Subject | None]],
+        prompts: Sequence[str | None],
+        subjects: Mapping[str, Subject | EncodedSubject | Sequence[Subject | EncodedSubject | None]],
         num_images_per_prompt: int = 1,
+        positions: Mapping[str, Sequence[Sequence[int]]] | None = None,
+        text_length: int | None = None,
     ) -> list[BoundSubject]:
         """Encode the subjects once and find their words in the prompts: the state for one generation.
 
         Args:
-            prompts: the batch of prompts.
-            subjects: adapter name -> a Subject for every prompt, or a list with one Subject (or None: that
-                prompt does not use this adapter) per prompt.
+            prompts: the batch of prompts (None each when `positions` are given).
+            subjects: adapter name -> a Subject (or an EncodedSubject from `encode_subject`) for every prompt, or
+                a list with one of them (or None: that prompt does not use this adapter) per prompt.
             num_images_per_prompt: rows per prompt, as the pipeline repeats them.
+            positions: adapter name -> the token positions of its word in each prompt (prompt embeddings), or
+                None to find each adapter's word in `prompts`.
+            text_length: the text tokens the UNet attends to (default: the tokenizer's length).
         """
         if not isinstance(subjects, Mapping):
             raise NestedAttentionError(
@@ -183,14 +246,18 @@ class NestedAttention:
             if loaded.follow_pipeline:
                 loaded.adapter.to(device=unet.device, dtype=unet.dtype)
         rows = len(prompts) * num_images_per_prompt
-        text_length = self.tokenizers[0].model_max_length
+        text_length = text_length or self.tokenizers[0].model_max_length
         bound = []
         for name, given in subjects.items():
-            per_prompt = [given] * len(prompts) if isinstance(given, Subject) else list(given)
-            if len(per_prompt) != len(prompts) or not all(s is None or isinstance(s, Subject) for s in per_prompt):
+            one = isinstance(given, (Subject, EncodedSubject))
+            per_prompt = [given] * len(prompts) if one else list(given) if isinstance(given, Sequence) else []
+            if len(per_prompt) != len(prompts) or not all(
+                s is None or isinstance(s, (Subject, EncodedSubject)) for s in per_prompt
+            ):
+                got = f"a {type(given).__name__}" + (f" of {len(given)}" if isinstance(given, Sequence) else "")
                 raise NestedAttentionError(
-                    f"Subjects for {name!r} must be one Subject or a list of {len(prompts)} (one per prompt, None "
-                    f"to skip a prompt); got {given!r}."
+                    f"Subjects for {name!r} must be one Subject (or EncodedSubject) or a list of {len(prompts)} (one "
+                    f"per prompt, None to skip a prompt); got {got}."
                 )
             distinct = list({id(s): s for s in per_prompt if s is not None}.values())
             if not distinct:
@@ -204,7 +271,13 @@ class NestedAttention:
                 if subject is None:
                     continue
                 span = slice(p * num_images_per_prompt, (p + 1) * num_images_per_prompt)
-                mask[span, word_positions(self.tokenizers, prompt, loaded.word)] = True
+                where = word_positions(self.tokenizers, prompt, loaded.word) if positions is None else positions[name][p]
+                if not where:
+                    raise NestedAttentionError(
+                        f"subject_positions[{name!r}] gives no token for prompt {p}, which has a subject; give the "
+                        f"position of its word, or None as that prompt's subject."
+                    )
+                mask[span, where] = True
                 slots[span] = slot_of[id(subject)]
                 lam[span] = subject.lam
             tokens, bias = self.encode(name, distinct)
@@ -216,6 +289,7 @@ class NestedAttention:
                     bias=bias,
                     lam=None if bool((lam == 1).all()) else lam,
                     alpha=loaded.adapter.config.alpha,
+                    scale=loaded.scale,
                 )
             )
         return bound
@@ -224,22 +298,36 @@ class NestedAttention:
 
     def __call__(
         self,
-        prompt: str | Sequence[str],
-        subjects: Mapping[str, Subject | Sequence[Subject | None]],
+        prompt: str | Sequence[str] | None = None,
+        subjects: Mapping[str, Subject | EncodedSubject | Sequence[Subject | EncodedSubject | None]] | None = None,
         num_images_per_prompt: int = 1,
+        subject_positions: Mapping[str, int | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor] | None = None,
         **pipe_kwargs,
     ):
         """Run the pipeline with the subjects bound; other keyword arguments go to the pipeline unchanged.
 
         The nested keys and values are computed once here, before the denoising loop. Rows of the negative
         prompt (the unconditional half of guidance) get exactly the vanilla attention.
+
+        With precomputed `prompt_embeds` (P, T, width) (prompt weighting, long-prompt helpers; SDXL also needs
+        `pooled_prompt_embeds`), leave `prompt` None and give `subject_positions`: adapter name -> the subject
+        word's token positions, as one index, a list of them for every prompt, a list of P lists (one per prompt)
+        or a bool mask (P, T). `token_positions` finds them in a prompt string.
         """
         self.controller.check_installed()
         prompts = check_call(self.pipe, prompt, num_images_per_prompt, pipe_kwargs)
+        if prompts is None:
+            names = list(subjects) if isinstance(subjects, Mapping) else []
+            count, length, positions = positions_for_embeds(self.pipe, subject_positions, names, pipe_kwargs)
+            bound = self.bind([None] * count, subjects, num_images_per_prompt, positions, length)
+            with self.controller.bound(bound):
+                return self.pipe(num_images_per_prompt=num_images_per_prompt, **pipe_kwargs)
+        if subject_positions is not None:
+            raise NestedAttentionError(
+                "subject_positions go with prompt_embeds; with prompt strings the subject word is found by tokenizing."
+            )
         for text in prompts:
             warn_if_truncated(self.tokenizers, text)
-        if "prompt_embeds" in pipe_kwargs:
-            raise NestedAttentionError("Pass prompt strings, not prompt_embeds: the subject word is found by tokenizing them.")
         prompt_2 = pipe_kwargs.get("prompt_2")
         if prompt_2 is not None and ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2)) != prompts:
             raise NestedAttentionError("prompt_2 must equal prompt: the subject word must be the same token for both SDXL text encoders.")

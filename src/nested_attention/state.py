@@ -27,6 +27,8 @@ class BoundSubject:
         bias: (S, M) additive nested logit bias (log image weights, -inf padding), or None.
         lam: (R,) lambda per row, or None when every row uses 1.
         alpha: the adapter's norm regularization factor (None: off).
+        scale: layer path -> strength from 0 (the base model) to 1 (full nested attention), or None for 1 at
+            every layer (see `personalized_attention`).
     """
 
     token_mask: torch.Tensor
@@ -35,6 +37,7 @@ class BoundSubject:
     bias: torch.Tensor | None = None
     lam: torch.Tensor | None = None
     alpha: float | None = 2.0
+    scale: dict[str, float] | None = None
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""A subject given at inference: one or several images, optional per-image weights, and lambda."""
+"""A subject given at inference: one or several images, optional per-image weights, and lambda; or it encoded once."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from .errors import NestedAttentionError
@@ -60,5 +61,47 @@ class Subject:
                 raise NestedAttentionError(
                     f"Image weights {self.weights} must be finite, non-negative and not all zero."
                 )
-        if not (isinstance(self.lam, numbers.Real) and math.isfinite(self.lam) and self.lam > 0):
-            raise NestedAttentionError(f"lambda is {self.lam!r}; expected a positive number (1 = the trained model).")
+        _check_lam(self.lam)
+
+
+@dataclass
+class EncodedSubject:
+    """A subject encoded once by an adapter (`NestedAttention.encode_subject`), reusable in any number of calls.
+
+    It goes wherever a `Subject` goes, for the adapter that encoded it; the images are not encoded again.
+    `dataclasses.replace(encoded, lam=2.0)` changes lambda; the tensors can be stored (`torch.save`, safetensors)
+    and the EncodedSubject rebuilt from them.
+
+    Attributes:
+        adapter: the name of the adapter that encoded it (it is refused for another).
+        tokens: (M, width) the subject encoder's tokens, every image's concatenated.
+        bias: (M,) additive nested-logit bias (log image weights, -inf for weight 0), or None for equal weights.
+        lam: lambda, as in `Subject`.
+    """
+
+    adapter: str
+    tokens: torch.Tensor
+    bias: torch.Tensor | None = None
+    lam: float = 1.0
+
+    def __post_init__(self):
+        if not (isinstance(self.tokens, torch.Tensor) and self.tokens.ndim == 2):
+            raise NestedAttentionError(
+                f"An encoded subject's tokens are {_shape(self.tokens)}; expected a (tokens, width) tensor from "
+                f"NestedAttention.encode_subject."
+            )
+        if self.bias is not None and not (isinstance(self.bias, torch.Tensor) and self.bias.shape == self.tokens.shape[:1]):
+            raise NestedAttentionError(
+                f"An encoded subject's bias is {_shape(self.bias)}; expected None or one value per token "
+                f"({self.tokens.shape[0]})."
+            )
+        _check_lam(self.lam)
+
+
+def _shape(value) -> str:
+    return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _check_lam(lam) -> None:
+    if not (isinstance(lam, numbers.Real) and not isinstance(lam, bool) and math.isfinite(lam) and lam > 0):
+        raise NestedAttentionError(f"lambda is {lam!r}; expected a positive number (1 = the trained model).")

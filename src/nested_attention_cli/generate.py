@@ -142,8 +142,8 @@ def add_parser(commands) -> None:
     subjects = parser.add_argument_group("subjects (repeat --adapter and its options for each subject)")
     subjects.add_argument(
         "--adapter", action=StartSubject, dest="subjects", metavar="PATH",
-        help=f"adapter folder; starts a subject. '{RANDOM_ADAPTER}': a fresh, UNTRAINED adapter for plumbing "
-             f"checks with tiny models",
+        help=f"adapter folder or hub id (owner/name); starts a subject. '{RANDOM_ADAPTER}': a fresh, UNTRAINED "
+             f"adapter for plumbing checks with tiny models",
     )
     subjects.add_argument("--word", action=SubjectOption, type=subject_word, default=argparse.SUPPRESS,
                           help="the prompt word the subject replaces (default: the adapter's trained word)")

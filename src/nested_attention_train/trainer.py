@@ -19,7 +19,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectCo
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from nested_attention import install
+from nested_attention import AdapterCard, install
 from nested_attention.errors import NestedAttentionError
 from nested_attention.paths import check_writable
 
@@ -254,7 +254,17 @@ def run_training(config: TrainConfig, accelerator: Accelerator) -> Path:
 
     final = output_dir / "adapter"
     if accelerator.is_main_process:
-        adapter.save_pretrained(final, save_image_encoder=save_image_encoder)
+        card = AdapterCard(base_model=config.pretrained_model, training={
+            "data": config.data,
+            "records": "streamed (WebDataset)" if streaming else len(dataset),
+            "skipped samples": state.skipped,
+            "optimizer steps": state.step,
+            "batch size": config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
+            "learning rate": config.learning_rate,
+            "resolution": config.resolution,
+            "seed": config.seed,
+        })
+        adapter.save_pretrained(final, save_image_encoder=save_image_encoder, card=card)
         logger.info("exported the adapter to %s (skipped samples: %d)", final, state.skipped)
     accelerator.wait_for_everyone()
     accelerator.end_training()

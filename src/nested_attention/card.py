@@ -1,0 +1,84 @@
+"""The model card (README.md) written next to a saved adapter: what it is, where it comes from, how to use it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .config import NestedAdapterConfig
+from .paths import looks_like_local_path
+
+CARD_NAME = "README.md"
+
+
+@dataclass
+class AdapterCard:
+    """What a model card says beyond the adapter config; every field is optional.
+
+    Attributes:
+        base_model: the pipeline the adapter was trained on (a hub id goes into the card's metadata too).
+        training: a short summary, e.g. {"data": "faces/", "records": 40000, "steps": 1200, "batch size": 32}.
+        metrics: measured results, e.g. {"identity (ArcFace cosine), lambda 1": 0.41}.
+    """
+
+    base_model: str | None = None
+    training: dict[str, object] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _is_hub_id(name: str | None) -> bool:
+    return bool(name) and name.count("/") == 1 and not looks_like_local_path(name) and not Path(name).exists()
+
+
+def _table(rows: dict) -> str:
+    return "| | |\n| --- | --- |\n" + "\n".join(f"| {key} | {value} |" for key, value in rows.items())
+
+
+def render_card(config: NestedAdapterConfig, card: AdapterCard | None = None) -> str:
+    """The README.md text: metadata (library, base model, tags), the adapter, its training, metrics and usage."""
+    card = card or AdapterCard()
+    metadata = ModelCardData(
+        library_name="nested-attention", pipeline_tag="text-to-image",
+        base_model=card.base_model if _is_hub_id(card.base_model) else None,
+        tags=["nested-attention", "subject-personalization", "diffusers"],
+    )
+    base = card.base_model or "the base pipeline the adapter was trained for"
+    sections = [
+        f"# Nested Attention adapter for '{config.word}'",
+        "An encoder-based subject personalization adapter for diffusers (Nested Attention, Patashnik et al., "
+        "arXiv 2501.01407): given images of a subject, every cross-attention layer gives the prompt word "
+        f"'{config.word}' a per-pixel value computed from the subject's images.",
+        _table({
+            "base model": base,
+            "subject word": config.word,
+            "image encoder": config.image_encoder or "(not named: pass image_encoder= when loading)",
+            "nested layers": len(config.layers),
+            "subject tokens per image": config.num_queries,
+            "alpha (value norm regularization)": config.alpha,
+        }),
+    ]
+    if card.training:
+        sections += ["## Training", _table(card.training)]
+    sections += ["## Metrics", _table(card.metrics) if card.metrics else "Not measured for this adapter."]
+    sections += ["## Usage", "\n".join([
+        "```python",
+        "from diffusers import DiffusionPipeline",
+        "from nested_attention import NestedAttention, Subject",
+        "",
+        f'pipe = DiffusionPipeline.from_pretrained("{card.base_model or "BASE_MODEL"}")',
+        "na = NestedAttention(pipe)",
+        'na.load_adapter("THIS_FOLDER_OR_HUB_ID")',
+        f'image = na("a photo of a {config.word} at the beach", subjects={{"{config.word}": Subject("subject.jpg")}})'
+        ".images[0]",
+        "```",
+    ])]
+    return f"---\n{metadata.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
+
+
+def write_card(directory: str | Path, config: NestedAdapterConfig, card: AdapterCard | None = None) -> Path:
+    """Write `directory/README.md` with huggingface_hub's ModelCard (what the hub shows for the repository)."""
+    path = Path(directory) / CARD_NAME
+    ModelCard(render_card(config, card)).save(path)
+    return path

@@ -1,0 +1,41 @@
+"""The model card written next to every saved adapter, read back with huggingface_hub's own parser."""
+
+from huggingface_hub import ModelCard
+
+from conftest import make_adapter
+from nested_attention import AdapterCard, NestedAdapter
+from nested_attention.card import CARD_NAME
+
+
+def test_save_pretrained_writes_a_card_the_hub_reads(sd_pipe, tmp_path):
+    adapter = make_adapter(sd_pipe.unet, word="pet")
+    card = AdapterCard(base_model="someone/base-model", training={"records": 40000, "optimizer steps": 1200},
+                       metrics={"identity (cosine), lambda 1": 0.41})
+    adapter.save_pretrained(tmp_path, save_image_encoder=True, card=card)
+    parsed = ModelCard.load(tmp_path / CARD_NAME)
+    assert parsed.data.library_name == "nested-attention" and parsed.data.base_model == "someone/base-model"
+    assert "nested-attention" in parsed.data.tags
+    for expected in ("'pet'", "| records | 40000 |", "| optimizer steps | 1200 |", "| identity (cosine), lambda 1 | 0.41 |",
+                     'DiffusionPipeline.from_pretrained("someone/base-model")', 'subjects={"pet": Subject('):
+        assert expected in parsed.text
+    assert NestedAdapter.from_pretrained(tmp_path).config == adapter.config  # the card is no obstacle to loading
+
+
+def test_a_card_without_details_and_a_local_base_model(sd_pipe, tmp_path):
+    adapter = make_adapter(sd_pipe.unet)
+    adapter.save_pretrained(tmp_path / "plain")
+    plain = ModelCard.load(tmp_path / "plain" / CARD_NAME)
+    assert plain.data.base_model is None and "Not measured" in plain.text and "## Training" not in plain.text
+    adapter.save_pretrained(tmp_path / "local", card=AdapterCard(base_model=str(tmp_path / "my-base")))
+    local = ModelCard.load(tmp_path / "local" / CARD_NAME)
+    assert local.data.base_model is None and str(tmp_path / "my-base") in local.text  # a path is no hub metadata
+
+
+def test_the_trainer_s_export_carries_its_training_summary(tmp_path):
+    from test_train import make_triplets, run
+
+    triplets = make_triplets(tmp_path / "data")
+    assert run(f"data={triplets}", f"output_dir={tmp_path / 'out'}", "max_steps=1") == 0
+    text = ModelCard.load(tmp_path / "out" / "adapter" / CARD_NAME).text
+    for expected in ("| base model | tiny-sd |", "| records | 4 |", "| optimizer steps | 1 |", f"| data | {triplets} |"):
+        assert expected in text
