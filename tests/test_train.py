@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -176,7 +177,10 @@ def test_two_processes_agree_and_export_one_adapter(triplets, tmp_path, source):
         _, stderr = process.communicate(timeout=180)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        _, stderr = process.communicate()
+        for worker in psutil.process_iter(["cmdline"]):  # torchrun's workers can sit outside the launcher's session
+            if f"output_dir={tmp_path}" in (worker.info["cmdline"] or []):
+                worker.kill()
+        _, stderr = process.communicate(timeout=60)
         pytest.fail(f"2-process training hung; its last output:\n{stderr[-4000:]}")
     assert process.returncode == 0, stderr[-3000:]
     assert "adapter weights agree across 2 process(es)" in stderr
