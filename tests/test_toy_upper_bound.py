@@ -23,6 +23,22 @@ def test_upper_bound_tunes_a_copy_and_scores_it():
         assert set(result[f"{kind}_attributes"]) == set(attribute_names("person"))
 
 
+def test_token_bound_learns_only_tokens_and_restores_the_pipeline():
+    """The nested-attention bound (free nested keys and values on a frozen UNet) at a tiny size: the UNet's weights,
+    their trainability and its attention processors are as before, and the scores are there."""
+    pipe = StableDiffusionPipeline.from_pretrained(model_path("toy"), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    processors = dict(pipe.unet.attn_processors)
+    config = UpperBound(tune="tokens", identities=3, subjects=1, renders=8, steps=3, batch_size=4, generations=2,
+                        sample_steps=2, tokens=4)
+    (result,) = upper_bound(pipe, config, log=lambda line: None)
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+    assert all(p.requires_grad for p in pipe.unet.parameters())
+    assert all(type(p) is type(processors[name]) for name, p in pipe.unet.attn_processors.items())
+    assert result["tuned_top1"] in (0.0, 0.5, 1.0) and result["loss_first"] > 0
+
+
 def test_bad_input_gets_one_sentence_and_exit_2(tmp_path, capsys):
     from nested_attention_eval.toy_upper_bound import main
 

@@ -1,14 +1,17 @@
-"""How much identity a toy base model can draw at all: the upper bound of any method that leaves its UNet frozen.
+"""How much identity a toy base model can draw at all: the upper bounds of frozen-UNet methods and of nested attention.
 
 Nested attention (like IP-Adapter or textual inversion) only conditions a frozen denoiser, so it cannot make the
-denoiser draw a subject better than the denoiser can when trained on that very subject. This fine-tunes the whole
-UNet on renders of one held-out identity (DreamBooth without a rare token: the generic captions every generation
-uses, so the subject word comes to mean that identity), then generates it in fresh contexts and asks the identity
+denoiser draw a subject better than the denoiser can when trained on that very subject. ``--tune unet`` fine-tunes the
+whole UNet on renders of one held-out identity (DreamBooth without a rare token: the generic captions every
+generation uses, so the subject word comes to mean that identity). ``--tune tokens`` keeps the UNet frozen and
+learns, for that one identity, the nested keys and values of every cross-attention layer directly (``--tokens`` of
+them, with the adapter's norm regularization ``--alpha``): nested attention with a perfect encoder, the bound of any
+adapter that feeds this mechanism. Either way it then generates the subject in fresh contexts and asks the identity
 network to retrieve it among the held-out gallery, exactly as ``toy eval`` scores ``id_top1``.
 
-``python -m nested_attention_eval.toy_upper_bound [--domain pet] [--steps 400] [--subjects 3]`` prints, per tuned
-subject, top-1 among ``--identities`` held-out input views (chance 1/20) for the base and the tuned UNet, and which
-attributes the tuned UNet's generations carry (how often the identity network reads the subject's true value). The
+``nested-attention toy diagnose bound [--tune tokens] [--domain pet] [--steps 400] [--subjects 3]`` prints, per tuned
+subject, top-1 among ``--identities`` held-out input views (chance 1/20) for the base and the tuned model, and which
+attributes the tuned model's generations carry (how often the identity network reads the subject's true value). The
 identity networks are the build's own (``metrics/`` beside its pipeline), or the shipped ones.
 """
 
@@ -21,10 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from nested_attention import BoundSubject, install
 from nested_attention.errors import NestedAttentionError, exits_on_error
 from nested_attention_toy.assets import shipped_path
 from nested_attention_toy.autoencoder import encode_latents
-from nested_attention_toy.diffusion import train_unet
+from nested_attention_toy.diffusion import train_unet, training_scheduler
+from nested_attention_toy.grounding import word_positions
 from nested_attention_toy.metric_models import retrieval_hits
 from nested_attention_toy.render import render_input, render_target
 from nested_attention_toy.text_image import tokenize
@@ -38,6 +43,7 @@ NAME = "bound"  # nested-attention toy diagnose NAME
 @dataclass
 class UpperBound:
     domain: str = "person"
+    tune: str = "unet"  # unet: the whole UNet; tokens: the nested keys and values of a frozen UNet
     identities: int = 20  # the retrieval gallery (held-out input views)
     subjects: int = 3  # how many of them get a UNet tuned on them
     renders: int = 256  # training renders of a subject, random contexts
@@ -48,23 +54,78 @@ class UpperBound:
     sample_steps: int = 20
     guidance: float = 5.0
     seed: int = 0
+    tokens: int = 16  # tune tokens: nested tokens per layer (the toy adapters' num_queries)
+    alpha: float | None = 2.0  # tune tokens: the norm regularization (the toy adapters' alpha)
+    token_lr: float = 1e-2  # tune tokens: Adam's learning rate
 
 
-def _generate(pipe, unet, prompts: list[str], seeds: list[int], config: UpperBound):
+def _generate(pipe, unet, prompts: list[str], seeds: list[int], config: UpperBound, tokens=None, controller=None):
     pipe.unet = unet.eval()
-    return pipe(prompts, num_inference_steps=config.sample_steps, guidance_scale=config.guidance,
-                generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    if tokens is None:
+        return pipe(prompts, num_inference_steps=config.sample_steps, guidance_scale=config.guidance,
+                    generator=generators).images
+    positions = word_positions(pipe.tokenizer, prompts, [config.domain] * len(prompts))
+    mask = torch.zeros(len(prompts), pipe.tokenizer.model_max_length, dtype=torch.bool)
+    mask[torch.arange(len(prompts)), positions] = True
+    nested = {path: (key.detach(), value.detach()) for path, (key, value) in tokens.items()}
+    subject = BoundSubject(mask, torch.zeros(len(prompts), dtype=torch.long), nested, alpha=config.alpha)
+    with controller.bound([subject]):
+        return pipe(prompts, num_inference_steps=config.sample_steps, guidance_scale=config.guidance,
+                    generator=generators).images
+
+
+def tune_tokens(unet, controller, means, stds, scaling_factor: float, states: torch.Tensor, positions: torch.Tensor,
+                config: UpperBound, seed: int) -> tuple[dict, list[float]]:
+    """Nested keys and values for one subject learned with the diffusion loss through the frozen ``unet`` (min-SNR-5
+    weighting, as the toy UNet trained). Values start at the subject word's own value in the first caption (the
+    base model's output), keys at small random vectors. Returns layer path -> (K̆, V̆), each (1, H, M, d), and the
+    loss every 50 steps."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = {}
+    for path, layer in controller.layers.items():
+        attention = unet.get_submodule(path)
+        with torch.no_grad():
+            own = attention.to_v(states[:1, positions[0]]).view(1, layer.heads, 1, layer.head_dim)
+        key = torch.randn((1, layer.heads, config.tokens, layer.head_dim), generator=generator) * 0.1
+        value = own.expand(-1, -1, config.tokens, -1) + 0.01 * torch.randn(key.shape, generator=generator)
+        tokens[path] = (torch.nn.Parameter(key), torch.nn.Parameter(value.contiguous()))
+    optimizer = torch.optim.Adam([p for pair in tokens.values() for p in pair], lr=config.token_lr)
+    scheduler = training_scheduler()
+    alphas = scheduler.alphas_cumprod
+    losses = []
+    for _ in range(config.steps):
+        index = torch.randint(len(means), (config.batch_size,), generator=generator)
+        latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scaling_factor
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+        mask = torch.zeros(config.batch_size, states.shape[1], dtype=torch.bool)
+        mask[torch.arange(config.batch_size), positions[index]] = True
+        subject = BoundSubject(mask, torch.zeros(config.batch_size, dtype=torch.long), dict(tokens), alpha=config.alpha)
+        with controller.bound([subject]):
+            pred = unet(scheduler.add_noise(latents, noise, t), t, states[index]).sample
+        snr = alphas[t] / (1 - alphas[t])
+        loss = (snr.clamp(max=5.0) / snr * (pred - noise).pow(2).flatten(1).mean(1)).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return tokens, [float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)]
 
 
 def upper_bound(pipe, config: UpperBound, log=print, metrics=None) -> list[dict]:
     """Per tuned subject: ``base_top1``, ``tuned_top1`` and ``tuned_attributes`` (name -> rate). ``pipe`` is a toy
-    `StableDiffusionPipeline` (fp32); its UNet is restored afterwards. ``metrics``: the build's metric-model folder
-    (default: the shipped build's)."""
+    `StableDiffusionPipeline` (fp32); its UNet (and, for ``tune="tokens"``, its attention processors) is restored
+    afterwards. ``metrics``: the build's metric-model folder (default: the shipped build's)."""
+    if config.tune not in ("unet", "tokens"):
+        raise NestedAttentionError(f"The bound tunes 'unet' or 'tokens'; got {config.tune!r}.")
     rng = np.random.default_rng(config.seed)
     identities = sample_identities(config.domain, config.identities, rng, held_out=True)
     embedder = ToyIdentityEmbedder(config.domain, metrics)
     gallery = embedder.embed([render_input(identity, 64, int(rng.integers(2**31))) for identity in identities])
     base = pipe.unet
+    trainable = [p.requires_grad for p in base.parameters()]
+    controller = install(base.requires_grad_(False)) if config.tune == "tokens" else None
     with torch.no_grad():
         null = pipe.text_encoder(tokenize(pipe.tokenizer, [""])).last_hidden_state[0]
     results = []
@@ -76,14 +137,22 @@ def upper_bound(pipe, config: UpperBound, log=print, metrics=None) -> list[dict]
             with torch.no_grad():
                 means, stds = encode_latents(pipe.vae, to_uint8(images, 64))
                 states = pipe.text_encoder(tokenize(pipe.tokenizer, captions)).last_hidden_state
-            tuned, losses = train_unet(copy.deepcopy(base), means, stds, pipe.vae.config.scaling_factor, states, null,
-                                       config.steps, batch_size=config.batch_size, lr=config.lr, ema_decay=0.9, seed=who)
+            if controller is None:
+                tuned, losses = train_unet(copy.deepcopy(base), means, stds, pipe.vae.config.scaling_factor, states,
+                                           null, config.steps, batch_size=config.batch_size, lr=config.lr,
+                                           ema_decay=0.9, seed=who)
+                subject = None
+            else:  # the UNet stays frozen; only the tokens learn
+                positions = word_positions(pipe.tokenizer, captions, [config.domain] * len(captions))
+                subject, losses = tune_tokens(base, controller, means, stds, pipe.vae.config.scaling_factor, states,
+                                              positions, config, seed=who)
+                tuned = base
             fresh = [sample_context(rng, config.domain) for _ in range(config.generations)]
             prompts = [generic_caption(config.domain, c, rng) for c in fresh]
             seeds = [int(s) for s in rng.integers(2**31, size=len(prompts))]
             result = {"subject": who, "loss_first": losses[0], "loss_last": losses[-1]}
-            for kind, unet in (("base", base), ("tuned", tuned)):
-                made = _generate(pipe, unet, prompts, seeds, config)
+            for kind, unet, bound in (("base", base, None), ("tuned", tuned, subject)):
+                made = _generate(pipe, unet, prompts, seeds, config, bound, controller)
                 hits, _ = retrieval_hits(embedder.embed(made), gallery, torch.full((len(made),), who))
                 result[f"{kind}_top1"] = float(hits.float().mean())
                 read = embedder.attributes(made)
@@ -95,6 +164,10 @@ def upper_bound(pipe, config: UpperBound, log=print, metrics=None) -> list[dict]
             results.append(result)
     finally:
         pipe.unet = base
+        if controller is not None:
+            controller.uninstall()
+        for parameter, flag in zip(base.parameters(), trainable):
+            parameter.requires_grad_(flag)
     return results
 
 
@@ -102,6 +175,9 @@ def upper_bound(pipe, config: UpperBound, log=print, metrics=None) -> list[dict]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"nested-attention toy diagnose {NAME}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--domain", choices=DOMAINS, default="person")
+    parser.add_argument("--tune", choices=("unet", "tokens"), default="unet",
+                        help="unet: fine-tune the whole UNet (the frozen-UNet bound); tokens: learn the nested keys and "
+                             "values of a frozen UNet (nested attention with a perfect encoder)")
     parser.add_argument("--steps", type=int, default=UpperBound.steps)
     parser.add_argument("--subjects", type=int, default=UpperBound.subjects)
     parser.add_argument("--seed", type=int, default=0)
@@ -113,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         raise NestedAttentionError(f"--subjects is {args.subjects}; expected 1 to {UpperBound.identities} (the "
                                    f"subjects are drawn from the {UpperBound.identities} held-out identities scored).")
     pipe, metrics = load_build_pipeline(args.model)
-    results = upper_bound(pipe, UpperBound(domain=args.domain, steps=args.steps, subjects=args.subjects, seed=args.seed),
-                          metrics=metrics)
+    config = UpperBound(domain=args.domain, tune=args.tune, steps=args.steps, subjects=args.subjects, seed=args.seed)
+    results = upper_bound(pipe, config, metrics=metrics)
     print(f"mean top-1: base {np.mean([r['base_top1'] for r in results]):.3f}, "
           f"tuned {np.mean([r['tuned_top1'] for r in results]):.3f}")
     return 0

@@ -16,6 +16,8 @@ from diffusers.optimization import SchedulerType
 
 from nested_attention.errors import NestedAttentionError
 
+from .timesteps import BIAS_STRATEGIES
+
 LR_SCHEDULERS = [kind.value for kind in SchedulerType]
 SHELL_URL = re.compile(r"(^|::)\s*pipe:")  # webdataset runs what follows `pipe:` in a shell
 
@@ -61,6 +63,12 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
+    snr_gamma: float | None = None  # min-SNR-gamma loss weighting (e.g. 5.0); null: plain MSE (timesteps.py)
+    timestep_bias_strategy: str = "none"  # none | later | earlier | range: sample some noise levels more often
+    timestep_bias_multiplier: float = 1.0  # how much more often
+    timestep_bias_portion: float = 0.25  # later / earlier: the share of the schedule biased
+    timestep_bias_begin: int = 0  # range: the biased timesteps begin <= t < end
+    timestep_bias_end: int = 1000
     lr_scheduler: str = "constant_with_warmup"  # any name of diffusers.optimization.get_scheduler
     lr_warmup_steps: int = 0
     num_epochs: int = 100
@@ -132,6 +140,9 @@ class TrainConfig:
             problems.append(f"`max_grad_norm` is {self.max_grad_norm}; expected a finite number above 0")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
             problems.append(f"`alpha` is {self.alpha}; expected a positive finite number or null")
+        if self.snr_gamma is not None and not (math.isfinite(self.snr_gamma) and self.snr_gamma > 0):
+            problems.append(f"`snr_gamma` is {self.snr_gamma}; expected a positive finite number (5.0 is usual) or null")
+        problems += self._timestep_bias_problems()
         if self.lr_scheduler not in LR_SCHEDULERS:
             close = difflib.get_close_matches(self.lr_scheduler, LR_SCHEDULERS, n=1)
             hint = f"did you mean {close[0]}? " if close else ""
@@ -141,6 +152,21 @@ class TrainConfig:
                 problems.append(f"`{name}` is {getattr(self, name)}; expected at least 0")
         if self.validation_steps < 1:
             problems.append(f"`validation_steps` is {self.validation_steps}; expected at least 1")
+        return problems
+
+    def _timestep_bias_problems(self) -> list[str]:
+        problems = []
+        if self.timestep_bias_strategy not in BIAS_STRATEGIES:
+            problems.append(f"`timestep_bias_strategy` is {self.timestep_bias_strategy!r}; expected one of "
+                            f"{', '.join(BIAS_STRATEGIES)}")
+        if not (math.isfinite(self.timestep_bias_multiplier) and self.timestep_bias_multiplier > 0):
+            problems.append(f"`timestep_bias_multiplier` is {self.timestep_bias_multiplier}; expected a positive "
+                            f"finite number (above 1 samples the biased timesteps more often)")
+        if not 0 < self.timestep_bias_portion <= 1:
+            problems.append(f"`timestep_bias_portion` is {self.timestep_bias_portion}; expected a share in (0, 1]")
+        if not 0 <= self.timestep_bias_begin < self.timestep_bias_end:
+            problems.append(f"`timestep_bias_begin` {self.timestep_bias_begin} and `timestep_bias_end` "
+                            f"{self.timestep_bias_end}; expected 0 <= begin < end")
         return problems
 
     @property

@@ -9,6 +9,7 @@ from torch import nn
 from nested_attention import BoundSubject, NestedAdapter, NestedAttentionController
 
 from .models import BaseModel
+from .timesteps import sample_timesteps, snr_loss_weights
 
 
 class NestedTrainingModule(nn.Module):
@@ -18,11 +19,14 @@ class NestedTrainingModule(nn.Module):
     model is frozen and kept beside it (not registered), so DDP never touches its parameters.
     """
 
-    def __init__(self, adapter: NestedAdapter, base: BaseModel, controller: NestedAttentionController):
+    def __init__(self, adapter: NestedAdapter, base: BaseModel, controller: NestedAttentionController,
+                 timestep_weights: torch.Tensor | None = None, snr_gamma: float | None = None):
         super().__init__()
         self.adapter = adapter
         self.base = _Frozen(base)
         self.controller = controller
+        self.timestep_weights = timestep_weights  # None: uniform (timesteps.py)
+        self.snr_gamma = snr_gamma  # None: plain MSE
 
     @torch.no_grad()
     def encode_prompts(self, input_ids: list[torch.Tensor], batch: dict):
@@ -67,7 +71,8 @@ class NestedTrainingModule(nn.Module):
         latents = self.encode_latents(batch["target_pixels"])
         context, added = self.encode_prompts(batch["input_ids"], batch)
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        timesteps = sample_timesteps(self.timestep_weights, scheduler.config.num_train_timesteps, latents.shape[0],
+                                     latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         if scheduler.config.prediction_type == "epsilon":
             target = noise
@@ -89,7 +94,11 @@ class NestedTrainingModule(nn.Module):
         prediction = unet(
             noisy.to(unet.dtype), timesteps, encoder_hidden_states=context.to(unet.dtype), added_cond_kwargs=added
         ).sample
-        loss = F.mse_loss(prediction.float(), target.float())
+        if self.snr_gamma is None:
+            loss = F.mse_loss(prediction.float(), target.float())
+        else:
+            per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+            loss = (snr_loss_weights(scheduler, timesteps, self.snr_gamma) * per_sample).mean()
         if not bool(token_mask.any()):
             # no row is bound (all dropped): keep every adapter weight in the graph so DDP's reduction completes
             loss = loss + 0.0 * sum(key.sum() + value.sum() for key, value in nested.values())

@@ -29,6 +29,7 @@ from .config import TrainConfig, load_config, save_config
 from .models import BaseModel, load_adapter, load_base_model, named_image_encoder
 from .preflight import check_records
 from .step import NestedTrainingModule
+from .timesteps import timestep_weights
 from .validation import save_grid, validation_grid
 
 logger = logging.getLogger("nested_attention_train")
@@ -158,7 +159,11 @@ def run_training(config: TrainConfig, accelerator: Accelerator) -> Path:
     if config.gradient_checkpointing:
         base.pipe.unet.enable_gradient_checkpointing()
     controller = install(base.pipe.unet)
-    module = NestedTrainingModule(adapter, base, controller)
+    weights = timestep_weights(
+        config.timestep_bias_strategy, base.noise_scheduler.config.num_train_timesteps, config.timestep_bias_multiplier,
+        config.timestep_bias_portion, config.timestep_bias_begin, config.timestep_bias_end,
+    )
+    module = NestedTrainingModule(adapter, base, controller, weights, config.snr_gamma)
     optimizer = torch.optim.AdamW(
         adapter.trainable_parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.weight_decay, eps=config.adam_epsilon,
