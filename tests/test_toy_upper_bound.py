@@ -44,6 +44,8 @@ def test_bad_input_gets_one_sentence_and_exit_2(tmp_path, capsys):
 
     assert main(["--steps", "0"]) == 2
     assert "--steps is 0" in capsys.readouterr().err
+    assert main(["--tokens", "0"]) == 2
+    assert "--tokens is 0" in capsys.readouterr().err
     assert main(["--subjects", "21"]) == 2
     assert "--subjects is 21" in capsys.readouterr().err
     assert main(["--model", str(tmp_path)]) == 2

@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", choices=("unet", "tokens"), default="unet",
                         help="unet: fine-tune the whole UNet (the frozen-UNet bound); tokens: learn the nested keys and "
                              "values of a frozen UNet (nested attention with a perfect encoder)")
+    parser.add_argument("--tokens", type=int, default=UpperBound.tokens,
+                        help="--tune tokens: nested tokens per layer (1: one learned value per layer, no per-pixel choice)")
     parser.add_argument("--steps", type=int, default=UpperBound.steps)
     parser.add_argument("--subjects", type=int, default=UpperBound.subjects)
     parser.add_argument("--seed", type=int, default=0)
@@ -185,11 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1:
         raise NestedAttentionError(f"--steps is {args.steps}; expected at least 1 training step.")
+    if args.tokens < 1:
+        raise NestedAttentionError(f"--tokens is {args.tokens}; expected at least 1 nested token per layer.")
     if not 1 <= args.subjects <= UpperBound.identities:
         raise NestedAttentionError(f"--subjects is {args.subjects}; expected 1 to {UpperBound.identities} (the "
                                    f"subjects are drawn from the {UpperBound.identities} held-out identities scored).")
     pipe, metrics = load_build_pipeline(args.model)
-    config = UpperBound(domain=args.domain, tune=args.tune, steps=args.steps, subjects=args.subjects, seed=args.seed)
+    config = UpperBound(domain=args.domain, tune=args.tune, steps=args.steps, subjects=args.subjects, seed=args.seed,
+                        tokens=args.tokens)
     results = upper_bound(pipe, config, metrics=metrics)
     print(f"mean top-1: base {np.mean([r['base_top1'] for r in results]):.3f}, "
           f"tuned {np.mean([r['tuned_top1'] for r in results]):.3f}")
