@@ -48,3 +48,20 @@ def na(pipe):
     handle = NestedAttention(pipe)
     yield handle
     handle.uninstall()
+
+
+def latents(call, prompt, steps=2, **kwargs):
+    """Two denoising steps at 32 x 32, seed 0, as latents: the cheap generation the equivalence tests compare."""
+    return call(prompt, num_inference_steps=steps, height=32, width=32, output_type="latent",
+                generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+def assert_same(a, b):
+    """Equal up to float reassociation (the same arithmetic in another order or processor class)."""
+    torch.testing.assert_close(a, b, atol=2e-5 * b.abs().max().item(), rtol=0)
+
+
+def differs(a, b):
+    """Far above reassociation: the two generations really differ."""
+    return (a - b).abs().max() > 2e-3
+

@@ -5,7 +5,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.embeddings import ImageProjection
 
-from conftest import make_adapter, subject_image
+from conftest import assert_same, differs, latents, make_adapter, subject_image
 from nested_attention import NestedAttention, Subject
 from nested_attention.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 
@@ -52,17 +52,7 @@ def fresh_pipe(request, tmp_path):
 
 
 def run(call, prompt, **kwargs):
-    return call(prompt, num_inference_steps=STEPS, height=32, width=32, output_type="latent",
-                generator=torch.Generator().manual_seed(0), **kwargs).images
-
-
-def assert_same(a, b):
-    """Equal up to float reassociation (the same arithmetic in another processor class)."""
-    torch.testing.assert_close(a, b, atol=2e-5 * b.abs().max().item(), rtol=0)
-
-
-def differs(a, b):
-    return (a - b).abs().max() > 2e-3
+    return latents(call, prompt, STEPS, **kwargs)
 
 
 @pytest.mark.parametrize("order", ["ip_adapter_first", "nested_first"])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_adapter, subject_image
+from conftest import latents, make_adapter, subject_image
 from nested_attention import NestedAttentionError, Subject
 
 STEPS = 2
@@ -11,8 +11,7 @@ PROMPT = "a photo of a person at the beach"
 
 
 def run(call, prompt=None, **kwargs):
-    return call(prompt, num_inference_steps=STEPS, height=32, width=32, output_type="latent",
-                generator=torch.Generator().manual_seed(0), **kwargs).images
+    return latents(call, prompt, STEPS, **kwargs)
 
 
 def embeddings(pipe, prompt):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_adapter, subject_image
+from conftest import assert_same, differs, latents, make_adapter, subject_image
 from nested_attention import NestedAttentionError, Subject
 from nested_attention.processor import NestedAttnProcessor
 
@@ -12,17 +12,7 @@ PROMPT = "a photo of a person at the beach"
 
 
 def run(call, prompt=PROMPT, **kwargs):
-    return call(prompt, num_inference_steps=STEPS, height=32, width=32, output_type="latent",
-                generator=torch.Generator().manual_seed(0), **kwargs).images
-
-
-def assert_same(a, b):
-    """Equal up to float reassociation (one more subject in the same attention call, at strength 0)."""
-    torch.testing.assert_close(a, b, atol=2e-5 * b.abs().max().item(), rtol=0)
-
-
-def differs(a, b):
-    return (a - b).abs().max() > 2e-3
+    return latents(call, prompt, STEPS, **kwargs)
 
 
 def test_strength_zero_is_the_base_model_and_one_the_adapter(pipe, na):

@@ -34,6 +34,7 @@ from nested_attention_toy.metric_models import retrieval_hits
 from nested_attention_toy.render import render_input, render_target
 from nested_attention_toy.text_image import tokenize
 from nested_attention_toy.world import DOMAINS, attribute_names, generic_caption, sample_context, sample_identities
+from nested_attention_train.timesteps import snr_loss_weights
 
 from .toy_scorers import ToyIdentityEmbedder, load_build_pipeline, to_uint8
 
@@ -92,7 +93,6 @@ def tune_tokens(unet, controller, means, stds, scaling_factor: float, states: to
         tokens[path] = (torch.nn.Parameter(key), torch.nn.Parameter(value.contiguous()))
     optimizer = torch.optim.Adam([p for pair in tokens.values() for p in pair], lr=config.token_lr)
     scheduler = training_scheduler()
-    alphas = scheduler.alphas_cumprod
     losses = []
     for _ in range(config.steps):
         index = torch.randint(len(means), (config.batch_size,), generator=generator)
@@ -104,8 +104,7 @@ def tune_tokens(unet, controller, means, stds, scaling_factor: float, states: to
         subject = BoundSubject(mask, torch.zeros(config.batch_size, dtype=torch.long), dict(tokens), alpha=config.alpha)
         with controller.bound([subject]):
             pred = unet(scheduler.add_noise(latents, noise, t), t, states[index]).sample
-        snr = alphas[t] / (1 - alphas[t])
-        loss = (snr.clamp(max=5.0) / snr * (pred - noise).pow(2).flatten(1).mean(1)).mean()
+        loss = (snr_loss_weights(scheduler, t, 5.0) * (pred - noise).pow(2).flatten(1).mean(1)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
