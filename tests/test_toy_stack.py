@@ -274,6 +274,45 @@ def test_triplets_are_read_by_the_trainer_and_use_train_identities_only(tmp_path
     assert run_cli("toy", "data", "--out", str(tmp_path / "c"), "--domain", "person", "--count", "3") == 2  # not empty
 
 
+@pytest.mark.parametrize("domain", ["person", "pet"])
+def test_scene_triplets_pair_the_subject_with_a_train_identity_and_leave_the_other_rows_alone(tmp_path, monkeypatch,
+                                                                                          capsys, domain):
+    """With ``scenes``, some targets are person + pet scenes naming both words (the row's word still the domain's):
+    render_scene draws the row's subject, its recorded partner and context; every other row is byte for byte the row
+    of the same seed without scenes."""
+    from nested_attention_toy import triplets
+    from nested_attention_toy.world import identity_from_index
+
+    plain = triplets.write_triplets(tmp_path / "plain", domain, 16, seed=2, workers=1)
+    drawn = []
+    real = triplets.render_scene
+
+    def recording(person, pet, context, size, seed, pet_expression):
+        drawn.append((person.index, pet.index, context.values, pet_expression))
+        return real(person, pet, context, size=size, seed=seed, pet_expression=pet_expression)
+
+    monkeypatch.setattr(triplets, "render_scene", recording)
+    mixed = triplets.write_triplets(tmp_path / "mixed", domain, 16, seed=2, scenes=0.5, workers=1)
+    plain_lines = [json.loads(line) for line in plain.read_text().splitlines()]
+    mixed_lines = [json.loads(line) for line in mixed.read_text().splitlines()]
+    scenes = [i for i, line in enumerate(mixed_lines) if "scene" in line]
+    assert 0 < len(scenes) < 16 and len(drawn) == len(scenes)
+    other = "pet" if domain == "person" else "person"
+    for i, (a, b) in enumerate(zip(plain_lines, mixed_lines)):
+        name = f"targets/{i:07d}.png"
+        same_target = (tmp_path / "mixed" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+        if i not in scenes:
+            assert b == a and same_target
+            continue
+        assert b["word"] == domain and b["identity"] == a["identity"] and b["context"] == a["context"]
+        assert b["prompt"].split().count("person") == 1 and b["prompt"].split().count("pet") == 1
+        assert not identity_from_index(other, b["scene"]["partner"]).held_out and not same_target
+        pair = (b["identity"], b["scene"]["partner"]) if domain == "person" else (b["scene"]["partner"], b["identity"])
+        assert drawn[scenes.index(i)] == (*pair, tuple(b["context"].values()), b["scene"]["pet_expression"])
+    assert run_cli("toy", "data", "--out", str(tmp_path / "c"), "--domain", domain, "--count", "3", "--scenes", "1.5") == 2
+    assert "expected a fraction" in capsys.readouterr().err
+
+
 def test_more_triplets_than_training_identities_reuse_them(tmp_path, monkeypatch, capsys):
     """Asking for more triplets than the training side has identities uses every identity, some more than once;
     asking for more distinct identities than exist is refused in one sentence."""
