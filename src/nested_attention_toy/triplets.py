@@ -20,7 +20,14 @@ from tqdm.auto import tqdm
 
 from .render import render_input, render_scene, render_target
 from .world import (
-    CONTEXT_FACTORS, DOMAINS, FACTOR_NAMES, identity_from_index, prompt, sample_context, sample_identities, scene_prompt,
+    CONTEXT_FACTORS,
+    DOMAINS,
+    FACTOR_NAMES,
+    identity_from_index,
+    prompt,
+    sample_context,
+    sample_identities,
+    scene_prompt,
     side_size,
 )
 
