@@ -185,15 +185,24 @@ def test_demo_cells_differ_only_by_what_their_labels_say():
 
 
 def test_shipped_adapters_load_by_name():
+    """On any machine: their config names the installed toy CLIP (a name, never a path of the machine that trained
+    them), and that is the vision tower they load."""
+    import torch
     from diffusers import StableDiffusionPipeline
+    from transformers import CLIPVisionModel
 
     from nested_attention import NestedAdapter, NestedAttention
+    from nested_attention.sources import IMAGE_ENCODER, resolve
     from nested_attention_cli.generate import adapter_source
     from nested_attention_toy.assets import model_path
 
     pipe = StableDiffusionPipeline.from_pretrained(model_path("toy"))
     na = NestedAttention(pipe)
+    clip = CLIPVisionModel.from_pretrained(resolve(IMAGE_ENCODER, "toy")).state_dict()
     for name, word in (("toy-person", "person"), ("toy-pet", "pet")):
         adapter = NestedAdapter.from_pretrained(adapter_source(name))
-        assert adapter.config.word == word and na.load_adapter(adapter, name=name) == name
+        assert adapter.config.word == word and adapter.config.image_encoder == "toy"
+        loaded = adapter.encoder.image_encoder.state_dict()
+        assert loaded.keys() == clip.keys() and all(torch.equal(loaded[k], clip[k]) for k in clip)
+        assert na.load_adapter(adapter, name=name) == name
     na.uninstall()

@@ -19,6 +19,7 @@ from .encoder import CLIPImageProcessor, SubjectEncoder, default_image_processor
 from .errors import NestedAttentionError
 from .layers import CrossAttentionLayer, cross_attention_layers
 from .paths import hub_or_local_folder, looks_like_local_path
+from .sources import IMAGE_ENCODER, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -277,11 +278,13 @@ class NestedAdapter(nn.Module):
 
 
 def load_image_encoder(name_or_path: str) -> tuple[CLIPVisionModel, CLIPImageProcessor]:
-    """A transformers CLIP vision model (any CLIP checkpoint) and its processor, from a folder or hub id."""
+    """A transformers CLIP vision model (any CLIP checkpoint) and its processor, from a folder, a hub id or the
+    name of an installed one (``toy``: the toy world's CLIP, `sources.py`)."""
     if not name_or_path:
         raise NestedAttentionError(
             "The adapter config names no image encoder; pass image_encoder= (or --image-encoder on the command line)."
         )
+    name_or_path = resolve(IMAGE_ENCODER, name_or_path)
     local = Path(name_or_path).expanduser()
     if looks_like_local_path(name_or_path) and not local.is_dir():
         raise NestedAttentionError(

@@ -11,7 +11,7 @@ from nested_attention import NestedAdapter
 from nested_attention.adapter import load_image_encoder
 from nested_attention.errors import NestedAttentionError
 from nested_attention.layers import cross_attention_layers
-from nested_attention.sources import IMAGE_ENCODER, find, load_pipeline, resolve
+from nested_attention.sources import IMAGE_ENCODER, find, load_pipeline
 from nested_attention.tiny import tiny_image_encoder
 
 from .config import TrainConfig
@@ -73,7 +73,7 @@ def load_adapter(config: TrainConfig, unet: torch.nn.Module) -> NestedAdapter:
         if tiny:
             image_encoder, processor = tiny_image_encoder(seed=config.seed)
         else:
-            image_encoder, processor = load_image_encoder(resolve(IMAGE_ENCODER, config.image_encoder))
+            image_encoder, processor = load_image_encoder(config.image_encoder)
         torch.manual_seed(config.seed)
         adapter = NestedAdapter.for_unet(
             unet, image_encoder, config.image_encoder, image_processor=processor, **config.adapter_kwargs
