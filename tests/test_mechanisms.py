@@ -162,6 +162,7 @@ def test_round_trip_is_exact(sd_pipe, tmp_path, kind):
     adapter = make_adapter(sd_pipe.unet, seed=3, mechanism=kind).eval()
     adapter.save_pretrained(tmp_path, save_image_encoder=True)
     assert json.loads((tmp_path / CONFIG_NAME).read_text())["mechanism"] == kind
+    assert f"| mechanism | {kind} |" in (tmp_path / "README.md").read_text()  # the model card names it
     loaded = NestedAdapter.from_pretrained(tmp_path)
     assert loaded.config == adapter.config and loaded.mechanism is adapter.mechanism
     ours, theirs = adapter.adapter_state_dict(), loaded.adapter_state_dict()
