@@ -106,3 +106,42 @@ def test_adapters_of_different_mechanisms_are_refused(sd_pipe, sd_na):
     sd_na.load_adapter(make_adapter(sd_pipe.unet, word="person"))
     with pytest.raises(NestedAttentionError, match="uses the nested mechanism and this one the decoupled"):
         sd_na.load_adapter(make_adapter(sd_pipe.unet, word="pet", mechanism="decoupled"))
+
+
+@pytest.mark.parametrize("kind", RIVALS)
+def test_layer_state_is_computed_once_per_generation(sd_pipe, sd_na, kind):
+    adapter = make_adapter(sd_pipe.unet, mechanism=kind)
+    sd_na.load_adapter(adapter)
+    calls = []
+    hooks = [p.to_v.register_forward_hook(lambda *a: calls.append(1)) for p in adapter.layers.values()]
+    try:
+        for steps in (2, 4):
+            calls.clear()
+            sd_na("a photo of a person", {"person": Subject(subject_image(0))}, num_inference_steps=steps,
+                  height=32, width=32, output_type="latent")
+            assert len(calls) == len(adapter.layers)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("kind", RIVALS)
+def test_attention_slicing_gives_the_unsliced_result(sd_pipe, kind):
+    """Slices of 3 (row, head) pairs split the 4 heads unevenly: every layer state is cut by head correctly."""
+    from diffusers.models.attention_processor import SlicedAttnProcessor
+
+    processors = dict(sd_pipe.unet.attn_processors)
+    na = NestedAttention(sd_pipe)
+    try:
+        na.load_adapter(make_adapter(sd_pipe.unet, mechanism=kind))
+        na.load_adapter(make_adapter(sd_pipe.unet, seed=1, word="pet", mechanism=kind))
+        prompts = ["a person and a pet", "a person in the snow", "a dog in the city"]
+        subjects = {"person": [Subject(subject_image(0)), Subject(subject_image(1)), None],
+                    "pet": [Subject(subject_image(4)), None, None]}
+        unsliced = generate(na, prompts, subjects)
+        sd_pipe.unet.set_attn_processor(SlicedAttnProcessor(3))
+        na.reinstall()
+        assert_same(generate(na, prompts, subjects), unsliced)
+    finally:
+        na.uninstall()
+        sd_pipe.unet.set_attn_processor(processors)
