@@ -187,6 +187,12 @@ def test_weights_hold_exactly_the_projections_the_mechanism_uses(sd_pipe, tmp_pa
         assert (f"layers.{path}.to_k.weight" in keys) == (kind in ("nested", "decoupled", "simple"))
 
 
+def test_nested_keys_of_a_keyless_mechanism_are_refused(sd_pipe):
+    adapter = make_adapter(sd_pipe.unet, mechanism="global_v")
+    with pytest.raises(NestedAttentionError, match="A global_v adapter has no nested keys; use layer_states"):
+        adapter.nested_keys_values(torch.randn(1, 8, 32), cross_attention_layers(sd_pipe.unet))
+
+
 def test_weights_of_another_mechanism_are_refused(sd_pipe, tmp_path):
     make_adapter(sd_pipe.unet, mechanism="decoupled").save_pretrained(tmp_path, save_image_encoder=True)
     data = json.loads((tmp_path / CONFIG_NAME).read_text())
