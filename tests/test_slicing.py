@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import SlicedAttnProcessor
 
-import nested_attention.processor as processor_module
+import nested_attention.mechanisms as mechanisms_module
 from conftest import make_adapter, subject_image
 from nested_attention import NestedAttention, NestedAttentionError, Subject
 
@@ -45,8 +45,8 @@ def test_sliced_attention_gives_the_unsliced_result_in_slices(pipe, slice_size, 
         assert_same(run(pipe, prompts), base)  # nothing bound: diffusers' sliced processor on every row
 
         pairs = []  # (rows, heads) of every nested attention call
-        original = processor_module.personalized_attention
-        monkeypatch.setattr(processor_module, "personalized_attention",
+        original = mechanisms_module.personalized_attention
+        monkeypatch.setattr(mechanisms_module, "personalized_attention",
                             lambda query, *a, **k: pairs.append(query.shape[:2]) or original(query, *a, **k))
         sliced = run(na, prompts, subjects=subjects)
         assert_same(sliced, unsliced)

@@ -18,8 +18,10 @@ from .config import CONFIG_NAME, NestedAdapterConfig
 from .encoder import CLIPImageProcessor, SubjectEncoder, default_image_processor
 from .errors import NestedAttentionError
 from .layers import CrossAttentionLayer, cross_attention_layers
+from .mechanisms import Mechanism, mechanism
 from .paths import hub_or_local_folder, looks_like_local_path
 from .sources import IMAGE_ENCODER, resolve
+from .state import BoundSubject
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +36,15 @@ def _module_key(path: str) -> str:
 
 
 class NestedProjection(nn.Module):
-    """K̆ = W_K̆ t and V̆ = W_V̆ t for one layer (paper 3.2): encoder tokens -> the layer's inner dimension."""
+    """K̆ = W_K̆ t and V̆ = W_V̆ t for one layer (paper 3.2): encoder tokens -> the layer's inner dimension.
 
-    def __init__(self, token_dim: int, inner_dim: int):
+    Mechanisms that take their keys from the text (global_v, multi_token) have no `to_k`.
+    """
+
+    def __init__(self, token_dim: int, inner_dim: int, with_key: bool = True):
         super().__init__()
-        self.to_k = nn.Linear(token_dim, inner_dim, bias=False)
+        if with_key:
+            self.to_k = nn.Linear(token_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(token_dim, inner_dim, bias=False)
 
 
@@ -65,9 +71,11 @@ class NestedAdapter(nn.Module):
         self.config = config
         self.image_processor = image_processor or default_image_processor(image_encoder)
         self.encoder = SubjectEncoder(config, image_encoder)
-        self.layers = nn.ModuleDict(
-            {_module_key(path): NestedProjection(config.qformer_hidden_size, size) for path, size in config.layers.items()}
-        )
+        self.mechanism: Mechanism = mechanism(config.mechanism)
+        self.layers = nn.ModuleDict({
+            _module_key(path): NestedProjection(config.qformer_hidden_size, size, self.mechanism.has_key)
+            for path, size in config.layers.items()
+        })
 
     @classmethod
     def for_unet(
@@ -100,7 +108,7 @@ class NestedAdapter(nn.Module):
     def nested_keys_values(
         self, tokens: torch.Tensor, layers: dict[str, CrossAttentionLayer]
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per-layer nested keys and values, split into heads. Done once per generation, not per step.
+        """Per-layer nested keys and values, split into heads (mechanisms with keys: nested, decoupled, simple).
 
         Args:
             tokens: (S, M, qformer_hidden_size) subject tokens (S subjects, M tokens each).
@@ -108,14 +116,46 @@ class NestedAdapter(nn.Module):
         Returns:
             layer path -> (K̆, V̆), each (S, H, M, head_dim), contiguous.
         """
-        S, M, _ = tokens.shape
-        result = {}
-        for path, layer in layers.items():
-            projection = self.projection(path)
-            key = projection.to_k(tokens).view(S, M, layer.heads, layer.head_dim).transpose(1, 2)
-            value = projection.to_v(tokens).view(S, M, layer.heads, layer.head_dim).transpose(1, 2)
-            result[path] = (key.contiguous(), value.contiguous())
-        return result
+        if not self.mechanism.has_key:
+            raise NestedAttentionError(
+                f"A {self.mechanism.name} adapter has no nested keys; use layer_states(tokens, layers, bias)."
+            )
+        return self.layer_states(tokens, layers)
+
+    def layer_states(
+        self, tokens: torch.Tensor, layers: dict[str, CrossAttentionLayer], bias: torch.Tensor | None = None
+    ) -> dict[str, tuple[torch.Tensor, ...]]:
+        """What every layer's mechanism needs of the subject tokens (for nested: `nested_keys_values`). Once per
+        generation, not per step.
+
+        Args:
+            tokens: (S, M, qformer_hidden_size) subject tokens (S subjects, M tokens each).
+            layers: the UNet's cross-attention layers (for head counts).
+            bias: (S, M) additive token bias (log image weights, -inf padding), or None; mechanisms that fold it
+                in here (global_v, multi_token) use it now, the others at every step (`subject_state`).
+        Returns:
+            layer path -> tensors, each (S, H, ...).
+        """
+        return {path: self.mechanism.layer_state(self.projection(path), tokens, bias, layer.heads, layer.head_dim)
+                for path, layer in layers.items()}
+
+    def subject_state(
+        self,
+        tokens: torch.Tensor,
+        layers: dict[str, CrossAttentionLayer],
+        token_mask: torch.Tensor,
+        slots: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        lam: torch.Tensor | None = None,
+        scale: dict[str, float] | None = None,
+    ) -> BoundSubject:
+        """The state a controller binds for this adapter: S subjects' tokens (S, M, width) on rows whose subject
+        word sits at `token_mask` (R, T), row r using subject `slots[r]`; bias (S, M), lam (R,), strength per layer."""
+        return BoundSubject(
+            token_mask=token_mask, slots=slots, nested=self.layer_states(tokens, layers, bias),
+            bias=bias if self.mechanism.per_step_bias else None, lam=lam, alpha=self.config.alpha, scale=scale,
+            mechanism=self.mechanism.name,
+        )
 
     def check_compatible(self, layers: dict[str, CrossAttentionLayer]) -> None:
         """Refuse, in one sentence, an adapter whose layer names or sizes differ from the UNet's."""

@@ -49,8 +49,11 @@ def render_card(config: NestedAdapterConfig, card: AdapterCard | None = None) ->
         f"# Nested Attention adapter for '{config.word}'",
         "An encoder-based subject personalization adapter for diffusers (Nested Attention, Patashnik et al., "
         "arXiv 2501.01407): given images of a subject, every cross-attention layer gives the prompt word "
-        f"'{config.word}' a per-pixel value computed from the subject's images.",
+        f"'{config.word}' a per-pixel value computed from the subject's images." if config.mechanism == "nested" else
+        f"A baseline of Nested Attention (arXiv 2501.01407, Fig. 10): the same subject encoder, injected into the "
+        f"cross-attention layers with the '{config.mechanism}' mechanism instead of nested attention.",
         _table({
+            **({} if config.mechanism == "nested" else {"mechanism": config.mechanism}),
             "base model": base,
             "subject word": config.word,
             "image encoder": config.image_encoder or "(not named: pass image_encoder= when loading)",

@@ -12,6 +12,7 @@ from .errors import NestedAttentionError
 
 CONFIG_NAME = "nested_adapter_config.json"
 FORMAT_VERSION = 1
+MECHANISMS = ("nested", "decoupled", "simple", "global_v", "multi_token")  # mechanisms.py holds one class each
 
 
 @dataclass
@@ -31,7 +32,10 @@ class NestedAdapterConfig:
         qformer_hidden_size, qformer_layers, qformer_heads, qformer_intermediate_size: Q-Former size
             (BLIP-2 layout: self-attention, cross-attention to the CLIP tokens, feed-forward per layer).
         alpha: subject values are rescaled to alpha x the vanilla value norm (paper 3.2, default 2);
-            None turns the regularization off.
+            None turns the regularization off. Used by the `nested` and `global_v` mechanisms.
+        mechanism: how the encoder tokens enter the UNet's cross-attention (paper Fig. 10): `nested` (the
+            paper's method), or one of its rivals `decoupled`, `simple`, `global_v`, `multi_token`
+            (see `mechanisms.py`). Each keeps its own per-layer projections under the same module paths.
     """
 
     layers: dict[str, int]
@@ -44,6 +48,7 @@ class NestedAdapterConfig:
     qformer_heads: int = 12
     qformer_intermediate_size: int = 3072
     alpha: float | None = 2.0
+    mechanism: str = "nested"
     format_version: int = field(default=FORMAT_VERSION)
 
     def __post_init__(self):
@@ -65,6 +70,8 @@ class NestedAdapterConfig:
             problems.append(f"`alpha` is {self.alpha!r}; expected a positive finite number or null")
         if not isinstance(self.word, str) or not self.word.strip() or " " in self.word.strip():
             problems.append(f"`word` is {self.word!r}; expected a single word such as 'person'")
+        if self.mechanism not in MECHANISMS:
+            problems.append(f"`mechanism` is {self.mechanism!r}; expected one of {', '.join(MECHANISMS)}")
         if self.format_version != FORMAT_VERSION:
             problems.append(f"`format_version` is {self.format_version!r}; this version of nested_attention "
                             f"reads format {FORMAT_VERSION}")

@@ -10,6 +10,7 @@ from torch import nn
 
 from .errors import NestedAttentionError
 from .layers import CrossAttentionLayer, cross_attention_layers
+from .mechanisms import MECHANISMS, Mechanism, mechanism
 from .processor import NestedAttnProcessor, nested_processor
 from .state import BoundSubject, RowLayout, row_layout
 
@@ -31,6 +32,7 @@ class NestedAttentionController:
                 f"UNet such as diffusers' UNet2DConditionModel."
             )
         self.subjects: list[BoundSubject] = []
+        self.mechanism: Mechanism = MECHANISMS["nested"]  # that of the bound subjects
         self._layouts: dict[tuple[int, torch.device], RowLayout | None] = {}
         self._vanilla_rows: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._originals: dict[str, object] = {}
@@ -109,6 +111,16 @@ class NestedAttentionController:
         overlap = torch.stack([s.token_mask.cpu() for s in subjects]).sum(0).gt(1) if subjects else None
         if overlap is not None and bool(overlap.any()):
             raise NestedAttentionError("Two subjects are bound to the same token; bind each to its own word.")
+        kinds = sorted({s.mechanism for s in subjects})
+        if len(kinds) > 1:
+            raise NestedAttentionError(
+                f"The bound subjects use different mechanisms ({', '.join(kinds)}); one call combines adapters of "
+                f"one mechanism only, so generate with adapters of the same mechanism."
+            )
+        chosen = mechanism(kinds[0]) if kinds else MECHANISMS["nested"]
+        for s in subjects:
+            chosen.check_knobs(s.lam, s.scale)
+        self.mechanism = chosen
         self.subjects = list(subjects)
         self._layouts.clear()
         self._vanilla_rows.clear()

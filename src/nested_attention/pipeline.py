@@ -84,6 +84,13 @@ class NestedAttention:
         adapter.check_compatible(self.controller.layers)
         word = (word or adapter.config.word).strip()
         self._check_word(word, exclude=None)
+        for other, loaded in self.adapters.items():
+            if loaded.adapter.config.mechanism != adapter.config.mechanism:
+                raise NestedAttentionError(
+                    f"Adapter {other!r} uses the {loaded.adapter.config.mechanism} mechanism and this one the "
+                    f"{adapter.config.mechanism} mechanism; one pipeline combines adapters of one mechanism only, "
+                    f"so unload {other!r} first."
+                )
         name = name or word
         if name in self.adapters:
             raise NestedAttentionError(f"An adapter named {name!r} is already loaded; load this one under another name.")
@@ -110,9 +117,14 @@ class NestedAttention:
         strength dials the adapter in; lambda (from 1 up) then trades identity against the prompt within it.
         Per block, `scale` takes the format of diffusers' `set_ip_adapter_scale`, e.g.
         `{"down": 0.0, "mid": 0.5, "up": {"block_0": [0.0, 1.0, 0.0]}}` (blocks left out get 0). Layers where
-        every bound subject has strength 0 run the processor nested attention wrapped, unchanged.
+        every bound subject has strength 0 run the processor nested attention wrapped, unchanged. For a
+        `decoupled` adapter the strength is IP-Adapter's scale on its image attention; `simple`, `global_v` and
+        `multi_token` adapters have no strength (their knob is the subject's `lam`, where it applies).
         """
-        self._get(name).scale = layer_strengths(self.pipe.unet, self.controller.layers, scale)
+        loaded = self._get(name)
+        strengths = layer_strengths(self.pipe.unet, self.controller.layers, scale)
+        loaded.adapter.mechanism.check_knobs(None, strengths, loaded.word)
+        loaded.scale = strengths
 
     def unload_adapter(self, name: str) -> None:
         self._get(name)
@@ -280,18 +292,11 @@ class NestedAttention:
                 mask[span, where] = True
                 slots[span] = slot_of[id(subject)]
                 lam[span] = subject.lam
+            lam = None if bool((lam == 1).all()) else lam
+            loaded.adapter.mechanism.check_knobs(lam, loaded.scale, loaded.word)
             tokens, bias = self.encode(name, distinct)
-            bound.append(
-                BoundSubject(
-                    token_mask=mask,
-                    slots=slots,
-                    nested=loaded.adapter.nested_keys_values(tokens, self.controller.layers),
-                    bias=bias,
-                    lam=None if bool((lam == 1).all()) else lam,
-                    alpha=loaded.adapter.config.alpha,
-                    scale=loaded.scale,
-                )
-            )
+            bound.append(loaded.adapter.subject_state(tokens, self.controller.layers, mask, slots, bias, lam,
+                                                      loaded.scale))
         return bound
 
     # ---- generation ----------------------------------------------------------------------------------------

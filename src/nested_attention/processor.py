@@ -8,8 +8,8 @@ import torch
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0, SlicedAttnProcessor
 from torch import nn
 
-from .attention import nested_values, personalized_attention
 from .ip_adapter import IP_ADAPTER_PROCESSORS, image_attention, split_encoder_states
+from .mechanisms import SubjectRows
 from .state import RowLayout
 
 if TYPE_CHECKING:
@@ -28,7 +28,8 @@ def _rows(value, select, batch_size: int):
 
 
 class NestedAttnProcessor:
-    """Cross-attention processor: vanilla rows go to the processor it replaced, bound rows get nested attention.
+    """Cross-attention processor: vanilla rows go to the processor it replaced, bound rows get nested attention
+    (or the rival mechanism of the bound adapters, `mechanisms.py`).
 
     Projections are the module's own (`to_q`, `to_k`, `to_v`, `to_out`), so LoRA layers on them keep
     working. The processor holds no per-call data: it reads the controller's current subjects. Wrapping
@@ -168,26 +169,21 @@ class NestedAttnProcessor:
     def _attend(self, query, key, value, masks, lam, slots, attention_mask, scales, heads=slice(None)):
         """Personalized attention of B rows and the heads `heads` of the bound subjects: (B, h, N, d)."""
         batch = query.shape[0]
-        subject_values, alphas = [], []
+        subjects = []
         for subject, subject_slots in zip(self.controller.subjects, slots):
-            nested_key, nested_value = subject.nested[self.layer_path]  # (S, H, M, d)
-            # no-ops unless the UNet moved after binding (CPU offload) or the adapter keeps its own dtype (training)
-            nested_key = nested_key[:, heads].to(query.device, query.dtype)
-            nested_value = nested_value[:, heads].to(query.device, query.dtype)
+            state = subject.nested[self.layer_path]  # each (S, H, ...)
             bias = subject.bias
-            if nested_key.shape[0] == 1:
-                nested_key = nested_key.expand(batch, -1, -1, -1)
-                nested_value = nested_value.expand(batch, -1, -1, -1)
+            # no-ops unless the UNet moved after binding (CPU offload) or the adapter keeps its own dtype (training)
+            state = [t[:, heads].to(query.device, query.dtype) for t in state]
+            if state[0].shape[0] == 1:
+                state = [t.expand(batch, *t.shape[1:]) for t in state]
                 bias = None if bias is None else bias.expand(batch, -1)
             else:
-                nested_key, nested_value = nested_key[subject_slots], nested_value[subject_slots]
+                state = [t[subject_slots] for t in state]
                 bias = None if bias is None else bias[subject_slots]
             bias = None if bias is None else bias[:, None, None, :].to(query.device, query.dtype)
-            subject_values.append(nested_values(query, nested_key, nested_value, bias))
-            alphas.append(subject.alpha)
-        return personalized_attention(
-            query, key, value, subject_values, masks, lam=lam, alpha=alphas, attn_mask=attention_mask, scale=scales,
-        )
+            subjects.append(SubjectRows(tuple(state), bias, subject.alpha))
+        return self.controller.mechanism.attend(query, key, value, subjects, masks, lam, attention_mask, scales)
 
 
 class NestedIPAdapterAttnProcessor(NestedAttnProcessor, IPAdapterAttnProcessor2_0):

@@ -23,12 +23,14 @@ class BoundSubject:
     Attributes:
         token_mask: (R, T) bool, the positions of the subject word in each row (all False: not bound).
         slots: (R,) long, which of the S encoded subjects each row uses.
-        nested: layer path -> (K̆, V̆), each (S, H, M, head_dim).
+        nested: layer path -> the mechanism's layer state (`NestedAdapter.layer_states`), each (S, H, ...);
+            for nested attention (K̆, V̆), each (S, H, M, head_dim).
         bias: (S, M) additive nested logit bias (log image weights, -inf padding), or None.
         lam: (R,) lambda per row, or None when every row uses 1.
         alpha: the adapter's norm regularization factor (None: off).
         scale: layer path -> strength from 0 (the base model) to 1 (full nested attention), or None for 1 at
             every layer (see `personalized_attention`).
+        mechanism: how the adapter injects the subject (`mechanisms.py`); all subjects of one call share one.
     """
 
     token_mask: torch.Tensor
@@ -38,6 +40,7 @@ class BoundSubject:
     lam: torch.Tensor | None = None
     alpha: float | None = 2.0
     scale: dict[str, float] | None = None
+    mechanism: str = "nested"
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 from diffusers.optimization import SchedulerType
 
+from nested_attention.config import MECHANISMS
 from nested_attention.errors import NestedAttentionError
 
 from .timesteps import BIAS_STRATEGIES
@@ -42,6 +43,7 @@ class TrainConfig:
     qformer_heads: int = 12
     qformer_intermediate_size: int = 3072
     alpha: float | None = 2.0
+    mechanism: str = "nested"  # nested | decoupled | simple | global_v | multi_token (the paper's Fig. 10 rivals)
 
     # data
     resolution: int = 512
@@ -112,6 +114,8 @@ class TrainConfig:
             problems.append("the three drop rates add up to more than 1")
         if self.validation_every and not (self.validation_images and self.validation_prompts):
             problems.append("`validation_every` is set but `validation_images` or `validation_prompts` is empty")
+        if self.mechanism not in MECHANISMS:
+            problems.append(f"`mechanism` is {self.mechanism!r}; expected one of {', '.join(MECHANISMS)}")
         problems += self._optimization_problems()
         if SHELL_URL.search(self.data) and not self.allow_shell_commands_in_data:
             problems.append(
@@ -172,7 +176,7 @@ class TrainConfig:
     @property
     def adapter_kwargs(self) -> dict:
         keys = ("num_queries", "qformer_hidden_size", "qformer_layers", "qformer_heads", "qformer_intermediate_size",
-                "alpha", "word")
+                "alpha", "word", "mechanism")
         return {key: getattr(self, key) for key in keys}
 
 

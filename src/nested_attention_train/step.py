@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nested_attention import BoundSubject, NestedAdapter, NestedAttentionController
+from nested_attention import NestedAdapter, NestedAttentionController
 
 from .models import BaseModel
 from .timesteps import sample_timesteps, snr_loss_weights
@@ -82,12 +82,9 @@ class NestedTrainingModule(nn.Module):
             target = latents  # "sample"
 
         tokens, bias = self.subject_tokens(batch)
-        nested = self.adapter.nested_keys_values(tokens, self.controller.layers)
         token_mask = batch["token_mask"]
-        subject = BoundSubject(
-            token_mask=token_mask, slots=torch.arange(token_mask.shape[0]), nested=nested, bias=bias,
-            alpha=self.adapter.config.alpha,
-        )
+        subject = self.adapter.subject_state(tokens, self.controller.layers, token_mask,
+                                             torch.arange(token_mask.shape[0]), bias)
         unet = base.pipe.unet
         # left bound through backward: gradient checkpointing re-runs the UNet forward there (the trainer clears it)
         self.controller.bind([subject])
@@ -101,7 +98,7 @@ class NestedTrainingModule(nn.Module):
             loss = (snr_loss_weights(scheduler, timesteps, self.snr_gamma) * per_sample).mean()
         if not bool(token_mask.any()):
             # no row is bound (all dropped): keep every adapter weight in the graph so DDP's reduction completes
-            loss = loss + 0.0 * sum(key.sum() + value.sum() for key, value in nested.values())
+            loss = loss + 0.0 * sum(t.sum() for state in subject.nested.values() for t in state)
         return loss
 
 
