@@ -266,6 +266,8 @@ def test_triplets_are_read_by_the_trainer_and_use_train_identities_only(tmp_path
     assert all(not identity_from_index("pet", line["identity"]).held_out for line in lines)
     assert all(r.word == "pet" and len(r.subject_images) == 2 for r in records)
     assert Image.open(records[0].target_image).size == (64, 64)
+    masks = [np.asarray(Image.open(r.target_mask)) / 255 for r in records]  # the subject's silhouette
+    assert all(m.shape == (64, 64) and 0.05 < m.mean() < 0.9 for m in masks)
     again = write_triplets(tmp_path / "b", "pet", 12, seed=3, subject_images=2, workers=1)
     assert again.read_text() == path.read_text()
     assert (tmp_path / "a/targets/0000005.png").read_bytes() == (tmp_path / "b/targets/0000005.png").read_bytes()
@@ -309,6 +311,7 @@ def test_scene_triplets_pair_the_subject_with_a_train_identity_and_leave_the_oth
         assert not identity_from_index(other, b["scene"]["partner"]).held_out and not same_target
         pair = (b["identity"], b["scene"]["partner"]) if domain == "person" else (b["scene"]["partner"], b["identity"])
         assert drawn[scenes.index(i)] == (*pair, tuple(b["context"].values()), b["scene"]["pet_expression"])
+        assert ("target_mask" in b) == (domain == "person")  # a scene's mask is its person's
     assert run_cli("toy", "data", "--out", str(tmp_path / "c"), "--domain", domain, "--count", "3", "--scenes", "1.5") == 2
     assert "expected a fraction" in capsys.readouterr().err
 

@@ -418,3 +418,49 @@ def test_shard_sample_without_json(tmp_path, tokenizer, processor):
     with pytest.raises(DataError, match=r"raw\.tar:k1: the sample has no \.json entry"):
         list(stream([str(path)], tokenizer, processor, default_word="person"))
 
+
+
+# ------------------------------------------------------------------------------------------- subject masks
+
+
+def test_target_mask_is_cropped_and_resized_like_its_target(folder, tokenizer, processor):
+    """A mask drawn as the target's own colour blocks lands on the same pixels after any crop (up to the block
+    edges, where the target's Lanczos and the mask's bilinear resampling differ); records without one have none,
+    and collate gives them an empty mask beside the others."""
+    target = Image.open(folder / "photos" / "a.png")
+    blocks = (np.asarray(target)[..., 0] > 127).astype(np.uint8) * 255
+    Image.fromarray(blocks, mode="L").save(folder / "photos" / "a-mask.png")
+    write_metadata(folder, [line(word="person", target_mask="photos/a-mask.png"), line(word="person")] * 3)
+    records, _ = read_metadata(folder)
+    assert records[0].target_mask == str(folder / "photos" / "a-mask.png") and records[1].target_mask is None
+    data = dataset(records, [tokenizer], processor, crop="random", seed=1)
+    for index in (0, 2, 4):
+        sample = data[index]
+        mask = sample["target_mask"]
+        assert mask.shape == (1, R, R) and 0 <= float(mask.min()) and float(mask.max()) <= 1
+        red = sample["target_pixels"][0] > 0
+        assert float(((mask[0] > 0.5) != red).float().mean()) < 0.1
+    assert "target_mask" not in data[1]
+    batch = collate([data[0], data[1]])
+    assert torch.equal(batch["target_mask"][0], data[0]["target_mask"]) and not bool(batch["target_mask"][1].any())
+    assert "target_mask" not in collate([data[1], data[3]])
+
+
+def test_a_mask_of_another_size_is_refused_in_one_sentence(folder, tokenizer, processor):
+    Image.new("L", (50, 30), 255).save(folder / "photos" / "small-mask.png")
+    write_metadata(folder, [line(word="person", target_mask="photos/small-mask.png")])
+    with pytest.raises(DataError, match="the target mask is 50x30 but its target image is 100x60"):
+        dataset(read_metadata(folder)[0], [tokenizer], processor)[0]
+    write_metadata(folder, [line(word="person", target_mask=3)])
+    with pytest.raises(DataError, match='"target_mask" must be an image path'):
+        read_metadata(folder)
+
+
+def test_shards_carry_the_target_mask(folder, tmp_path, tokenizer, processor):
+    Image.new("L", (100, 60), 200).save(folder / "photos" / "a-mask.png")
+    write_metadata(folder, [line(target_mask="photos/a-mask.png"), line()])
+    records, _ = read_metadata(folder, default_word="person")
+    paths = write_shards(records, str(tmp_path / "masked" / "part-%02d.tar"), max_count=2)
+    samples = list(stream(paths, tokenizer, processor))
+    expected = dataset(records, [tokenizer], processor)
+    assert torch.equal(samples[0]["target_mask"], expected[0]["target_mask"]) and "target_mask" not in samples[1]

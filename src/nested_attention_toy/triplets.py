@@ -2,7 +2,8 @@
 
 A fraction of the targets (``scenes``) may be person + pet scenes: the subject beside a random training identity of
 the other domain, with a prompt that names both words; only the subject's word is bound, so the adapter learns to
-put its identity on its own subject and leave the other one to the prompt.
+put its identity on its own subject and leave the other one to the prompt. ``masks/`` holds each target's subject
+silhouette (``target_mask``, for the trainer's ``subject_loss_weight``; none for a pet in a scene).
 
 ``write_triplets`` writes a folder the trainer reads as it is (``metadata.jsonl`` + PNGs; convert it to WebDataset
 shards with ``python -m nested_attention_train.make_shards`` for streaming). Identities come from the training side
@@ -16,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .render import render_input, render_scene, render_target
@@ -47,6 +49,8 @@ def _write_one(job: tuple) -> None:
         person, pet = (identity, other) if domain == "person" else (other, identity)
         target = render_scene(person, pet, context, size=size, seed=seeds[0], pet_expression=scene["pet_expression"])
     target.image.save(root / "targets" / f"{name}.png")
+    if scene is None or domain == "person":  # a scene's mask is its person's
+        Image.fromarray(np.round(target.subject * 255).astype(np.uint8), mode="L").save(root / "masks" / f"{name}.png")
 
 
 def _other(domain: str) -> str:
@@ -68,6 +72,7 @@ def write_triplets(out: str | Path, domain: str, count: int, seed: int = 0, size
         raise ValueError(f"scenes is a fraction of the triplets, between 0 and 1; got {scenes}")
     (root / "subjects").mkdir(parents=True, exist_ok=True)
     (root / "targets").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     available = side_size(domain, held_out=False)
     if identities is not None and identities > available:
@@ -99,6 +104,8 @@ def write_triplets(out: str | Path, domain: str, count: int, seed: int = 0, size
             "identity": identity.index,
             "context": dict(zip(FACTOR_NAMES, (int(v) for v in context.values))),
         }
+        if scene is None or domain == "person":
+            line["target_mask"] = f"masks/{name}.png"
         if scene is not None:
             line["scene"] = scene
         lines.append(line)

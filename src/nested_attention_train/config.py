@@ -66,6 +66,7 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting (e.g. 5.0); null: plain MSE (timesteps.py)
+    subject_loss_weight: float | None = None  # the loss on a target's masked subject pixels x this ("target_mask")
     timestep_bias_strategy: str = "none"  # none | later | earlier | range: sample some noise levels more often
     timestep_bias_multiplier: float = 1.0  # how much more often
     timestep_bias_portion: float = 0.25  # later / earlier: the share of the schedule biased
@@ -144,6 +145,11 @@ class TrainConfig:
             problems.append(f"`max_grad_norm` is {self.max_grad_norm}; expected a finite number above 0")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
             problems.append(f"`alpha` is {self.alpha}; expected a positive finite number or null")
+        if self.subject_loss_weight is not None and not (
+            math.isfinite(self.subject_loss_weight) and self.subject_loss_weight > 0
+        ):
+            problems.append(f"`subject_loss_weight` is {self.subject_loss_weight}; expected a positive finite number "
+                            f"(e.g. 5.0: subject pixels weigh 5x the rest) or null")
         if self.snr_gamma is not None and not (math.isfinite(self.snr_gamma) and self.snr_gamma > 0):
             problems.append(f"`snr_gamma` is {self.snr_gamma}; expected a positive finite number (5.0 is usual) or null")
         problems += self._timestep_bias_problems()

@@ -20,13 +20,15 @@ class NestedTrainingModule(nn.Module):
     """
 
     def __init__(self, adapter: NestedAdapter, base: BaseModel, controller: NestedAttentionController,
-                 timestep_weights: torch.Tensor | None = None, snr_gamma: float | None = None):
+                 timestep_weights: torch.Tensor | None = None, snr_gamma: float | None = None,
+                 subject_loss_weight: float | None = None):
         super().__init__()
         self.adapter = adapter
         self.base = _Frozen(base)
         self.controller = controller
         self.timestep_weights = timestep_weights  # None: uniform (timesteps.py)
         self.snr_gamma = snr_gamma  # None: plain MSE
+        self.subject_loss_weight = subject_loss_weight  # None: every pixel alike
 
     @torch.no_grad()
     def encode_prompts(self, input_ids: list[torch.Tensor], batch: dict):
@@ -91,15 +93,31 @@ class NestedTrainingModule(nn.Module):
         prediction = unet(
             noisy.to(unet.dtype), timesteps, encoder_hidden_states=context.to(unet.dtype), added_cond_kwargs=added
         ).sample
-        if self.snr_gamma is None:
+        mask = batch.get("target_mask")
+        if self.snr_gamma is None and (self.subject_loss_weight is None or mask is None):
             loss = F.mse_loss(prediction.float(), target.float())
         else:
-            per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
-            loss = (snr_loss_weights(scheduler, timesteps, self.snr_gamma) * per_sample).mean()
+            squared = F.mse_loss(prediction.float(), target.float(), reduction="none")
+            if self.subject_loss_weight is not None and mask is not None:
+                per_sample = subject_weighted_mean(squared, mask.to(squared.device), self.subject_loss_weight)
+            else:
+                per_sample = squared.flatten(1).mean(1)
+            if self.snr_gamma is not None:
+                per_sample = snr_loss_weights(scheduler, timesteps, self.snr_gamma) * per_sample
+            loss = per_sample.mean()
         if not bool(token_mask.any()):
             # no row is bound (all dropped): keep every adapter weight in the graph so DDP's reduction completes
             loss = loss + 0.0 * sum(t.sum() for state in subject.nested.values() for t in state)
         return loss
+
+
+def subject_weighted_mean(squared: torch.Tensor, mask: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per sample, the mean of `squared` (B, C, h, w) with the subject's latent pixels weighing `weight` times the
+    rest: the pixel mask (B, 1, H, W) in [0, 1] is averaged down to the latent grid, w = 1 + (weight - 1) mask, and
+    the weights are normalized per sample (a sample without subject pixels keeps its plain mean)."""
+    coverage = F.adaptive_avg_pool2d(mask.float(), squared.shape[-2:])  # (B, 1, h, w)
+    weights = 1.0 + (weight - 1.0) * coverage
+    return (squared * weights).flatten(1).sum(1) / (weights.flatten(1).sum(1) * squared.shape[1])
 
 
 class _Frozen:

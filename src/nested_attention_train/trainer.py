@@ -163,13 +163,18 @@ def run_training(config: TrainConfig, accelerator: Accelerator) -> Path:
         config.timestep_bias_strategy, base.noise_scheduler.config.num_train_timesteps, config.timestep_bias_multiplier,
         config.timestep_bias_portion, config.timestep_bias_begin, config.timestep_bias_end,
     )
-    module = NestedTrainingModule(adapter, base, controller, weights, config.snr_gamma)
+    module = NestedTrainingModule(adapter, base, controller, weights, config.snr_gamma, config.subject_loss_weight)
     optimizer = torch.optim.AdamW(
         adapter.trainable_parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.weight_decay, eps=config.adam_epsilon,
     )
     loader, dataset = build_dataloader(config, base, adapter.image_processor, accelerator.num_processes)
     streaming = data.is_webdataset(config.data)
+    if config.subject_loss_weight is not None and not streaming and not any(r.target_mask for r in dataset.records):
+        raise NestedAttentionError(
+            f"subject_loss_weight is {config.subject_loss_weight} but no record of {config.data} has a \"target_mask\" "
+            f"(an image of the subject's pixels in white); add masks to the data or leave subject_loss_weight null."
+        )
     if config.max_steps is not None:
         max_steps = config.max_steps
     else:

@@ -30,6 +30,7 @@ class Record:
     prompt: str
     word: str
     source: str  # "path/metadata.jsonl:LINE" or "shard.tar:KEY", for messages
+    target_mask: str | None = None  # where the subject is in the target (white), for `subject_loss_weight`
 
 
 # ---------------------------------------------------------------------------------------------- metadata.jsonl
@@ -110,6 +111,9 @@ def _parse_line(text: str, folder: Path, default_word: str | None, source: str) 
         )
     if not isinstance(entry["target"], str):
         raise DataError(f'{source}: "target" must be an image path (a string), got {entry["target"]!r}.')
+    mask = entry.get("target_mask")
+    if mask is not None and not isinstance(mask, str):
+        raise DataError(f'{source}: "target_mask" must be an image path (a string), got {mask!r}.')
     prompt, word = prompt_and_word(entry, default_word, source)
     return Record(
         subject_images=[_image_path(s, folder, "subject", source) for s in subjects],
@@ -117,6 +121,7 @@ def _parse_line(text: str, folder: Path, default_word: str | None, source: str) 
         prompt=prompt,
         word=word,
         source=source,
+        target_mask=None if mask is None else _image_path(mask, folder, "target_mask", source),
     )
 
 

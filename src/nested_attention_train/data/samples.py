@@ -70,9 +70,13 @@ class SampleBuilder:
         self.check(record)
         dropped = self._draw_dropout(rng)
         prompt = {"text": record.word, "both": ""}.get(dropped, record.prompt)
-        target_pixels, original_size, crop_top_left = self._target(load(record.target_image, "Target image"), rng)
+        target = load(record.target_image, "Target image")
+        target_pixels, original_size, crop_top_left = self._target(target, rng)
         subjects = [load(reference, "Subject image") for reference in record.subject_images]
-        return {
+        extra = {}
+        if record.target_mask is not None:
+            extra["target_mask"] = self._mask(load(record.target_mask, "Target mask"), target.size, crop_top_left)
+        return extra | {
             "target_pixels": target_pixels,
             "subject_pixels": self.image_processor(images=subjects, return_tensors="pt").pixel_values,
             "input_ids": [torch.tensor(prompt_ids(t, prompt), dtype=torch.long) for t in self.tokenizers],
@@ -112,19 +116,39 @@ class SampleBuilder:
         """
         size = self.resolution
         width, height = image.size
-        if width <= height:
-            resized_w, resized_h = size, int(size * height / width)
-        else:
-            resized_w, resized_h = int(size * width / height), size
+        resized_w, resized_h = self._resized(image.size)
         if self.crop == "random":
             top, left = rng.randint(0, resized_h - size), rng.randint(0, resized_w - size)
         else:
             top, left = (resized_h - size) // 2, (resized_w - size) // 2
-        scale_x, scale_y = width / resized_w, height / resized_h
-        box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
-        cropped = image.resize((size, size), Image.Resampling.LANCZOS, box=box)
+        cropped = image.resize((size, size), Image.Resampling.LANCZOS, box=self._box(image.size, (top, left)))
         pixels = torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
         return pixels.contiguous(), (height, width), (top, left)
+
+    def _resized(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(w, h) of an image of `size` with its short side resized to the resolution."""
+        width, height = size
+        if width <= height:
+            return self.resolution, int(self.resolution * height / width)
+        return int(self.resolution * width / height), self.resolution
+
+    def _box(self, size: tuple[int, int], crop_top_left: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The crop at `crop_top_left` of the resized image, in the original image's coordinates."""
+        (width, height), (resized_w, resized_h) = size, self._resized(size)
+        (top, left), side = crop_top_left, self.resolution
+        scale_x, scale_y = width / resized_w, height / resized_h
+        return left * scale_x, top * scale_y, (left + side) * scale_x, (top + side) * scale_y
+
+    def _mask(self, mask: Image.Image, target_size: tuple[int, int], crop_top_left: tuple[int, int]) -> torch.Tensor:
+        """The target's subject mask, cropped and resized as the target was: (1, R, R) in [0, 1] (white = subject)."""
+        if mask.size != target_size:
+            raise NestedAttentionError(
+                f"the target mask is {mask.size[0]}x{mask.size[1]} but its target image is "
+                f"{target_size[0]}x{target_size[1]}; give a mask of the target's size."
+            )
+        size = self.resolution
+        cropped = mask.convert("L").resize((size, size), Image.Resampling.BILINEAR, box=self._box(target_size, crop_top_left))
+        return torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 255.0)[None].contiguous()
 
     def build_orskip_sample(
         self, record: Record, rng: random.Random, load: Callable[[str, str], Image.Image], skip_bad: bool
@@ -228,6 +252,15 @@ def collate(samples: list[dict | None]) -> dict | None:
         "dropped": [sample["dropped"] for sample in kept],
         "sources": [sample["source"] for sample in kept],
         "num_skipped": len(samples) - len(kept),
-    }
+    } | _target_masks(kept)
+
+
+def _target_masks(kept: list[dict]) -> dict:
+    """``target_mask`` (B, 1, R, R) when any sample has one; zero (no subject region) for those without."""
+    masks = [sample.get("target_mask") for sample in kept]
+    present = [m for m in masks if m is not None]
+    if not present:
+        return {}
+    return {"target_mask": torch.stack([present[0].new_zeros(present[0].shape) if m is None else m for m in masks])}
 
 

@@ -67,6 +67,8 @@ def _shard_sample(record: Record, key: str) -> dict:
     sample["target" + _extension(record.target_image)] = Path(record.target_image).read_bytes()
     for index, path in enumerate(record.subject_images):
         sample[f"subject{index}{_extension(path)}"] = Path(path).read_bytes()
+    if record.target_mask is not None:
+        sample["target_mask" + _extension(record.target_mask)] = Path(record.target_mask).read_bytes()
     return sample
 
 
@@ -100,7 +102,9 @@ def _shard_record(sample: dict, source: str, default_word: str | None) -> Record
             f"({expected!r} by its .json), found {entries}; the shard is incomplete or was not written by "
             f"write_shards. Write it again."
         )
-    return Record(subject_images=subjects, target_image=targets[0], prompt=prompt, word=word, source=source)
+    masks = [name for name in sample if name.startswith("target_mask.")]
+    return Record(subject_images=subjects, target_image=targets[0], prompt=prompt, word=word, source=source,
+                  target_mask=masks[0] if masks else None)
 
 
 class _StrictTarInfo(tarfile.TarInfo):
