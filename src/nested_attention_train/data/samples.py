@@ -174,7 +174,8 @@ class TripletDataset(torch.utils.data.Dataset):
     processor; ``input_ids`` (one (T,) LongTensor per tokenizer, padded as diffusers pipelines do);
     ``token_mask`` (T,) bool at the subject word (all False when the image is dropped); SDXL's
     ``original_size``, ``crop_top_left`` and ``target_size`` as (2,) LongTensors; ``dropped`` in
-    {"none", "text", "image", "both"}; ``source`` ("metadata.jsonl:LINE").
+    {"none", "text", "image", "both"}; ``source`` ("metadata.jsonl:LINE"); ``target_mask`` (1, R, R) in [0, 1]
+    when the record has one.
 
     Condition dropout: "text" replaces the prompt by the word alone (the image-only condition), "image" keeps the
     prompt but leaves the word unbound (vanilla attention), "both" gives an empty prompt and no binding. The
@@ -219,7 +220,7 @@ class TripletDataset(torch.utils.data.Dataset):
 
 
 def _load_file(path: str, role: str) -> Image.Image:
-    """Open a record's image file; `role` is "Target image" or "Subject image"."""
+    """Open a record's image file; `role` is "Target image", "Target mask" or "Subject image"."""
     return decode_image(path, f"{role} {path}")
 
 
