@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import make_adapter, subject_image
+from conftest import assert_same, make_adapter, subject_image
 from nested_attention import EncodedSubject, NestedAttentionError, Subject
 
 STEPS = 2
@@ -14,11 +14,6 @@ STEPS = 2
 def run(na, prompt, subjects, **kwargs):
     return na(prompt, subjects, num_inference_steps=STEPS, height=32, width=32, output_type="latent",
               generator=torch.Generator().manual_seed(0), **kwargs).images
-
-
-def assert_same(a, b):
-    """Equal up to float reassociation (the image encoder run on a batch of another size)."""
-    torch.testing.assert_close(a, b, atol=2e-5 * b.abs().max().item(), rtol=0)
 
 
 def test_an_encoded_subject_gives_the_subject_s_images_without_encoding_them_again(pipe, na):

@@ -5,7 +5,7 @@ import torch
 from diffusers.models.attention_processor import SlicedAttnProcessor
 
 import nested_attention.mechanisms as mechanisms_module
-from conftest import make_adapter, subject_image
+from conftest import assert_same, make_adapter, subject_image
 from nested_attention import NestedAttention, NestedAttentionError, Subject
 
 STEPS = 2
@@ -14,11 +14,6 @@ STEPS = 2
 def run(call, prompt, **kwargs):
     return call(prompt, num_inference_steps=STEPS, height=32, width=32, output_type="latent",
                 generator=torch.Generator().manual_seed(0), **kwargs).images
-
-
-def assert_same(a, b):
-    """Equal up to float reassociation: the same attention, computed on slices of the batch and heads."""
-    torch.testing.assert_close(a, b, atol=2e-5 * b.abs().max().item(), rtol=0)
 
 
 @pytest.mark.parametrize("slice_size", [1, 3, 16])

@@ -5,12 +5,8 @@ import json
 import torch
 from PIL import Image
 
-from nested_attention import install
-from nested_attention_train import data
-from nested_attention_train.config import load_config
-from nested_attention_train.models import load_adapter, load_base_model
 from nested_attention_train.step import NestedTrainingModule, subject_weighted_mean
-from test_train import TINY, make_triplets, run
+from test_train import make_triplets, run, training_parts
 
 
 def test_weighted_mean_matches_the_literal_formula():
@@ -56,13 +52,7 @@ def masked_triplets(folder, count=4):
 
 
 def test_the_weight_changes_the_loss_only_where_masks_are(tmp_path):
-    config = load_config(TINY, [f"data={masked_triplets(tmp_path / 'data')}"])
-    base = load_base_model(config)
-    adapter = load_adapter(config, base.pipe.unet).eval()
-    controller = install(base.pipe.unet)
-    records, _ = data.read_metadata(config.data, default_word=config.word)
-    dataset = data.TripletDataset(records, base.tokenizers, adapter.image_processor, config.resolution, crop="center")
-    batch = data.collate([dataset[i] for i in range(len(dataset))])
+    base, adapter, controller, batch = training_parts([f"data={masked_triplets(tmp_path / 'data')}"])
     losses = {}
     for weight in (None, 1.0, 5.0):
         torch.manual_seed(0)

@@ -4,14 +4,10 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from nested_attention import install
 from nested_attention.errors import NestedAttentionError
-from nested_attention_train import data
-from nested_attention_train.config import load_config
-from nested_attention_train.models import load_adapter, load_base_model
 from nested_attention_train.step import NestedTrainingModule
 from nested_attention_train.timesteps import sample_timesteps, snr_loss_weights, timestep_weights
-from test_train import TINY, make_triplets, run
+from test_train import make_triplets, run, training_parts
 
 
 def test_bias_weights_cover_exactly_the_chosen_timesteps():
@@ -56,13 +52,7 @@ def test_min_snr_weights_match_their_formula(prediction):
 
 def test_a_gamma_above_every_snr_leaves_the_epsilon_loss_unchanged(tmp_path):
     """With gamma above the largest SNR every epsilon weight is 1: the weighted loss is the plain MSE."""
-    config = load_config(TINY, [f"data={make_triplets(tmp_path)}"])
-    base = load_base_model(config)
-    adapter = load_adapter(config, base.pipe.unet).eval()
-    controller = install(base.pipe.unet)
-    records, _ = data.read_metadata(config.data, default_word=config.word)
-    dataset = data.TripletDataset(records, base.tokenizers, adapter.image_processor, config.resolution, crop="center")
-    batch = data.collate([dataset[i] for i in range(len(dataset))])
+    base, adapter, controller, batch = training_parts([f"data={make_triplets(tmp_path)}"])
     largest = (base.noise_scheduler.alphas_cumprod / (1 - base.noise_scheduler.alphas_cumprod)).max().item()
     losses = []
     for gamma in (None, 2 * largest):

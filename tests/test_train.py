@@ -51,18 +51,23 @@ def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "nested_adapter.safetensors"))
 
 
-@torch.no_grad()
-def fixed_loss(overrides: list[str], adapter_dir: Path | None = None) -> float:
-    """The training loss on every triplet at fixed noise and timesteps (8 draws): comparable across adapters."""
+def training_parts(overrides: list[str], adapter_dir: Path | None = None):
+    """(base, adapter in eval mode, installed controller, one batch of every record) of the TINY config."""
     config = load_config(TINY, overrides)
     base = load_base_model(config)
     adapter = load_adapter(config, base.pipe.unet) if adapter_dir is None else NestedAdapter.from_pretrained(adapter_dir)
     adapter.eval()
     controller = install(base.pipe.unet)
-    module = NestedTrainingModule(adapter, base, controller)
     records, _ = data.read_metadata(config.data, default_word=config.word)
     dataset = data.TripletDataset(records, base.tokenizers, adapter.image_processor, config.resolution, crop="center")
-    batch = data.collate([dataset[i] for i in range(len(dataset))])
+    return base, adapter, controller, data.collate([dataset[i] for i in range(len(dataset))])
+
+
+@torch.no_grad()
+def fixed_loss(overrides: list[str], adapter_dir: Path | None = None) -> float:
+    """The training loss on every triplet at fixed noise and timesteps (8 draws): comparable across adapters."""
+    base, adapter, controller, batch = training_parts(overrides, adapter_dir)
+    module = NestedTrainingModule(adapter, base, controller)
     losses = []
     for seed in range(8):
         torch.manual_seed(1000 + seed)
