@@ -1,10 +1,12 @@
 """The model card written next to every saved adapter, read back with huggingface_hub's own parser."""
 
+import pytest
 from huggingface_hub import ModelCard
 
 from conftest import make_adapter
 from nested_attention import AdapterCard, NestedAdapter
-from nested_attention.card import CARD_NAME
+from nested_attention.card import CARD_NAME, add_metrics
+from nested_attention.errors import NestedAttentionError
 
 
 def test_save_pretrained_writes_a_card_the_hub_reads(sd_pipe, tmp_path):
@@ -37,5 +39,20 @@ def test_the_trainer_s_export_carries_its_training_summary(tmp_path):
     triplets = make_triplets(tmp_path / "data")
     assert run(f"data={triplets}", f"output_dir={tmp_path / 'out'}", "max_steps=1") == 0
     text = ModelCard.load(tmp_path / "out" / "adapter" / CARD_NAME).text
-    for expected in ("| base model | tiny-sd |", "| records | 4 |", "| optimizer steps | 1 |", f"| data | {triplets} |"):
+    for expected in ("| base model | tiny-sd |", "| records | 4 |", "| optimizer steps | 1 |", f"| data | {triplets} |",
+                     "| final loss (mean of the last 1 steps) |"):
         assert expected in text
+
+
+def test_measured_metrics_merge_into_a_saved_card(sd_pipe, tmp_path):
+    adapter = make_adapter(sd_pipe.unet)
+    adapter.save_pretrained(tmp_path, card=AdapterCard(training={"records": 4}, metrics={"a": 0.1, "b": 0.2}))
+    add_metrics(tmp_path, {"b": 0.25, "c": 0.3})
+    parsed = ModelCard.load(tmp_path / CARD_NAME)
+    metrics = parsed.text.split("## Metrics")[1].split("## Usage")[0]
+    assert [line for line in metrics.splitlines() if line.startswith("| ")] == [
+        "| | |", "| --- | --- |", "| a | 0.1 |", "| b | 0.25 |", "| c | 0.3 |"]
+    assert "| records | 4 |" in parsed.text and parsed.data.library_name == "nested-attention"
+    (tmp_path / CARD_NAME).write_text("# someone else's card\n")
+    with pytest.raises(NestedAttentionError, match="not a model card that save_pretrained wrote"):
+        add_metrics(tmp_path, {"a": 1})

@@ -251,6 +251,35 @@ def test_evaluate_command(tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "records.jsonl").read_text().splitlines()[0])["setting"] == "random"
 
 
+def test_evaluate_adds_its_summary_to_the_adapter_s_card(tmp_path, sd_pipe, capsys):
+    from huggingface_hub import ModelCard
+
+    from nested_attention.card import CARD_NAME
+
+    subjects = tmp_path / "subjects"
+    for i, identity in enumerate(sample_identities("person", 2, np.random.default_rng(0), held_out=True)):
+        (subjects / f"p{i}").mkdir(parents=True)
+        render_input(identity, 64, 0).save(subjects / f"p{i}" / "0.png")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS[0] + "\n")
+    make_adapter(sd_pipe.unet).save_pretrained(tmp_path / "mine", save_image_encoder=True)
+    argv = ["evaluate", "--model", "tiny-sd", "--adapter", f"mine={tmp_path / 'mine'}", "--baseline", "--subjects",
+            str(subjects), "--prompts", str(prompts), "--lam", "1", "2", "--steps", "1", "--identity", "toy-person",
+            "--out", str(tmp_path / "out"), "--card"]
+    assert main(argv) == 0 and main(argv) == 0  # the second run resumes and replaces the same rows
+    rows = summarize(read_records(tmp_path / "out" / "records.jsonl"))
+    text = ModelCard.load(tmp_path / "mine" / CARD_NAME).text
+    mine = {row["lam"]: row for row in rows if row["setting"] == "mine"}
+    base = next(row for row in rows if row["setting"] == "base model")
+    assert f"| id_top1 (lambda 2, 2 images of subjects) | {round(mine[2.0]['id_top1'], 4)} |" in text
+    assert f"| id_similarity (base model, 2 images of subjects) | {round(base['id_similarity'], 4)} |" in text
+    assert text.count("id_top1 (lambda 1,") == 1 and "Not measured" not in text
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "tiny-sd", "--adapter", "random", "--subjects", str(subjects), "--prompts",
+                 str(prompts), "--out", str(tmp_path / "o2"), "--card"]) == 2
+    assert "--card writes into adapter folders" in capsys.readouterr().err
+
+
 def test_evaluate_bad_input(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\n")

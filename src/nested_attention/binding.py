@@ -45,6 +45,23 @@ def warn_if_truncated(tokenizers: Sequence, prompt: str) -> None:
             return
 
 
+def _missing(word: str, prompt: str) -> NestedAttentionError:
+    return NestedAttentionError(
+        f"The prompt {prompt!r} does not contain the subject word {word!r} as a whole word; add it where the "
+        f"subject should appear (e.g. 'a photo of a {word} at the beach')."
+    )
+
+
+def _agreed(found: list[list[int]], word: str, prompt: str) -> list[int]:
+    """The positions every tokenizer found (SDXL's two must agree)."""
+    if any(p != found[0] for p in found[1:]):
+        raise NestedAttentionError(
+            f"The pipeline's tokenizers place {word!r} at different positions {found} in the prompt {prompt!r}; "
+            f"the subject must be the same token for both text encoders (use the same prompt for both)."
+        )
+    return found[0]
+
+
 def word_positions(tokenizers: Sequence, prompt: str, word: str) -> list[int]:
     """Positions of every occurrence of `word` in `prompt`, identical for all the pipeline's tokenizers.
 
@@ -64,17 +81,23 @@ def word_positions(tokenizers: Sequence, prompt: str, word: str) -> list[int]:
                     f"The subject word {word!r} appears in the prompt {prompt!r} only after the tokenizer's "
                     f"{tokenizer.model_max_length}-token limit; move it earlier or shorten the prompt."
                 )
-            raise NestedAttentionError(
-                f"The prompt {prompt!r} does not contain the subject word {word!r} as a whole word; add it where "
-                f"the subject should appear (e.g. 'a photo of a {word} at the beach')."
-            )
+            raise _missing(word, prompt)
         found.append(positions)
-    if any(p != found[0] for p in found[1:]):
-        raise NestedAttentionError(
-            f"The pipeline's tokenizers place {word!r} at different positions {found} in the prompt {prompt!r}; "
-            f"the subject must be the same token for both text encoders (use the same prompt for both)."
-        )
-    return found[0]
+    return _agreed(found, word, prompt)
+
+
+def window_positions(tokenizers: Sequence, prompt: str, word: str) -> list[int]:
+    """Positions of `word` in the long-prompt layout: windows of the prompt's tokens, each between its own start and
+    end token (`model_max_length - 2` tokens per window, `model_max_length` embeddings), concatenated."""
+    found = []
+    for tokenizer in tokenizers:
+        token = word_token_id(tokenizer, word, prompt)
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        span = tokenizer.model_max_length - 2
+        found.append([(i // span) * (span + 2) + 1 + i % span for i, t in enumerate(ids) if t == token])
+    if not found[0]:
+        raise _missing(word, prompt)
+    return _agreed(found, word, prompt)
 
 
 def pipeline_tokenizers(pipe) -> list:

@@ -8,6 +8,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from .config import NestedAdapterConfig
+from .errors import NestedAttentionError
 from .paths import looks_like_local_path
 
 CARD_NAME = "README.md"
@@ -64,7 +65,8 @@ def render_card(config: NestedAdapterConfig, card: AdapterCard | None = None) ->
     ]
     if card.training:
         sections += ["## Training", _table(card.training)]
-    sections += ["## Metrics", _table(card.metrics) if card.metrics else "Not measured for this adapter."]
+    sections += ["## Metrics", _table(card.metrics) if card.metrics else
+                 "Not measured yet (`nested-attention evaluate ... --card` adds what it measures)."]
     sections += ["## Usage", "\n".join([
         "```python",
         "from diffusers import DiffusionPipeline",
@@ -78,6 +80,35 @@ def render_card(config: NestedAdapterConfig, card: AdapterCard | None = None) ->
         "```",
     ])]
     return f"---\n{metadata.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
+
+
+def _rows(section: str) -> dict[str, str]:
+    """The `| key | value |` rows of a table `_table` wrote (its header rows left out)."""
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 2 and cells[0] and not set(cells[1]) <= set("-: "):
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def add_metrics(directory: str | Path, metrics: dict[str, object]) -> Path:
+    """Add measured `metrics` to the model card in `directory` (rows with the same name are replaced).
+
+    The card must be one `save_pretrained` wrote; its Metrics section becomes the merged table.
+    """
+    path = Path(directory) / CARD_NAME
+    text = path.read_text() if path.is_file() else ""
+    head, found, rest = text.partition("\n## Metrics\n")
+    body, usage, tail = rest.partition("\n## Usage\n")
+    if not (found and usage):
+        raise NestedAttentionError(
+            f"{path} is not a model card that save_pretrained wrote (no Metrics and Usage sections); save the adapter "
+            f"with save_pretrained first."
+        )
+    merged = {**_rows(body), **{str(k): v for k, v in metrics.items()}}
+    ModelCard(f"{head}\n## Metrics\n\n{_table(merged)}\n{usage}{tail}").save(path)
+    return path
 
 
 def write_card(directory: str | Path, config: NestedAdapterConfig, card: AdapterCard | None = None) -> Path:

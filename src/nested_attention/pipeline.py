@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import NestedAdapter
-from .binding import pipeline_tokenizers, warn_if_truncated, word_positions, word_token_id
+from .attach import PlainCalls
+from .binding import pipeline_tokenizers, warn_if_truncated, window_positions, word_positions, word_token_id
 from .call_checks import check_call
 from .controller import NestedAttentionController, install
 from .embeds import positions_for_embeds
@@ -29,7 +30,7 @@ class LoadedAdapter:
     scale: dict[str, float] | None = None  # strength per layer (None: 1 everywhere)
 
 
-class NestedAttention:
+class NestedAttention(PlainCalls):
     """Nested Attention personalization installed on an unmodified diffusers pipeline.
 
     Works with `StableDiffusionPipeline`, `StableDiffusionXLPipeline` and any pipeline whose `unet` is a
@@ -40,6 +41,8 @@ class NestedAttention:
         >>> na = NestedAttention(pipe)
         >>> na.load_adapter("my-person-adapter", word="person")
         >>> image = na("a person surfing, watercolor", subjects={"person": Subject("me.jpg", lam=1.5)}).images[0]
+        >>> na.set_subjects({"person": Subject("me.jpg")})   # or set them once: plain pipe(...) calls use them
+        >>> image = pipe("a person reading").images[0]
         >>> na.uninstall()
     """
 
@@ -57,6 +60,7 @@ class NestedAttention:
             raise NestedAttentionError("The given controller is installed on another UNet than this pipeline's.")
         self.controller: NestedAttentionController = controller or install(unet)
         self.adapters: dict[str, LoadedAdapter] = {}
+        self._init_plain_calls(pipe)
 
     # ---- adapters ------------------------------------------------------------------------------------------
 
@@ -105,9 +109,16 @@ class NestedAttention:
         self._check_word(word.strip(), exclude=name)
         self.adapters[name].word = word.strip()
 
-    def token_positions(self, name: str, prompt: str) -> list[int]:
-        """The positions of adapter `name`'s word in `prompt` as the pipeline tokenizes it (for `subject_positions`)."""
-        return word_positions(self.tokenizers, prompt, self._get(name).word)
+    def token_positions(self, name: str, prompt: str, windows: bool = False) -> list[int]:
+        """The positions of adapter `name`'s word in `prompt` as the pipeline tokenizes it (for `subject_positions`).
+
+        With `windows=True`, in the layout of long-prompt helpers (compel with `truncate_long_prompts=False`,
+        `lpw` pipelines): the prompt's tokens in windows of `model_max_length - 2`, each window with its own
+        start and end token, concatenated (77 embeddings per window for CLIP); nothing is cut.
+        """
+        word = self._get(name).word
+        find = window_positions if windows else word_positions
+        return find(self.tokenizers, prompt, word)
 
     def set_scale(self, name: str, scale: float | dict) -> None:
         """The strength of adapter `name`, from 0 (exactly the base model) to 1 (the adapter as trained, the default).
@@ -129,11 +140,13 @@ class NestedAttention:
     def unload_adapter(self, name: str) -> None:
         self._get(name)
         del self.adapters[name]
+        self.subjects.pop(name, None)
 
     def uninstall(self) -> None:
-        """Restore the UNet's original processors and drop the adapters."""
+        """Restore the UNet's original processors and the pipelines' own methods, and drop the adapters."""
         self.controller.uninstall()
         self.adapters.clear()
+        self.detach()
 
     def reinstall(self) -> None:
         """After `set_attn_processor` / xformers replaced processors: wrap the new ones and keep nesting."""
@@ -254,9 +267,12 @@ class NestedAttention:
                 f"No adapter is loaded under the name(s) {unknown}; loaded: {sorted(self.adapters)}."
             )
         unet = self.pipe.unet
-        for loaded in self.adapters.values():  # follow the pipeline if it moved (pipe.to) since loading
+        # follow the pipeline if it moved (pipe.to) since loading; under model CPU offload the UNet sits on the CPU
+        # between calls, so encode where it will run (diffusers' execution device), not per layer at every step
+        device = getattr(self.pipe, "_execution_device", unet.device)
+        for loaded in self.adapters.values():
             if loaded.follow_pipeline:
-                loaded.adapter.to(device=unet.device, dtype=unet.dtype)
+                loaded.adapter.to(device=device, dtype=unet.dtype)
         rows = len(prompts) * num_images_per_prompt
         text_length = text_length or self.tokenizers[0].model_max_length
         bound = []
@@ -321,6 +337,13 @@ class NestedAttention:
         """
         self.controller.check_installed()
         prompts = check_call(self.pipe, prompt, num_images_per_prompt, pipe_kwargs)
+        self._in_call = True
+        try:
+            return self._generate(prompt, prompts, subjects, num_images_per_prompt, subject_positions, pipe_kwargs)
+        finally:
+            self._in_call = False
+
+    def _generate(self, prompt, prompts, subjects, num_images_per_prompt, subject_positions, pipe_kwargs):
         if prompts is None:
             names = list(subjects) if isinstance(subjects, Mapping) else []
             count, length, positions = positions_for_embeds(self.pipe, subject_positions, names, pipe_kwargs)

@@ -83,6 +83,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (resumed if it exists)")
+    parser.add_argument("--card", action="store_true",
+                        help="add the measured summary to each --adapter folder's model card (README.md)")
     parser.set_defaults(run=run)
 
 
@@ -98,9 +100,10 @@ def parse_adapter(text: str) -> tuple[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     from nested_attention.adapter import NestedAdapter
+    from nested_attention.card import add_metrics
     from nested_attention.images import load_image
     from nested_attention_eval.harness import Evaluator, Plan, Setting, fill_word, load_subjects, read_prompts
-    from nested_attention_eval.report import write_reports
+    from nested_attention_eval.report import card_metrics, write_reports
     from nested_attention_eval.scorers import identity_embedder, prompt_scorer
 
     if not args.adapter and not args.baseline:
@@ -111,6 +114,13 @@ def run(args: argparse.Namespace) -> int:
     subject_files = load_subjects(args.subjects)
     prompts = read_prompts(args.prompts)
     named = [parse_adapter(a) for a in args.adapter]
+    if args.card:
+        not_folders = [path for _, path in named if not Path(path).is_dir()]
+        if not_folders:
+            raise NestedAttentionError(
+                f"--card writes into adapter folders, and --adapter {not_folders[0]} is not one (a shipped or random "
+                f"adapter); copy the adapter to a folder first, or leave out --card."
+            )
     source = model_source(args.model)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -153,4 +163,7 @@ def run(args: argparse.Namespace) -> int:
     written = write_reports(records, args.out)
     for kind, path in written.items():
         print(f"{kind}: {path}")
+    if args.card:
+        for name, path in named:
+            print(f"card: {add_metrics(path, card_metrics(records, name, args.subjects.name))}")
     return 0

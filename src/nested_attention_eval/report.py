@@ -100,6 +100,20 @@ def write_html(records: list[dict], rows: list[dict], path: Path, title: str = "
     path.write_text("\n".join(parts) + "\n")
 
 
+def card_metrics(records: list[dict], setting: str, subjects: str) -> dict[str, float]:
+    """A setting's summary as model-card rows (`nested_attention.card.add_metrics`), the base model's beside it."""
+    metrics = {}
+    for row in summarize(records):
+        if row["setting"] not in (setting, "base model"):
+            continue
+        who = "" if row["setting"] == setting else "base model, "
+        lam = "" if row["setting"] != setting else f"lambda {row['lam']:g}, "
+        for column, value in row.items():
+            if column not in ("setting", "lam", "images") and value is not None:
+                metrics[f"{column} ({who}{lam}{row['images']} images of {subjects})"] = round(value, 4)
+    return metrics
+
+
 def write_reports(records: list[dict], out: Path, title: str = "nested attention evaluation") -> dict[str, Path]:
     """summary.csv, tradeoff.png (when there are identity and prompt scores) and index.html in ``out``."""
     out = Path(out)

@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +204,7 @@ def run_training(config: TrainConfig, accelerator: Accelerator) -> Path:
 
     progress = tqdm(total=max_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train")
     window_start, window_samples = time.perf_counter(), 0
+    recent_losses: deque[float] = deque(maxlen=config.log_every)  # for the model card
     while state.step < max_steps:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(state.epoch)
@@ -240,6 +242,7 @@ def run_training(config: TrainConfig, accelerator: Accelerator) -> Path:
             state.step += 1
             progress.update(1)
             mean_loss = accelerator.gather(loss.detach()[None]).mean().item()
+            recent_losses.append(mean_loss)
             if state.step % config.log_every == 0 or state.step == max_steps:
                 elapsed = time.perf_counter() - window_start
                 logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0],
@@ -264,22 +267,33 @@ def run_training(config: TrainConfig, accelerator: Accelerator) -> Path:
 
     final = output_dir / "adapter"
     if accelerator.is_main_process:
-        card = AdapterCard(base_model=config.pretrained_model, training={
-            "data": config.data,
-            "records": "streamed (WebDataset)" if streaming else len(dataset),
-            "skipped samples": state.skipped,
-            "optimizer steps": state.step,
-            "batch size": config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
-            "learning rate": config.learning_rate,
-            "resolution": config.resolution,
-            "seed": config.seed,
-        })
+        card = AdapterCard(base_model=config.pretrained_model, training=card_training(
+            config, "streamed (WebDataset)" if streaming else len(dataset), state,
+            config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps, recent_losses))
         adapter.save_pretrained(final, save_image_encoder=save_image_encoder, card=card)
         logger.info("exported the adapter to %s (skipped samples: %d)", final, state.skipped)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     controller.uninstall()
     return final
+
+
+def card_training(config: TrainConfig, records, state: TrainState, batch_size: int, recent_losses) -> dict:
+    """The model card's training table: the data, the run, the loss recipe where it is not plain, the final loss."""
+    table = {
+        "data": config.data, "records": records, "skipped samples": state.skipped, "optimizer steps": state.step,
+        "batch size": batch_size, "learning rate": config.learning_rate, "resolution": config.resolution,
+        "seed": config.seed,
+    }
+    if config.subject_loss_weight is not None:
+        table["subject loss weight"] = config.subject_loss_weight
+    if config.snr_gamma is not None:
+        table["min-SNR gamma"] = config.snr_gamma
+    if config.timestep_bias_strategy != "none":
+        table["timestep bias"] = f"{config.timestep_bias_strategy}, x{config.timestep_bias_multiplier}"
+    if recent_losses:
+        table[f"final loss (mean of the last {len(recent_losses)} steps)"] = round(float(np.mean(recent_losses)), 5)
+    return table
 
 
 def check_replicas_agree(accelerator: Accelerator, adapter) -> None:

@@ -47,6 +47,7 @@ def validation_grid(
     finally:
         adapter.train()
         na.unload_adapter(VALIDATION_NAME)
+        na.detach()  # the trainer's controller stays installed; the pipeline's own methods come back
 
 
 def save_grid(grid: Image.Image, output_dir: Path, step: int) -> Path:
