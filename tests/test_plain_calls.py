@@ -118,10 +118,12 @@ def test_detach_restores_the_pipeline_and_one_handle_attaches_it_at_a_time(sd_pi
             NestedAttention(sd_pipe, controller=na.controller)
         na.detach()
         assert "encode_prompt" not in vars(sd_pipe) and not sd_pipe.text_encoder._forward_pre_hooks
+        na.load_adapter(make_adapter(sd_pipe.unet))
+        with pytest.raises(NestedAttentionError, match="No pipeline is attached"):
+            na.set_subjects({"person": Subject(subject_image(0))})
         for _ in range(2):
             NestedAttention(sd_pipe, controller=na.controller).detach()
         na.attach(sd_pipe)
-        na.load_adapter(make_adapter(sd_pipe.unet))
         na.set_subjects({"person": Subject(subject_image(0))})
         assert differs(latents(sd_pipe, PROMPTS[0], STEPS), latents(na, PROMPTS[0], STEPS, subjects={}))
     finally:

@@ -146,6 +146,11 @@ class PlainCalls:
         {}) makes plain calls the base model again; `na(...)` calls always use their own `subjects`.
         """
         given = dict(subjects or {})
+        if given and not self._attachments:
+            raise NestedAttentionError(
+                "No pipeline is attached (detach() was called), so no plain call would use these subjects; call "
+                "na.attach(pipe) first."
+            )
         for name, subject in given.items():
             if not isinstance(subject, (Subject, EncodedSubject)):
                 raise NestedAttentionError(

@@ -29,6 +29,8 @@ examples:
       --adapter adapters/person --image me.jpg --prompt "a watercolor painting of a person"
   nested-attention evaluate --model toy --adapter toy-person --baseline \\
       --subjects subjects/ --prompts prompts.txt --lam 1 2 3 --out eval/
+  nested-attention explain --model toy --adapter toy-person --image me.png \\
+      --prompt "a photo of a person at the beach" --out explain/
   nested-attention generate --help
 
 Errors in the input are reported as one line starting with "error:" (exit code 2).
@@ -68,7 +70,8 @@ def show_library_warnings() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with its `generate` and `demo` sub-commands."""
-    from . import data, demo, evaluate, generate, toy  # after quiet_libraries(): these import diffusers' pipelines
+    # after quiet_libraries(): these import diffusers' pipelines
+    from . import data, demo, evaluate, explain, generate, toy
 
     parser = argparse.ArgumentParser(
         prog="nested-attention",
@@ -81,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(commands)
     demo.add_parser(commands)
     evaluate.add_parser(commands)
+    explain.add_parser(commands)
     toy.add_parser(commands)
     data.add_parser(commands)
     commands.add_parser("train", help="train an adapter on your triplets (nested-attention train --help)",
