@@ -8,8 +8,8 @@ import torch
 from conftest import make_adapter, subject_image
 from nested_attention import NestedAttention, NestedAttentionError, Subject
 from nested_attention.explain import explain_layer, query_attention_maps
-from nested_attention_cli.explain_sheet import summary
 from nested_attention_cli.main import main
+from nested_attention_eval.explain_sheet import summary
 
 PROMPT = "a photo of a person at the beach"
 

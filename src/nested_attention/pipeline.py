@@ -105,9 +105,24 @@ class NestedAttention(PlainCalls):
 
     def set_word(self, name: str, word: str) -> None:
         """Bind a loaded adapter to another word (semantic variation: "woman", "child" for a person adapter)."""
-        self._get(name)
-        self._check_word(word.strip(), exclude=name)
-        self.adapters[name].word = word.strip()
+        self.set_words({name: word})
+
+    def set_words(self, words: Mapping[str, str]) -> None:
+        """Bind several adapters to new words at once (all or none), e.g. swapping two adapters' words."""
+        words = {name: word.strip() for name, word in words.items()}
+        for name in words:
+            self._get(name)
+        final = {name: words.get(name, loaded.word) for name, loaded in self.adapters.items()}
+        for name, word in words.items():
+            for tokenizer in self.tokenizers:
+                word_token_id(tokenizer, word)
+            clash = next((other for other in final if other != name and final[other].lower() == word.lower()), None)
+            if clash is not None:
+                raise NestedAttentionError(
+                    f"Adapter {clash!r} would also be bound to {word!r}; bind each subject to its own word."
+                )
+        for name, word in words.items():
+            self.adapters[name].word = word
 
     def token_positions(self, name: str, prompt: str, windows: bool = False) -> list[int]:
         """The positions of adapter `name`'s word in `prompt` as the pipeline tokenizes it (for `subject_positions`).

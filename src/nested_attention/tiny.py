@@ -29,6 +29,7 @@ from transformers import (
     CLIPVisionModel,
 )
 
+from .adapter import NestedAdapter
 from .encoder import CLIPImageProcessor
 
 TINY_WORDS = (
@@ -172,3 +173,9 @@ def tiny_image_encoder(seed: int = 0, image_size: int = 32) -> tuple[CLIPVisionM
 TINY_ADAPTER_CONFIG = dict(
     num_queries=8, qformer_hidden_size=32, qformer_layers=2, qformer_heads=4, qformer_intermediate_size=64
 )
+
+
+def random_adapter(unet: torch.nn.Module, seed: int = 0, word: str = "person") -> NestedAdapter:
+    """A fresh, UNTRAINED adapter for `unet` with the tiny image encoder: for plumbing checks only."""
+    encoder, processor = tiny_image_encoder(seed=seed)
+    return NestedAdapter.for_unet(unet, encoder, image_processor=processor, word=word, **TINY_ADAPTER_CONFIG)

@@ -78,8 +78,7 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nested_attention.explain import explain_layer, query_attention_maps
-
-    from .explain_sheet import draw_sheet, summary
+    from nested_attention_eval.explain_sheet import draw_sheet, summary
 
     check_writable(args.out, "--out")
     source = model_source(args.model)

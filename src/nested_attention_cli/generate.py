@@ -19,7 +19,7 @@ from nested_attention.pipeline import NestedAttention
 from nested_attention.sources import ADAPTER, MODEL, find, resolve
 from nested_attention.sources import load_pipeline as load_base_pipeline
 from nested_attention.subject import Subject
-from nested_attention.tiny import TINY_ADAPTER_CONFIG, tiny_image_encoder
+from nested_attention.tiny import random_adapter
 
 from .options import (
     DTYPES,
@@ -288,12 +288,6 @@ def adapter_source(adapter: str) -> str:
         return resolve(ADAPTER, adapter)
     except NestedAttentionError as error:
         raise NestedAttentionError(f"--adapter {adapter}: {error}") from None
-
-
-def random_adapter(unet: torch.nn.Module, seed: int = 0, word: str = RANDOM_ADAPTER_WORD) -> NestedAdapter:
-    """A fresh, UNTRAINED adapter for `unet` with the tiny image encoder: for plumbing checks only."""
-    encoder, processor = tiny_image_encoder(seed=seed)
-    return NestedAdapter.for_unet(unet, encoder, image_processor=processor, word=word, **TINY_ADAPTER_CONFIG)
 
 
 def check_distinct_words(specs: list[SubjectSpec], adapters: list[NestedAdapter | None]) -> None:

@@ -31,6 +31,7 @@ examples:
       --subjects subjects/ --prompts prompts.txt --lam 1 2 3 --out eval/
   nested-attention explain --model toy --adapter toy-person --image me.png \\
       --prompt "a photo of a person at the beach" --out explain/
+  nested-attention ui                      # the web app, on the toy model
   nested-attention generate --help
 
 Errors in the input are reported as one line starting with "error:" (exit code 2).
@@ -71,7 +72,7 @@ def show_library_warnings() -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with its `generate` and `demo` sub-commands."""
     # after quiet_libraries(): these import diffusers' pipelines
-    from . import data, demo, evaluate, explain, generate, toy
+    from . import data, demo, evaluate, explain, generate, toy, ui
 
     parser = argparse.ArgumentParser(
         prog="nested-attention",
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(commands)
     evaluate.add_parser(commands)
     explain.add_parser(commands)
+    ui.add_parser(commands)
     toy.add_parser(commands)
     data.add_parser(commands)
     commands.add_parser("train", help="train an adapter on your triplets (nested-attention train --help)",
