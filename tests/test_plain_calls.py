@@ -129,3 +129,19 @@ def test_detach_restores_the_pipeline_and_one_handle_attaches_it_at_a_time(sd_pi
     finally:
         na.uninstall()
     assert "encode_prompt" not in vars(sd_pipe) and not sd_pipe.text_encoder._forward_pre_hooks
+
+
+def test_set_words_swaps_words_at_once_or_changes_nothing(sd_pipe):
+    na = NestedAttention(sd_pipe)
+    try:
+        na.load_adapter(make_adapter(sd_pipe.unet, word="person"))
+        na.load_adapter(make_adapter(sd_pipe.unet, seed=1, word="pet"))
+        na.set_words({"person": "pet", "pet": "person"})  # one at a time, either order would clash
+        assert (na.adapters["person"].word, na.adapters["pet"].word) == ("pet", "person")
+        with pytest.raises(NestedAttentionError, match="would also be bound to 'person'"):
+            na.set_words({"person": "person"})
+        with pytest.raises(NestedAttentionError, match="split by the tokenizer"):
+            na.set_words({"person": "dog", "pet": "dachshund"})
+        assert (na.adapters["person"].word, na.adapters["pet"].word) == ("pet", "person")  # nothing changed
+    finally:
+        na.uninstall()
