@@ -28,19 +28,21 @@ def sd_na(sd_pipe):
     na.uninstall()
 
 
-def test_the_recorded_layer_keeps_the_method_s_invariants(sd_na):
-    sd_na.load_adapter(make_adapter(sd_na.pipe.unet))
-    image, explained = record(sd_na, images=(0, 1))
+def test_the_recorded_layer_keeps_the_method_s_invariants(pipe, na):
+    """On SD and SDXL (two text encoders, added conditions) alike."""
+    pipe.set_progress_bar_config(disable=True)
+    na.load_adapter(make_adapter(pipe.unet))
+    image, explained = record(na, images=(0, 1))
     h, w = explained.grid
-    tokens = 2 * sd_na.adapters["person"].adapter.config.num_queries  # two images: their tokens concatenated
+    tokens = 2 * na.adapters["person"].adapter.config.num_queries  # two images: their tokens concatenated
     assert image.size == (32, 32) and explained.nested_maps.shape == (h * w, tokens)
     torch.testing.assert_close(explained.nested_maps.sum(-1), torch.ones(h * w))  # a softmax per pixel
     assert bool(((explained.share >= 0) & (explained.share <= 1 + 1e-6)).all())
     # the norm regularization: per head |v*_q| = alpha |V[s*]|, so over the concatenated heads too, at every pixel
-    alpha = sd_na.adapters["person"].adapter.config.alpha
+    alpha = na.adapters["person"].adapter.config.alpha
     norms = explained.subject_values.norm(dim=-1)
     torch.testing.assert_close(norms, torch.full_like(norms, alpha * float(explained.vanilla_value.norm())))
-    assert explained.step == 1 and explained.timestep == int(sd_na.pipe.scheduler.timesteps[1])
+    assert explained.step == 1 and explained.timestep == int(pipe.scheduler.timesteps[1])
 
 
 def test_lambda_raises_the_word_s_share_where_nothing_else_changed(sd_na):
