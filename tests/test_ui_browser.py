@@ -1,5 +1,5 @@
 """The web UI in a real browser (headless Chromium driven by Selenium): upload a subject, type a prompt, generate,
-see the images; a prompt without the subject word shows the message. Slow (the toy model generates for real);
+see the images, compare and explain; a prompt without the subject word shows the message. Slow (the toy model generates for real);
 needs Debian's `chromium` and `chromium-driver`: `apt-get install chromium chromium-driver`, then
 `python -m pytest -m slow tests/test_ui_browser.py`. With NA_UI_SCREENSHOT=FILE it saves the app, generated."""
 
@@ -69,9 +69,15 @@ def test_upload_prompt_generate_and_a_missing_word(app_url, browser):
     wait.until(lambda _: len(browser.find_elements(By.CSS_SELECTOR, "#gallery img")) >= 2)
     if os.environ.get("NA_UI_SCREENSHOT"):
         browser.save_screenshot(os.environ["NA_UI_SCREENSHOT"])
+    for tab, button, result, count in (("Compare", "compare", "#compare-gallery img", 5),
+                                       ("Explain", "explain", "#explain-sheet img", 1)):
+        browser.find_element(By.XPATH, f"//button[@role='tab' and normalize-space()='{tab}']").click()
+        wait.until(ready.element_to_be_clickable((By.ID, button))).click()
+        wait.until(lambda _, result=result, count=count: len(browser.find_elements(By.CSS_SELECTOR, result)) >= count)
     prompt.send_keys(Keys.CONTROL, "a")
     prompt.send_keys("a photo of a dog at the beach")
     wait.until(lambda _: "does not contain the subject word 'person'" in status.text)
-    browser.find_element(By.CSS_SELECTOR, "#generate").click()  # refused with the same sentence, no traceback
+    browser.find_element(By.XPATH, "//button[@role='tab' and normalize-space()='Generate']").click()
+    wait.until(ready.element_to_be_clickable((By.ID, "generate"))).click()  # refused with the sentence, no traceback
     wait.until(lambda _: "does not contain the subject word" in browser.find_element(By.TAG_NAME, "body").text
                and "Traceback" not in browser.page_source)

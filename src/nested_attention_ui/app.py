@@ -123,13 +123,13 @@ def build_app(session: UISession, examples: dict[str, str], toy: bool = False, p
                             + ", all with the first seed.")
                 go = gr.Button("Compare", elem_id="compare")
                 table = gr.Gallery(label="compare", columns=len(COMPARE_LAMBDAS) + 1, fit_columns=False, height=300,
-                                   object_fit="contain")
+                                   object_fit="contain", elem_id="compare-gallery")
                 go.click(shown(compare), [text, *components, *settings], table, concurrency_id="gpu")
             with gr.Tab("Explain"):
                 gr.Markdown("What nested attention does inside one layer, for the first enabled subject "
                             "(docs/explain.md).")
                 go = gr.Button("Explain", elem_id="explain")
-                sheet, numbers = gr.Image(label="explain sheet"), gr.JSON(label="numbers")
+                sheet, numbers = gr.Image(label="explain sheet", elem_id="explain-sheet"), gr.JSON(label="numbers")
                 go.click(shown(explain), [text, *components, *settings], [sheet, numbers], concurrency_id="gpu")
     return app
 
