@@ -137,7 +137,9 @@ def explain_layer(na, name: str, subject: Subject, prompt: str, layer: str | Non
     Returns:
         (the generated image, its LayerExplanation).
     """
-    adapter = na._get(name).adapter
+    if name not in na.adapters:
+        raise NestedAttentionError(f"No adapter named {name!r} is loaded; loaded: {sorted(na.adapters)}.")
+    adapter = na.adapters[name].adapter
     if adapter.config.mechanism != "nested":
         raise NestedAttentionError(
             f"Adapter {name!r} uses the {adapter.config.mechanism} mechanism; explain shows nested attention maps, "
