@@ -91,22 +91,27 @@ def build_app(session: UISession, examples: dict[str, str], toy: bool = False, p
                 count = gr.Slider(1, MAX_COUNT, value=2, step=1, label="images")
         settings = [negative, seed, steps, guidance, count]
 
+        def request(values):
+            """The values after the prompt: FIELDS per subject, then the settings."""
+            cut = len(values) - len(settings)
+            return subject_inputs(list(values[:cut]), examples), settings_of(*values[cut:])
+
         def check(prompt_text, *values):
             message = session.check_prompt(prompt_text, subject_inputs(list(values), examples))
             return f"**Not yet:** {message}" if message else "Ready: every enabled subject's word is in the prompt."
 
         def generate(prompt_text, *values, progress=gr.Progress()):  # noqa: B008 (how Gradio injects progress)
-            inputs, options = subject_inputs(list(values[: -len(settings)]), examples), settings_of(*values[-len(settings):])
+            inputs, options = request(values)
             images = session.generate(prompt_text, inputs, options, progress=lambda f: progress(f, desc="generating"))
             return [for_display(image) for image in images]
 
         def compare(prompt_text, *values, progress=gr.Progress()):  # noqa: B008
-            inputs, options = subject_inputs(list(values[: -len(settings)]), examples), settings_of(*values[-len(settings):])
+            inputs, options = request(values)
             results = session.compare(prompt_text, inputs, options, progress=lambda f: progress(f, desc="comparing"))
             return [(for_display(image), caption) for image, caption in results]
 
         def explain(prompt_text, *values):
-            inputs, options = subject_inputs(list(values[: -len(settings)]), examples), settings_of(*values[-len(settings):])
+            inputs, options = request(values)
             return session.explain(prompt_text, inputs, options)
 
         for component in [text, *components]:

@@ -89,9 +89,10 @@ class UISession:
         self.na = NestedAttention(self.pipe)
         self.names = []
         for i, source in enumerate(adapters):
-            adapter = resolve(ADAPTER, source) if find(ADAPTER, source) is not None else source
             if source == RANDOM:
                 adapter = random_adapter(self.pipe.unet, seed=i, word=RANDOM_WORDS[i % len(RANDOM_WORDS)])
+            else:
+                adapter = resolve(ADAPTER, source) if find(ADAPTER, source) is not None else source
             self.names.append(self.na.load_adapter(adapter, name=None if source != RANDOM else f"random-{i}"))
         self.trained_words = {name: self.na.adapters[name].word for name in self.names}
 
