@@ -20,9 +20,8 @@ tiny CLIPModel, an AutoencoderKL and a UNet2DConditionModel (saved together as
 a standard StableDiffusionPipeline folder), and the metric models (identity
 networks, prompt-factor classifier); then measure them on held-out identities.
 
-The shipped recipe takes about an hour on a 2-core CPU (build.json records
-every stage's wall time). --smoke runs the same path at a tiny size in
-seconds.
+build.json records every stage's wall time (the shipped build's is in
+docs/toyworld.md). --smoke runs the same path at a tiny size in seconds.
 
 An interrupted build (a crash, Ctrl-C, a time limit) goes on with --resume:
 finished stages are kept and the UNet stage continues from its last saved

@@ -36,7 +36,7 @@ class BuildSize:
     # attention writes into that word's value, which reaches only the pixels that attend to it
     grounding_weight: float = 0.1
     # fraction of target and input captions that also name a few of the subject's attributes before the subject word
-    # (world.described_caption): what teaches the UNet to draw appearance from the subject word's embedding
+    # (world.described_caption), as real captions do
     describe_rate: float = 0.5
     # learning rate of the pipeline's text encoder (it starts as CLIP's text tower) trained with the UNet; 0 keeps it
     # frozen (CLIP's contrastive training keeps only the words its small vision tower could tell apart)
