@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from nested_attention_train.checkpoints import load_optimizer, save_optimizer
+
 from .loop import LossLog
 
 STATE = "state.json"
@@ -33,7 +35,6 @@ def saved_progress(folder: Path) -> tuple[int, float]:
 def save_state(folder: Path, models: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, schedule,
                generator: torch.Generator, log: LossLog, step: int, seconds: float) -> None:
     """Write everything a loop needs to go on after ``step`` steps (``seconds`` of training so far) to ``folder``."""
-    from nested_attention_train.checkpoints import save_optimizer
 
     folder = Path(folder)
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
@@ -57,7 +58,6 @@ def save_state(folder: Path, models: dict[str, torch.nn.Module], optimizer: torc
 def load_state(folder: Path, models: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, schedule,
                generator: torch.Generator, log: LossLog) -> tuple[int, float]:
     """Restore what `save_state` wrote into the given objects; returns (step, seconds)."""
-    from nested_attention_train.checkpoints import load_optimizer
 
     folder = Path(folder)
     tensors = load_file(str(folder / "models.safetensors"))
