@@ -1,6 +1,6 @@
 """The web UI in a real browser (headless Chromium driven by Selenium): upload a subject, type a prompt, generate,
-see the images, compare and explain; a prompt without the subject word shows the message. Slow (the toy model generates for real);
-needs Debian's `chromium` and `chromium-driver`: `apt-get install chromium chromium-driver`, then
+see the images, compare and explain; a prompt without the subject word shows the message. Slow (the toy model
+generates for real); needs Debian's `chromium` and `chromium-driver`: `apt-get install chromium chromium-driver`, then
 `python -m pytest -m slow tests/test_ui_browser.py`. With NA_UI_SCREENSHOT=FILE it saves the app, generated."""
 
 import os

@@ -35,7 +35,6 @@ def saved_progress(folder: Path) -> tuple[int, float]:
 def save_state(folder: Path, models: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, schedule,
                generator: torch.Generator, log: LossLog, step: int, seconds: float) -> None:
     """Write everything a loop needs to go on after ``step`` steps (``seconds`` of training so far) to ``folder``."""
-
     folder = Path(folder)
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -58,7 +57,6 @@ def save_state(folder: Path, models: dict[str, torch.nn.Module], optimizer: torc
 def load_state(folder: Path, models: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, schedule,
                generator: torch.Generator, log: LossLog) -> tuple[int, float]:
     """Restore what `save_state` wrote into the given objects; returns (step, seconds)."""
-
     folder = Path(folder)
     tensors = load_file(str(folder / "models.safetensors"))
     for name, model in models.items():
