@@ -202,6 +202,26 @@ def test_exported_adapter_generates_through_the_cli(triplets, tmp_path, capsys):
     assert code == 0 and out.is_file()
 
 
+def test_encoder_learning_rate_is_its_own_group(triplets, tmp_path):
+    """`encoder_learning_rate` gives the Q-Former and its queries their own rate: at 0 they leave two steps exactly
+    as they started (AdamW's decoupled weight decay is scaled by the rate too) while every projection moves."""
+    overrides = [f"data={triplets}", "encoder_learning_rate=0"]
+    assert run(*overrides, f"output_dir={tmp_path}", "max_steps=2") == 0
+    config = load_config(TINY, overrides)
+    fresh = load_adapter(config, load_base_model(config).pipe.unet).adapter_state_dict()  # the run's start (same seed)
+    trained = NestedAdapter.from_pretrained(tmp_path / "adapter").adapter_state_dict()
+    encoder = [k for k in fresh if k.startswith("encoder.")]
+    projections = [k for k in fresh if k.startswith("layers.")]
+    assert encoder and projections and len(encoder) + len(projections) == len(fresh)
+    assert all(torch.equal(fresh[k], trained[k]) for k in encoder)
+    assert not any(torch.equal(fresh[k], trained[k]) for k in projections)
+
+
+def test_bad_encoder_learning_rate_is_one_error_line(capsys):
+    assert run("data=x", "encoder_learning_rate=-1") == 2
+    assert "`encoder_learning_rate` is -1.0; expected a finite number of at least 0 or null" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind", ["decoupled", "simple", "global_v", "multi_token"])
 def test_rival_mechanism_trains_by_one_config_field(triplets, tmp_path, kind):
     """`mechanism=X` on the command line trains that mechanism: every projection gets a gradient, two steps move

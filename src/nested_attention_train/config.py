@@ -60,6 +60,7 @@ class TrainConfig:
     train_batch_size: int = 8  # per process
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
+    encoder_learning_rate: float | None = None  # the Q-Former and its queries; null: learning_rate for everything
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -143,6 +144,12 @@ class TrainConfig:
                 problems.append(f"`{name}` is {value}; expected {expected}")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             problems.append(f"`max_grad_norm` is {self.max_grad_norm}; expected a finite number above 0")
+        if self.encoder_learning_rate is not None and not (
+            math.isfinite(self.encoder_learning_rate) and self.encoder_learning_rate >= 0
+        ):
+            problems.append(
+                f"`encoder_learning_rate` is {self.encoder_learning_rate}; expected a finite number of at least 0 or null"
+            )
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
             problems.append(f"`alpha` is {self.alpha}; expected a positive finite number or null")
         if self.subject_loss_weight is not None and not (

@@ -79,3 +79,12 @@ def load_adapter(config: TrainConfig, unet: torch.nn.Module) -> NestedAdapter:
             unet, image_encoder, config.image_encoder, image_processor=processor, **config.adapter_kwargs
         )
     return adapter.float().train()
+
+
+def parameter_groups(adapter: NestedAdapter, config: TrainConfig) -> list[dict]:
+    """The optimizer's parameter groups: one at `learning_rate`, or, with `encoder_learning_rate` set, the subject
+    encoder (Q-Former and queries) at that rate and the per-layer nested projections at `learning_rate`."""
+    if config.encoder_learning_rate is None:
+        return [{"params": adapter.trainable_parameters()}]
+    encoder = [p for name, p in adapter.encoder.named_parameters() if not name.startswith("image_encoder.")]
+    return [{"params": list(adapter.layers.parameters())}, {"params": encoder, "lr": config.encoder_learning_rate}]

@@ -27,7 +27,7 @@ from nested_attention.paths import check_writable
 from . import data
 from .checkpoints import TrainState, load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from .config import TrainConfig, load_config, save_config
-from .models import BaseModel, load_adapter, load_base_model, named_image_encoder
+from .models import BaseModel, load_adapter, load_base_model, named_image_encoder, parameter_groups
 from .preflight import check_records
 from .step import NestedTrainingModule
 from .timesteps import timestep_weights
@@ -166,7 +166,7 @@ def run_training(config: TrainConfig, accelerator: Accelerator) -> Path:
     )
     module = NestedTrainingModule(adapter, base, controller, weights, config.snr_gamma, config.subject_loss_weight)
     optimizer = torch.optim.AdamW(
-        adapter.trainable_parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        parameter_groups(adapter, config), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.weight_decay, eps=config.adam_epsilon,
     )
     loader, dataset = build_dataloader(config, base, adapter.image_processor, accelerator.num_processes)
