@@ -217,9 +217,25 @@ def test_encoder_learning_rate_is_its_own_group(triplets, tmp_path):
     assert not any(torch.equal(fresh[k], trained[k]) for k in projections)
 
 
-def test_bad_encoder_learning_rate_is_one_error_line(capsys):
+def test_key_init_gain_scales_only_the_fresh_keys(triplets):
+    """`key_init_gain` multiplies a fresh adapter's nested key projections and nothing else (4 is a power of two, so
+    the product is exact)."""
+    def fresh(*overrides):
+        config = load_config(TINY, [f"data={triplets}", *overrides])
+        return load_adapter(config, load_base_model(config).pipe.unet).adapter_state_dict()
+
+    plain, scaled = fresh(), fresh("key_init_gain=4")
+    keys = [k for k in plain if k.endswith("to_k.weight")]
+    assert keys and plain.keys() == scaled.keys()
+    assert all(torch.equal(scaled[k], 4 * plain[k]) for k in keys)
+    assert all(torch.equal(scaled[k], plain[k]) for k in plain if k not in keys)
+
+
+def test_bad_learning_rate_or_key_gain_is_one_error_line(capsys):
     assert run("data=x", "encoder_learning_rate=-1") == 2
     assert "`encoder_learning_rate` is -1.0; expected a finite number of at least 0 or null" in capsys.readouterr().err
+    assert run("data=x", "key_init_gain=0") == 2
+    assert "`key_init_gain` is 0.0; expected a positive finite number, e.g. 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["decoupled", "simple", "global_v", "multi_token"])

@@ -44,6 +44,7 @@ class TrainConfig:
     qformer_intermediate_size: int = 3072
     alpha: float | None = 2.0
     mechanism: str = "nested"  # nested | decoupled | simple | global_v | multi_token (the paper's Fig. 10 rivals)
+    key_init_gain: float = 1.0  # a fresh adapter's nested key projections start at this x torch's default init
 
     # data
     resolution: int = 512
@@ -144,6 +145,8 @@ class TrainConfig:
                 problems.append(f"`{name}` is {value}; expected {expected}")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             problems.append(f"`max_grad_norm` is {self.max_grad_norm}; expected a finite number above 0")
+        if not (math.isfinite(self.key_init_gain) and self.key_init_gain > 0):
+            problems.append(f"`key_init_gain` is {self.key_init_gain}; expected a positive finite number, e.g. 1")
         if self.encoder_learning_rate is not None and not (
             math.isfinite(self.encoder_learning_rate) and self.encoder_learning_rate >= 0
         ):

@@ -61,6 +61,9 @@ def load_base_model(config: TrainConfig) -> BaseModel:
 def load_adapter(config: TrainConfig, unet: torch.nn.Module) -> NestedAdapter:
     """The adapter to train: from `init_adapter` (phase 2), else fresh for this UNet; fp32, train mode.
 
+    A fresh adapter's key projections are scaled by `key_init_gain`: the nested attention's logits over the subject
+    tokens differ only through the keys' differences, so a gain above 1 starts every pixel's attention less uniform.
+
     An exported adapter of a `tiny` or `toy` run carries its image encoder in `image_encoder/`; otherwise the CLIP
     model comes from `config.image_encoder`.
     """
@@ -78,6 +81,10 @@ def load_adapter(config: TrainConfig, unet: torch.nn.Module) -> NestedAdapter:
         adapter = NestedAdapter.for_unet(
             unet, image_encoder, config.image_encoder, image_processor=processor, **config.adapter_kwargs
         )
+        if adapter.mechanism.has_key:
+            with torch.no_grad():
+                for layer in adapter.layers.values():
+                    layer.to_k.weight.mul_(config.key_init_gain)
     return adapter.float().train()
 
 
