@@ -337,15 +337,15 @@ def test_more_triplets_than_training_identities_reuse_them(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("domain", ["person", "pet"])
 def test_toy_config_trains_a_self_contained_adapter(tmp_path, domain):
-    """configs/toy-*.yaml on the shipped toy model: two steps, then the exported adapter loads with no name to
-    resolve (its image encoder travels in image_encoder/) and equals the toy CLIP's vision tower."""
+    """The installed training config `toy-<domain>` on the shipped toy model: two steps, then the exported adapter loads
+    with no name to resolve (its image encoder travels in image_encoder/) and equals the toy CLIP's vision tower."""
     from nested_attention import NestedAdapter
 
-    config = Path(__file__).parents[1] / "configs" / f"toy-{domain}.yaml"
+    config = f"toy-{domain}"
     assert run_cli("toy", "data", "--out", str(tmp_path / "data"), "--domain", domain, "--count", "8", "--workers", "1") == 0
     from nested_attention_train.trainer import main as train_main
 
-    assert train_main(["--config", str(config), f"data={tmp_path / 'data'}", f"output_dir={tmp_path / 'run'}", "max_steps=2",
+    assert train_main(["--config", config, f"data={tmp_path / 'data'}", f"output_dir={tmp_path / 'run'}", "max_steps=2",
                        "train_batch_size=4", "num_workers=0", "lr_warmup_steps=1", "checkpoint_every=2"]) == 0
     adapter = NestedAdapter.from_pretrained(tmp_path / "run" / "adapter")
     assert adapter.config.word == domain and adapter.config.image_encoder == "toy"

@@ -334,6 +334,15 @@ def test_shipped_configs_are_valid(name):
 def test_bad_config_is_one_error_line(capsys):
     assert run("data=x", "lerning_rate=1") == 2
     assert "Did you mean learning_rate" in capsys.readouterr().err
+    assert train_main(["--config", "toy-persn", "data=x"]) == 2
+    error = capsys.readouterr().err
+    assert "is no such file; give a YAML file" in error and "toy-person, toy-pet" in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("name", ["toy-person", "toy-pet"])
+def test_an_installed_config_loads_by_name(name):
+    config = load_config(name, ["data=somewhere"])
+    assert config.word == name.removeprefix("toy-") and config.pretrained_model == "toy" and config.data == "somewhere"
 
 
 def test_unknown_mechanism_is_one_error_line(capsys):

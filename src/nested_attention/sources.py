@@ -3,8 +3,8 @@
 
 The library registers its tiny random models (``tiny-sd``, ``tiny-sdxl``: for checking commands, not for results)
 and the tiny image encoder (``tiny``). Other installed packages plug theirs in through the ``nested_attention.sources``
-entry-point group: each entry point names a tuple of ``Source`` (the toy world registers ``toy``, ``toy-person`` and
-``toy-pet``), so the library never imports them.
+entry-point group: each entry point names a tuple of ``Source`` (the toy world registers ``toy``, the adapters
+``toy-person`` and ``toy-pet``, and the training configs of the same names), so the library never imports them.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import torch
 
 from .errors import NestedAttentionError
 
-MODEL, ADAPTER, IMAGE_ENCODER = "model", "adapter", "image encoder"
+MODEL, ADAPTER, IMAGE_ENCODER, TRAIN_CONFIG = "model", "adapter", "image encoder", "training config"
 ENTRY_POINTS = "nested_attention.sources"
 
 
 @dataclass(frozen=True)
 class Source:
-    """A name of ``kind`` (MODEL, ADAPTER or IMAGE_ENCODER) for an installed ``folder`` (a function: packages find
-    their data when asked) or for something ``make`` builds on the fly (``make(seed=..., tokenizer_dir=...)`` for a
+    """A name of ``kind`` (MODEL, ADAPTER, IMAGE_ENCODER or TRAIN_CONFIG) for an installed ``folder`` (a function:
+    packages find their data when asked; for a training config, its YAML file) or for something ``make`` builds on the fly (``make(seed=..., tokenizer_dir=...)`` for a
     model, ``make(seed=...)`` for an image encoder). ``marker`` is the file an installed folder must hold;
     ``missing`` says what to do when it does not."""
 

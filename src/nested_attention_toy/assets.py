@@ -1,5 +1,5 @@
-"""The toy stack shipped inside the package, addressable by name (``--model toy``, ``--adapter toy-person``): what
-``nested-attention toy build`` and ``nested-attention train`` wrote (docs/toyworld.md gives the commands). The names
+"""The toy stack shipped inside the package, addressable by name (``--model toy``, ``--adapter toy-person``,
+``train --config toy-person``): what ``nested-attention toy build`` wrote (docs/toyworld.md gives the commands). The names
 plug into the library's registry of named sources (``SOURCES``, through the ``nested_attention.sources`` entry point).
 """
 
@@ -10,11 +10,17 @@ from pathlib import Path
 
 from nested_attention.config import CONFIG_NAME
 from nested_attention.errors import NestedAttentionError
-from nested_attention.sources import ADAPTER, IMAGE_ENCODER, MODEL, Source
+from nested_attention.sources import ADAPTER, IMAGE_ENCODER, MODEL, TRAIN_CONFIG, Source
 
 SHIPPED = Path(__file__).parent / "weights"
+RECIPES = Path(__file__).parent / "recipes"  # the adapters' training configs (``--config toy-person``)
 MODEL_NAMES = {"toy": "pipeline"}  # name -> folder under SHIPPED
 ADAPTER_NAMES = {"toy-person": "adapters/person", "toy-pet": "adapters/pet"}  # trained by `nested-attention train`
+
+
+def recipe_path(name: str) -> Path:
+    """The training config of a shipped adapter name (``"toy-person"``)."""
+    return RECIPES / f"{name}.yaml"
 
 
 def shipped_path(part: str = "") -> Path:
@@ -54,7 +60,8 @@ SOURCES = (
     Source("toy", MODEL, functools.partial(shipped_path, "pipeline"), marker="model_index.json", missing=_REBUILD),
     Source("toy", IMAGE_ENCODER, functools.partial(shipped_path, "clip"), marker="config.json", missing=_REBUILD),
     *(Source(name, ADAPTER, functools.partial(shipped_path, part), marker=CONFIG_NAME,
-             missing=f"reinstall the package, or train one with nested-attention train --config configs/{name}.yaml "
-                     f"and give its folder")
+             missing=f"reinstall the package, or train one with nested-attention train --config {name} and give its "
+                     f"folder")
       for name, part in ADAPTER_NAMES.items()),
+    *(Source(name, TRAIN_CONFIG, functools.partial(recipe_path, name)) for name in ADAPTER_NAMES),
 )

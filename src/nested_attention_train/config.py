@@ -16,6 +16,7 @@ from diffusers.optimization import SchedulerType
 
 from nested_attention.config import MECHANISMS
 from nested_attention.errors import NestedAttentionError
+from nested_attention.sources import TRAIN_CONFIG, names, resolve
 
 from .timesteps import BIAS_STRATEGIES
 
@@ -257,10 +258,15 @@ def _checked(values: dict, cls, what: str) -> dict:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """A TrainConfig from a YAML file (optional) and `field=value` overrides (values parsed as YAML)."""
+    """A TrainConfig from a YAML file or an installed config's name (optional, e.g. ``toy-person``) and
+    `field=value` overrides (values parsed as YAML)."""
     values: dict = {}
     if path is not None:
-        path = Path(path)
+        path = Path(resolve(TRAIN_CONFIG, str(path)))
+        if not path.is_file():
+            named = ", ".join(names(TRAIN_CONFIG)) or "none installed"
+            raise NestedAttentionError(f"The training config {path} is no such file; give a YAML file (configs/ has "
+                                       f"examples) or the name of an installed one ({named}).")
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as error:

@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
         prog="nested-attention train", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", metavar="FILE", help="YAML training config (see configs/)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML training config (see configs/), or an installed one's name (toy-person, toy-pet)")
     parser.add_argument("overrides", nargs="*", metavar="field=value", help="config fields to override")
     args = parser.parse_args(argv)
     return args.config, args.overrides
