@@ -2,7 +2,6 @@
 metric models at their bars on fresh held-out renders)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
