@@ -1,0 +1,100 @@
+"""The default nested processor in place of diffusers' SDPA processor: the whole batch in one pass (`one_path.py`)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from .one_path import one_path_attention
+from .processor import NestedAttnProcessor
+
+if TYPE_CHECKING:
+    from diffusers.models.attention_processor import Attention
+
+
+class OnePathAttnProcessor(NestedAttnProcessor):
+    """Nested attention in place of `AttnProcessor2_0`: one set of projections and one outer attention for every
+    row of the batch, the subject values on the bound rows only, everything else read from the controller's plan
+    (built when the subjects were bound).
+
+    With no subject, or a mechanism other than nested attention, it is the wrapping processor it derives from:
+    the replaced `AttnProcessor2_0` serves the vanilla rows.
+    """
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | tuple | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        plan = self.controller.plan
+        rows = None if plan is None or encoder_hidden_states is None else plan.rows.get(hidden_states.shape[0])
+        if rows is None or isinstance(encoder_hidden_states, tuple):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        strengths, head_size = plan.strength_key[self.layer_path]
+        if strengths is not None and not any(strengths):  # every subject at strength 0 here: the base model
+            return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                 attention_mask=attention_mask, temb=temb, **kwargs)
+        outer = plan.outer[(hidden_states.shape[0], plan.strength_key[self.layer_path])]
+        subjects = plan.states[self.layer_path]
+
+        # the steps of diffusers' AttnProcessor2_0, with the attention call replaced
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch, text_length, _ = encoder_hidden_states.shape
+        if text_length != plan.text_length:
+            raise RuntimeError(
+                f"Subjects were bound on {plan.text_length} text tokens but layer {self.layer_path} received "
+                f"{text_length}."
+            )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, text_length, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, N, d)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, T, d)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if outer.keep.dtype != query.dtype or outer.keep.device != query.device:
+            # the adapter keeps its own dtype (training), or the UNet moved after binding (CPU offload)
+            outer, subjects = _cast(outer, subjects, query)
+
+        hidden_states = one_path_attention(query, key, value, subjects, outer, rows, attention_mask)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)  # (B, N, H d)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def _cast(outer, subjects, like: torch.Tensor):
+    """The plan's tensors on `like`'s device and dtype (only when they differ from it)."""
+    to = lambda t: None if t is None else t.to(like.device, like.dtype)  # noqa: E731
+    outer = replace(outer, keep=to(outer.keep), norm_columns=to(outer.norm_columns),
+                    plain_columns=to(outer.plain_columns), lam_columns=to(outer.lam_columns))
+    subjects = [replace(s, nested_key=to(s.nested_key), nested_value=to(s.nested_value), bias=to(s.bias))
+                for s in subjects]
+    return outer, subjects
