@@ -42,9 +42,9 @@ def test_strength_per_block_in_ip_adapter_format(pipe, na, monkeypatch):
     monkeypatch.setattr(NestedAttnProcessor, "_nested",
                         lambda self, *a: nested_layers.add(self.layer_path) or nested(self, *a))
 
-    def spy(query, key, value, subjects, *rest):
+    def spy(query, text, subjects, *rest):
         nested_layers.update(p for p, s in na.controller.plan.states.items() if s is subjects)
-        return attend(query, key, value, subjects, *rest)
+        return attend(query, text, subjects, *rest)
 
     monkeypatch.setattr(one_path_processor, "one_path_attention", spy)
     na.set_scale("person", {"up": 1.0})  # blocks left out get 0, as with set_ip_adapter_scale

@@ -40,14 +40,15 @@ class BoundRows:
         """The other rows of `x` (B, ...), as pieces in batch order (views of a span's neighbours)."""
         if self.span is not None:
             start, stop = self.span
-            return [p for p in (x[:start], x[stop:]) if p.shape[0]]
+            return ([x[:start]] if start else []) + ([x[stop:]] if stop < x.shape[0] else [])
         return [] if self.index is None else [x.index_select(0, self.vanilla_index)]
 
     def merge(self, every: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
         """`every` (B, ...) with its bound rows replaced by `bound` (Bs, ...), as a new tensor."""
         if self.span is not None:
             start, stop = self.span
-            return torch.cat([p for p in (every[:start], bound, every[stop:]) if p.shape[0]])
+            pieces = ([every[:start]] if start else []) + [bound] + ([every[stop:]] if stop < every.shape[0] else [])
+            return torch.cat(pieces)
         return bound if self.index is None else every.index_copy(0, self.index, bound)
 
     def join(self, vanilla: list[torch.Tensor], bound: torch.Tensor) -> torch.Tensor:
@@ -92,22 +93,24 @@ class NestedLayerState:
     alpha: float | None
 
 
-def one_path_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    subjects: list[NestedLayerState],
-    outer: OuterConstants,
-    rows: BoundRows,
-    attn_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Personalized attention (paper eq. 4) of every row: (B, H, N, d) from query (B, H, N, d), key and value
-    (B, H, T, d), the subjects' states on the bound rows, and the constants of the binding.
+@dataclass
+class TextTerms:
+    """What the outer attention needs of the text: the same at every step of a generation (it has no query).
 
-    One outer attention over the augmented values [V keep | columns] serves every row (see attention.py); then
-    each bound row adds c_k v*_q / |v*_q| per subject, c_k its column of the outer attention.
+    Attributes:
+        key: (B, H, T, d) the text keys, and `qk_pad` zero columns (the outer attention's keys).
+        augmented: (B, H, T, d + C) [V keep | subject columns].
+        vanilla_key, vanilla_value: (B, H, T, d) the text's own, for the unbound rows when lambda is set, else None.
     """
-    head_dim = value.shape[-1]
+
+    key: torch.Tensor
+    augmented: torch.Tensor
+    vanilla_key: torch.Tensor | None
+    vanilla_value: torch.Tensor | None
+
+
+def text_terms(key: torch.Tensor, value: torch.Tensor, outer: OuterConstants) -> TextTerms:
+    """The text's share of `one_path_attention` from its keys and values (B, H, T, d)."""
     columns = None
     if outer.norm_columns is not None:
         columns = value.norm(dim=-1, keepdim=True) * outer.norm_columns  # (B, H, T, C)
@@ -115,31 +118,49 @@ def one_path_attention(
         plain = outer.plain_columns.expand(*value.shape[:-1], -1)
         columns = plain if columns is None else columns + plain
     augmented = torch.cat([value * outer.keep, columns], dim=-1)  # (B, H, T, d + C)
+    if outer.lam_columns is not None:
+        return TextTerms(key, augmented, key, value)
+    return TextTerms(F.pad(key, (0, outer.qk_pad)) if outer.qk_pad else key, augmented, None, None)
+
+
+def one_path_attention(
+    query: torch.Tensor,
+    text: TextTerms,
+    subjects: list[NestedLayerState],
+    outer: OuterConstants,
+    rows: BoundRows,
+    attn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Personalized attention (paper eq. 4) of every row: (B, H, N, d) from query (B, H, N, d), the text's terms
+    (`text_terms`), the subjects' states on the bound rows, and the constants of the binding.
+
+    One outer attention over the augmented values [V keep | columns] serves every row (see attention.py); then
+    each bound row adds c_k v*_q / |v*_q| per subject, c_k its column of the outer attention. With lambda set,
+    the unbound rows take the vanilla attention call and the bound rows the lambda logits.
+    """
+    head_dim = query.shape[-1]
     if outer.lam_columns is None:
-        if outer.qk_pad:
-            query_, key_ = F.pad(query, (0, outer.qk_pad)), F.pad(key, (0, outer.qk_pad))
-        else:
-            query_, key_ = query, key
-        mixed = F.scaled_dot_product_attention(query_, key_, augmented, attn_mask=attn_mask, scale=head_dim**-0.5)
+        query_ = F.pad(query, (0, outer.qk_pad)) if outer.qk_pad else query
+        mixed = F.scaled_dot_product_attention(query_, text.key, text.augmented, attn_mask=attn_mask,
+                                               scale=head_dim**-0.5)
         bound_query, bound_mixed = rows.take(query), rows.take(mixed)  # (Bs, H, N, ...)
     else:
-        # the rows without a subject take the vanilla attention call itself; the bound rows the lambda logits
         per_row = attn_mask is not None and attn_mask.shape[0] > 1
-        pieces = [rows.take_vanilla(t) for t in (query, key, value)]
+        pieces = [rows.take_vanilla(t) for t in (query, text.vanilla_key, text.vanilla_value)]
         masks = rows.take_vanilla(attn_mask) if per_row else [attn_mask] * len(pieces[0])
         vanilla = [F.scaled_dot_product_attention(q, k, v, attn_mask=m) for q, k, v, m in zip(*pieces, masks)]
         bound_query = rows.take(query)
-        logits = lambda_logits((bound_query @ rows.take(key).transpose(-1, -2)) * head_dim**-0.5,
+        logits = lambda_logits((bound_query @ rows.take(text.vanilla_key).transpose(-1, -2)) * head_dim**-0.5,
                                rows.take(outer.lam_columns))  # (Bs, H, N, T)
         if attn_mask is not None:
             logits = logits + (rows.take(attn_mask) if per_row else attn_mask)
-        bound_mixed = logits.float().softmax(dim=-1).to(value.dtype) @ rows.take(augmented)  # (Bs, H, N, d + C)
+        bound_mixed = logits.float().softmax(dim=-1).to(query.dtype) @ rows.take(text.augmented)  # (Bs, H, N, d + C)
 
     out = bound_mixed[..., :head_dim]
     for k, subject in enumerate(subjects):
         subject_value = F.scaled_dot_product_attention(bound_query, subject.nested_key, subject.nested_value,
                                                        attn_mask=subject.bias)  # v*_q, (Bs, H, N, d)
-        coefficient = bound_mixed[..., head_dim + k, None]  # (Bs, H, N, 1)
+        coefficient = bound_mixed[..., head_dim + k:head_dim + k + 1]  # (Bs, H, N, 1)
         if subject.alpha is not None:
             coefficient = coefficient / subject_value.norm(dim=-1, keepdim=True).clamp_min(_NORM_EPS)
         # a new tensor for the first subject (`out` is a view of `mixed`), then our own buffer

@@ -6,8 +6,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
-from .one_path import one_path_attention
+from .one_path import TextTerms, one_path_attention, text_terms
 from .processor import NestedAttnProcessor
 
 if TYPE_CHECKING:
@@ -63,23 +64,16 @@ class OnePathAttnProcessor(NestedAttnProcessor):
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
-        if attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
+        head_dim = query.shape[-1] // attn.heads
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, N, d)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, T, d)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
         if outer.keep.dtype != query.dtype or outer.keep.device != query.device:
             # the adapter keeps its own dtype (training), or the UNet moved after binding (CPU offload)
             outer, subjects = _cast(outer, subjects, query)
+        text = self._text(attn, plan, encoder_hidden_states, outer, batch, head_dim)
 
-        hidden_states = one_path_attention(query, key, value, subjects, outer, rows, attention_mask)
+        hidden_states = one_path_attention(query, text, subjects, outer, rows, attention_mask)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)  # (B, N, H d)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -88,6 +82,37 @@ class OnePathAttnProcessor(NestedAttnProcessor):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def _text(self, attn, plan, encoder_hidden_states, outer, batch: int, head_dim: int) -> TextTerms:
+        """The text's terms of the outer attention, computed once per generation where that is safe: without
+        autograd, outside torch.compile and static buffers (which capture one computation for every call), and
+        with plain linear projections whose weights have not changed since (LoRA layers can be switched)."""
+        stamp = None
+        if (not torch.is_grad_enabled() and self.controller.store is None and not _is_compiling()
+                and type(attn.to_k) is nn.Linear and type(attn.to_v) is nn.Linear and not attn.norm_cross
+                and attn.norm_k is None):
+            stamp = tuple((t._version, t.data_ptr()) for m in (attn.to_k, attn.to_v) for t in (m.weight, m.bias)
+                          if t is not None) + (encoder_hidden_states._version,)
+            cached = plan.text_cache.get(self.layer_path)
+            if cached is not None and cached[0] is encoder_hidden_states and cached[1] is outer and cached[2] == stamp:
+                return cached[3]
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, T, d)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        text = text_terms(key, value, outer)
+        if stamp is not None:
+            plan.text_cache[self.layer_path] = (encoder_hidden_states, outer, stamp, text)
+        return text
+
+
+def _is_compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling and is_compiling())
 
 
 def _cast(outer, subjects, like: torch.Tensor):

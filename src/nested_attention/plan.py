@@ -8,7 +8,7 @@ in place, so that a captured CUDA graph, which replays fixed addresses, serves e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,6 +53,7 @@ class OnePathPlan:
     strength_key: dict[str, tuple]  # layer path -> (strengths or None, head size)
     states: dict[str, list[NestedLayerState]]  # layer path -> one per subject
     text_length: int
+    text_cache: dict[str, tuple] = field(default_factory=dict)  # layer path -> the text's terms (see the processor)
 
 
 def _value_widths(device: torch.device, head_dim: int, subjects: int, lam: bool) -> tuple[int, int]:
