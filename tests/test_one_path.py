@@ -133,7 +133,7 @@ def test_static_buffers_serve_two_subjects_in_turn_as_eager_binding_does(sd_pipe
     latents, t, embeds, extra = guided(unet_inputs(sd_pipe, prompts))
     run = lambda: unet(latents, t, encoder_hidden_states=embeds, **extra).sample  # noqa: E731
     adapter = make_adapter(unet)
-    outputs, addresses = {}, []
+    outputs, addresses, plans = {}, [], []
     for static in (False, True):
         controller = install(unet, static_buffers=static)
         try:
@@ -143,6 +143,7 @@ def test_static_buffers_serve_two_subjects_in_turn_as_eager_binding_does(sd_pipe
                     outputs[static, seed] = run()
                     if static:
                         plan = controller.plan
+                        plans.append(plan)
                         tensors = [t for state in plan.states.values() for s in state
                                    for t in (s.nested_key, s.nested_value)]
                         tensors += [t for o in plan.outer.values() for t in (o.keep, o.norm_columns)]
@@ -152,6 +153,15 @@ def test_static_buffers_serve_two_subjects_in_turn_as_eager_binding_does(sd_pipe
         finally:
             controller.uninstall()
     assert addresses[0] == addresses[1] and allocations == len(controller.store.buffers)  # none reallocated
+    assert plans[0] is plans[1]  # and the same objects around them
     for seed in (1, 2):
         torch.testing.assert_close(outputs[True, seed], outputs[False, seed], atol=1e-6, rtol=1e-6)
     assert (outputs[True, 1] - outputs[True, 2]).abs().max() > 1e-4  # the second subject really replaced the first
+
+
+def test_cuda_graphs_on_a_cpu_unet_is_refused_in_one_sentence(sd_pipe):
+    from nested_attention import NestedAttention, NestedAttentionError
+
+    with pytest.raises(NestedAttentionError, match=r"^cuda_graphs=True needs the UNet on a CUDA device \(it is on cpu\)"):
+        NestedAttention(sd_pipe, cuda_graphs=True)
+    assert not any(type(p).__name__.startswith("Nested") for p in sd_pipe.unet.attn_processors.values())

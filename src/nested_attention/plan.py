@@ -149,3 +149,15 @@ def build_plan(subjects: list[BoundSubject], layouts: dict[int, RowLayout], laye
             rows[batch_size] = BoundRows(index=own(f"rows/{batch_size}", lay.rows),
                                          vanilla_index=own(f"vanilla/{batch_size}", vanilla.nonzero().flatten().to(device)))
     return OnePathPlan(rows, outer, strength_key, states, subjects[0].token_mask.shape[1])
+
+
+def structure(plan: OnePathPlan) -> tuple:
+    """Everything of `plan` that is not tensor data: two plans of one structure over the same static buffers are
+    interchangeable, and a CUDA graph captured with one replays the other."""
+    return (
+        tuple((size, rows.span, rows.index is None) for size, rows in plan.rows.items()),
+        tuple(plan.strength_key.items()), plan.text_length,
+        tuple((key, outer.qk_pad, outer.norm_columns is None, outer.plain_columns is None, outer.lam_columns is None)
+              for key, outer in plan.outer.items()),
+        tuple((path, tuple((s.alpha, s.bias is None) for s in states)) for path, states in plan.states.items()),
+    )
