@@ -9,8 +9,8 @@ transformer depths 1, 2, 10: all 70 cross-attention layers) at tiny widths, and 
   prompt, prompt with the subject words), all of them and those that are not views (the ones that launch a
   kernel on a GPU); nested / vanilla.
 - syncs / forward: operations that make the host wait for the device (`.item()`, `nonzero`, ...); 0 is the goal.
-- host us / layer call: one cross-attention layer (16 queries, width 128, 2 heads of 64, 77 text tokens, batch 2),
-  timed call by call on one thread, vanilla and nested in interleaved rounds; the ratio is the median of the
+- host us / layer call: one cross-attention layer (16 queries, width 128, 2 heads of 64, 77 text tokens, n_q 8,
+  batch 2), timed call by call on one thread, vanilla and nested in interleaved rounds; the ratio is the median of the
   rounds' ratios (a busy machine slows both alike).
 
 Methods: vanilla (`AttnProcessor2_0`), nested (the default, one-path processor), nested-wrapping (`install(...,
@@ -39,6 +39,7 @@ TINY_SDXL = {**SDXL_UNET, "block_out_channels": [64, 128, 128], "attention_head_
              "cross_attention_dim": 64, "norm_num_groups": 8, "addition_time_embed_dim": 8,
              "projection_class_embeddings_input_dim": 6 * 8 + 32, "sample_size": 8}
 SUBJECT_POSITIONS = (5, 8)  # the token of each subject word
+LAYER_QUERIES = 8  # n_q of the timed layer calls: the nested attention's own arithmetic stays negligible
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "_unique2", "unique_dim",
             "unique_consecutive", "repeat_interleave"}
 PRESETS = {"cpu": dict(num_queries=(256, 1024), rounds=15, calls=40),
@@ -82,10 +83,10 @@ def subjects_for(layers, n_q: int, count: int, device, dtype, seed: int = 0) -> 
     return subjects
 
 
-def methods(preset: dict):
+def methods(num_queries):
     """(name, n_q, subjects, one_path) per nested method."""
     return [(f"nested{'' if one else '-wrapping'}-{n_q}-x{count}", n_q, count, one)
-            for one in (True, False) for count in (1, 2) for n_q in preset["num_queries"]]
+            for one in (True, False) for count in (1, 2) for n_q in num_queries]
 
 
 def forward_counts(run, preset: dict) -> list[dict]:
@@ -98,7 +99,7 @@ def forward_counts(run, preset: dict) -> list[dict]:
              {k: torch.cat([v, v]) for k, v in added.items()})
     forward = lambda: unet(batch[0], batch[1], encoder_hidden_states=batch[2], added_cond_kwargs=batch[3])  # noqa: E731
     rows = [{"method": "vanilla", "n_q": None, "subjects": 0, **count_ops(forward)}]
-    for name, n_q, count, one_path in methods(preset):
+    for name, n_q, count, one_path in methods(preset["num_queries"]):
         controller = install(unet, one_path=one_path)
         subjects = subjects_for(controller.layers, n_q, count, run.device, run.dtype)
         with controller.bound(subjects):
@@ -120,7 +121,7 @@ def layer_times(run, preset: dict) -> list[dict]:
     text = torch.randn(2, 77, 64, generator=generator).to(run.device, run.dtype)
     call = lambda: attn(hidden, encoder_hidden_states=text)  # noqa: E731
     rows = []
-    for name, n_q, count, one_path in methods(preset):
+    for name, n_q, count, one_path in methods([LAYER_QUERIES]):
         vanilla_processor = attn.processor
         controller = install(holder, one_path=one_path)
         subjects = subjects_for(controller.layers, n_q, count, run.device, run.dtype)
@@ -158,7 +159,12 @@ def main(argv=None) -> dict:
         row["ops_vs_vanilla"] = row["ops"] / vanilla["ops"]
         row["kernel_ops_vs_vanilla"] = row["kernel_ops"] / vanilla["kernel_ops"]
         row["first_vs_vanilla"] = row.get("first_ops", vanilla["ops"]) / vanilla["ops"]
-    layers = layer_times(run, preset)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        layers = layer_times(run, preset)
+    finally:
+        torch.set_num_threads(threads)
     payload = {"suite": SUITE, "environment": environment(run), "unet_config": TINY_SDXL, "batch": 2,
                "layers": vanilla["layers"], "forward": forward, "layer_calls": layers}
     table = markdown_table(forward, [

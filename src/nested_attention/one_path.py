@@ -113,7 +113,7 @@ def text_terms(key: torch.Tensor, value: torch.Tensor, outer: OuterConstants) ->
     """The text's share of `one_path_attention` from its keys and values (B, H, T, d)."""
     columns = None
     if outer.norm_columns is not None:
-        columns = value.norm(dim=-1, keepdim=True) * outer.norm_columns  # (B, H, T, C)
+        columns = torch.linalg.vector_norm(value, dim=-1, keepdim=True) * outer.norm_columns  # (B, H, T, C)
     if outer.plain_columns is not None:
         plain = outer.plain_columns.expand(*value.shape[:-1], -1)
         columns = plain if columns is None else columns + plain
@@ -162,7 +162,7 @@ def one_path_attention(
                                                        attn_mask=subject.bias)  # v*_q, (Bs, H, N, d)
         coefficient = bound_mixed[..., head_dim + k:head_dim + k + 1]  # (Bs, H, N, 1)
         if subject.alpha is not None:
-            coefficient = coefficient / subject_value.norm(dim=-1, keepdim=True).clamp_min(_NORM_EPS)
+            coefficient = coefficient / torch.linalg.vector_norm(subject_value, dim=-1, keepdim=True).clamp_min(_NORM_EPS)
         # a new tensor for the first subject (`out` is a view of `mixed`), then our own buffer
         out = torch.addcmul(out, coefficient, subject_value) if k == 0 else out.addcmul_(coefficient, subject_value)
     if outer.lam_columns is None:

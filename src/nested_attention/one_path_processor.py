@@ -88,11 +88,13 @@ class OnePathAttnProcessor(NestedAttnProcessor):
         autograd, outside torch.compile and static buffers (which capture one computation for every call), and
         with plain linear projections whose weights have not changed since (LoRA layers can be switched)."""
         stamp = None
-        if (not torch.is_grad_enabled() and self.controller.store is None and not _is_compiling()
-                and type(attn.to_k) is nn.Linear and type(attn.to_v) is nn.Linear and not attn.norm_cross
-                and attn.norm_k is None):
-            stamp = tuple((t._version, t.data_ptr()) for m in (attn.to_k, attn.to_v) for t in (m.weight, m.bias)
-                          if t is not None) + (encoder_hidden_states._version,)
+        to_k, to_v = attn.to_k, attn.to_v
+        if (not torch.is_grad_enabled() and self.controller.store is None and type(to_k) is nn.Linear
+                and type(to_v) is nn.Linear and not attn.norm_cross and attn.norm_k is None and not _is_compiling()):
+            stamp = (to_k.weight._version, to_k.weight.data_ptr(), to_v.weight._version, to_v.weight.data_ptr(),
+                     None if to_k.bias is None else (to_k.bias._version, to_k.bias.data_ptr()),
+                     None if to_v.bias is None else (to_v.bias._version, to_v.bias.data_ptr()),
+                     encoder_hidden_states._version)
             cached = plan.text_cache.get(self.layer_path)
             if cached is not None and cached[0] is encoder_hidden_states and cached[1] is outer and cached[2] == stamp:
                 return cached[3]
