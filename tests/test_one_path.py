@@ -165,3 +165,18 @@ def test_cuda_graphs_on_a_cpu_unet_is_refused_in_one_sentence(sd_pipe):
     with pytest.raises(NestedAttentionError, match=r"^cuda_graphs=True needs the UNet on a CUDA device \(it is on cpu\)"):
         NestedAttention(sd_pipe, cuda_graphs=True)
     assert not any(type(p).__name__.startswith("Nested") for p in sd_pipe.unet.attn_processors.values())
+
+
+def test_static_buffers_refuse_subjects_that_carry_gradients(sd_pipe):
+    from nested_attention import NestedAttentionError
+
+    controller = install(sd_pipe.unet, static_buffers=True)
+    try:
+        adapter = make_adapter(sd_pipe.unet)
+        subject = person_subject(sd_pipe, adapter, controller, ["a photo of a person"], [0], seed=1)
+        subject.nested = {path: tuple(t.requires_grad_() for t in pair) for path, pair in subject.nested.items()}
+        with pytest.raises(NestedAttentionError, match=r"^Static \(CUDA-graph\) buffers serve inference only"):
+            controller.bind([subject])
+        assert controller.subjects == [] and controller.plan is None  # nothing was bound
+    finally:
+        controller.uninstall()

@@ -138,6 +138,11 @@ class NestedAttentionController:
                 f"The bound subjects use different mechanisms ({', '.join(kinds)}); one call combines adapters of "
                 f"one mechanism only, so generate with adapters of the same mechanism."
             )
+        if self.store is not None and any(t.requires_grad for s in subjects for state in s.nested.values() for t in state):
+            raise NestedAttentionError(
+                "Static (CUDA-graph) buffers serve inference only, but a bound subject's tensors require grad; "
+                "compute the subjects under torch.no_grad() or install without static buffers for training."
+            )
         chosen = mechanism(kinds[0]) if kinds else MECHANISMS["nested"]
         for s in subjects:
             chosen.check_knobs(s.lam, s.scale)

@@ -171,7 +171,10 @@ class NestedAttention(PlainCalls):
         self.subjects.pop(name, None)
 
     def uninstall(self) -> None:
-        """Restore the UNet's original processors and the pipelines' own methods, and drop the adapters."""
+        """Restore the UNet's original processors (and, after `cuda_graphs=True`, its uncompiled call) and the
+        pipelines' own methods, and drop the adapters."""
+        if self.controller.store is not None:  # compiled by cuda_graphs=True: `nn.Module.compile` sets this field
+            self.pipe.unet._compiled_call_impl = None
         self.controller.uninstall()
         self.adapters.clear()
         self.detach()

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import NestedAttentionError
 from .layers import CrossAttentionLayer
 from .one_path import BoundRows, NestedLayerState, OuterConstants
 from .state import BoundSubject, RowLayout
@@ -28,11 +27,6 @@ class StaticStore:
         self.allocations = 0  # grows when a binding brings new shapes (a captured graph must then be recaptured)
 
     def own(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.requires_grad:
-            raise NestedAttentionError(
-                "Static (CUDA-graph) buffers serve inference only, but a bound subject's tensors require grad; "
-                "compute the subjects under torch.no_grad() or turn static buffers off for training."
-            )
         buffer = self.buffers.get(name)
         if buffer is not None and (buffer.shape, buffer.dtype, buffer.device) == (tensor.shape, tensor.dtype,
                                                                                    tensor.device):
