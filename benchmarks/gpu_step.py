@@ -1,6 +1,6 @@
 """Suite 6: the guided SDXL step on a GPU, eager and replayed as a CUDA graph, and where each layer call's time goes.
 
-One script for a short GPU lease (about 4 minutes on an H100 after the model is built). SDXL's UNet from its
+One script for a short GPU lease (estimated at a few minutes on an H100). SDXL's UNet from its
 published config with random weights (`common.SDXL_UNET`), 1024 x 1024, bf16, guidance batch 2 (negative prompt,
 prompt with the subject word); nested keys/values random, one subject, n_q 256 and 1024.
 
@@ -137,8 +137,8 @@ def layer_rows(unet, device, dtype, preset, latents_side: int) -> list[dict]:
                 with profile(activities=activities) as prof:
                     call()
                     sync(device)
-                kernels = sorted({e.key for e in prof.key_averages() if "attention" in e.key.lower()
-                                  or "fmha" in e.key.lower() or "flash" in e.key.lower()})
+                kernels = sorted({e.key for e in prof.key_averages()
+                                  if any(word in e.key.lower() for word in ("attention", "fmha", "flash", "sdpa"))})
             if controller:
                 controller.uninstall()
             rows.append({"layer": f"{side}x{side} width {width}", "method": name, "n_q": n_q, "host_us": host_us,

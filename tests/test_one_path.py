@@ -1,6 +1,8 @@
 """The one-path processor: its arithmetic against the literal equation, its UNet against the wrapping processor,
 and its static (CUDA-graph) buffers against eager binding."""
 
+import zlib
+
 import pytest
 import torch
 
@@ -48,7 +50,7 @@ def bound_subjects(layout, num_subjects, lam_value, alpha, scale, gen):
 @pytest.mark.parametrize("num_subjects", [1, 2])
 @pytest.mark.parametrize("masked", [False, True])
 def test_matches_the_literal_equation(layout, lam_value, alpha, num_subjects, masked):
-    gen = torch.Generator().manual_seed(hash((layout, lam_value, alpha, num_subjects, masked)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((layout, lam_value, alpha, num_subjects, masked)).encode()))
     scale = None if num_subjects == 1 else (0.6, 1.0)
     subjects = bound_subjects(layout, num_subjects, lam_value, alpha, scale, gen)
     cond_rows, _, guided = LAYOUTS[layout]
