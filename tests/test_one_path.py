@@ -182,3 +182,36 @@ def test_static_buffers_refuse_subjects_that_carry_gradients(sd_pipe):
         assert controller.subjects == [] and controller.plan is None  # nothing was bound
     finally:
         controller.uninstall()
+
+
+@pytest.mark.slow
+def test_compiled_unet_reads_each_new_subject_from_the_static_buffers(sd_pipe):
+    """`cuda_graphs=True`'s compile on the CPU (no graphs there, the same tracing): one graph serves two subjects
+    bound in turn, with no recompilation, and gives what eager binding gives."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    unet = sd_pipe.unet
+    prompts = ["a photo of a person at the beach"]
+    latents, t, embeds, extra = guided(unet_inputs(sd_pipe, prompts))
+    run = lambda: unet(latents, t, encoder_hidden_states=embeds, **extra).sample  # noqa: E731
+    adapter = make_adapter(unet)
+    outputs = {}
+    for static in (False, True):
+        controller = install(unet, static_buffers=static)
+        if static:
+            torch._dynamo.reset()
+            counters.clear()
+            unet.compile(mode="reduce-overhead")
+        try:
+            for seed in (1, 2):
+                with torch.no_grad(), controller.bound([person_subject(sd_pipe, adapter, controller, prompts, [0], seed)]):
+                    outputs[static, seed] = run()
+        finally:
+            unet._compiled_call_impl = None
+            controller.uninstall()
+            torch._dynamo.reset()
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    for seed in (1, 2):
+        torch.testing.assert_close(outputs[True, seed], outputs[False, seed], atol=1e-5, rtol=1e-5)
+    assert (outputs[True, 1] - outputs[True, 2]).abs().max() > 1e-4
