@@ -37,11 +37,11 @@ class OnePathAttnProcessor(NestedAttnProcessor):
         rows = None if plan is None or encoder_hidden_states is None else plan.rows.get(hidden_states.shape[0])
         if rows is None or isinstance(encoder_hidden_states, tuple):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        strengths, head_size = plan.strength_key[self.layer_path]
-        if strengths is not None and not any(strengths):  # every subject at strength 0 here: the base model
+        strength_key = plan.strength_key[self.layer_path]
+        if strength_key[0] is not None and not any(strength_key[0]):  # every subject at strength 0 here: base model
             return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                                  attention_mask=attention_mask, temb=temb, **kwargs)
-        outer = plan.outer[(hidden_states.shape[0], plan.strength_key[self.layer_path])]
+        outer = plan.outer[(hidden_states.shape[0], strength_key)]
         subjects = plan.states[self.layer_path]
 
         # the steps of diffusers' AttnProcessor2_0, with the attention call replaced
