@@ -15,7 +15,8 @@ the prompt with the subject word.
 Per method: ms per UNet step (one guided call, median); s per image (`steps` Euler steps with guidance; for
 nested this includes computing the nested keys/values once, before the loop); peak tensor memory of one step
 above the weights; FLOPs of one step (FlopCounterMode on one more step) and their ratio to vanilla, the floor
-of the time ratio; for nested, the time, FLOPs and size of the nested keys/values. With `--compile`: the
+of the time ratio (counted on an image's first step, which also computes the text's keys and values that the
+nested processor reuses at later steps); for nested, the time, FLOPs and size of the nested keys/values. With `--compile`: the
 torch.compile'd step and the graph breaks, those raised in nested_attention code listed.
 Not included (the same for every method): text encoders, VAE decode, the subject image encoder.
 """
@@ -223,6 +224,7 @@ def main(argv=None) -> dict:
         with torch.no_grad(), method.image():
             timing = time_call(step, run.device, preset["warmup"], preset["iters"])
             peak = peak_memory(step, run.device)
+        with torch.no_grad(), method.image():  # an image's first step: it also computes what later steps reuse
             flops = count_flops(step)
         image = time_call(lambda m=method: generate(unet, m, latents, text, added, preset["steps"]), run.device,
                           preset["image_warmup"], preset["image_iters"])

@@ -14,10 +14,12 @@ def naive_nested_value(q, nested_key, nested_value, bias):
     return torch.softmax(logits, dim=0) @ nested_value
 
 
-def naive_attention(query, key, value, nested_keys, nested_vals, biases, masks, lam, alpha, scale=None):
+def naive_attention(query, key, value, nested_keys, nested_vals, biases, masks, lam, alpha, scale=None,
+                    attn_mask=None):
     """Loop over rows, heads and queries; build V_q with the subject rows replaced, then softmax.
 
-    At strength s (`scale`) a subject row's value is (1 - s) V[s] + s v*_q and its lambda 1 + s (lambda - 1)."""
+    At strength s (`scale`) a subject row's value is (1 - s) V[s] + s v*_q and its lambda 1 + s (lambda - 1).
+    `attn_mask` (B, T) is added to the logits after lambda."""
     B, H, N, d = query.shape
     out = torch.zeros_like(query)
     for b in range(B):
@@ -34,6 +36,8 @@ def naive_attention(query, key, value, nested_keys, nested_vals, biases, masks, 
                         a = alpha[k] if isinstance(alpha, tuple) else alpha
                         nested = v_star if a is None else a * value[b, h, s].norm() * v_star / v_star.norm()
                         values[s] = (1 - strength) * value[b, h, s] + strength * nested
+                if attn_mask is not None:
+                    logits = logits + attn_mask[b]
                 out[b, h, n] = torch.softmax(logits, dim=0) @ values
     return out
 

@@ -96,6 +96,14 @@ def test_generate_one_subject(assets, tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
 
 
+def test_cuda_graphs_without_a_cuda_device_is_one_sentence(assets, tmp_path, capsys):
+    code = generate(assets, tmp_path / "graphed.png", "--device", "cpu", "--cuda-graphs", "--adapter",
+                    str(assets.person), "--image", str(assets.image), "--prompt", "a photo of a person")
+    assert code == 2
+    assert capsys.readouterr().err.strip() == ("error: --cuda-graphs needs a CUDA device, but this run uses cpu; add "
+                                               "--device cuda or drop --cuda-graphs.")
+
+
 def test_generate_two_images_with_weights(assets, tmp_path):
     out = tmp_path / "mix.png"
     code = generate(assets, out, "--adapter", str(assets.person), "--image", str(assets.image), "--image-weight", "2",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import assert_same, differs, latents, make_adapter, subject_image
-from nested_attention import NestedAttentionError, Subject
+from nested_attention import NestedAttentionError, Subject, one_path_processor
 from nested_attention.processor import NestedAttnProcessor
 
 STEPS = 2
@@ -37,10 +37,16 @@ def test_strength_per_block_in_ip_adapter_format(pipe, na, monkeypatch):
     na.set_scale("person", {"down": 0.0, "mid": 0.0, "up": 0.0})
     assert torch.equal(run(na, subjects=subject), base)
 
-    nested_layers = set()
-    nested = NestedAttnProcessor._nested
+    nested_layers = set()  # the layers that compute nested attention, on the wrapping and on the one path
+    nested, attend = NestedAttnProcessor._nested, one_path_processor.one_path_attention
     monkeypatch.setattr(NestedAttnProcessor, "_nested",
                         lambda self, *a: nested_layers.add(self.layer_path) or nested(self, *a))
+
+    def spy(query, text, subjects, *rest):
+        nested_layers.update(p for p, s in na.controller.plan.states.items() if s is subjects)
+        return attend(query, text, subjects, *rest)
+
+    monkeypatch.setattr(one_path_processor, "one_path_attention", spy)
     na.set_scale("person", {"up": 1.0})  # blocks left out get 0, as with set_ip_adapter_scale
     up_only = run(na, subjects=subject)
     assert differs(up_only, base) and differs(up_only, full)

@@ -7,6 +7,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from conftest import make_adapter
 from nested_attention import BoundSubject, NestedAttentionError, install
 from nested_attention.binding import prompt_ids, word_positions
+from nested_attention.one_path import BoundRows
 
 
 def unet_inputs(pipe, prompts, seed=0):
@@ -74,15 +75,16 @@ def test_rows_without_the_word_stay_vanilla(pipe):
     assert (after[1] - before[1]).abs().max() > 1e-4
 
 
-def test_sliced_and_gathered_rows_agree(pipe):
+@pytest.mark.parametrize("one_path", [True, False])
+def test_sliced_and_gathered_rows_agree(pipe, one_path):
     """A contiguous run of bound rows is sliced (views), any other layout gathered (copies): same outputs,
-    and a bound row comes out as it does alone in its own batch."""
+    and a bound row comes out as it does alone in its own batch (on the one path and the wrapping path)."""
     prompts = ["a photo of a person at the beach", "a dog and a person in the snow", "a person in a park"]
     inputs = unet_inputs(pipe, prompts)
     double = lambda x: torch.cat([x] * 2) if torch.is_tensor(x) else {k: double(v) for k, v in x.items()}  # noqa: E731
     guided = (double(inputs[0]), inputs[1], double(inputs[2]), double(inputs[3]))
     before = run_unet(pipe.unet, guided)
-    controller = install(pipe.unet)
+    controller = install(pipe.unet, one_path=one_path)
     try:
         adapter = make_adapter(pipe.unet)
         subject = bound_subject(pipe, adapter, controller, prompts, [0, 2])  # bound rows 3 and 5 of the guided batch
@@ -105,9 +107,12 @@ def test_sliced_and_gathered_rows_agree(pipe):
         with controller.bound([contiguous]):
             assert controller.layout(6, torch.device("cpu")).span == (3, 6)
             sliced = run_unet(pipe.unet, guided)
-            controller.layout(6, torch.device("cpu")).span = None  # force the gathering path on the same layout
-            controller.vanilla_rows(6, torch.device("cpu"))
-            forced = run_unet(pipe.unet, guided)
+            if one_path:
+                controller.plan.rows[6] = BoundRows(index=torch.arange(3, 6), vanilla_index=torch.arange(3))
+            else:
+                controller.layout(6, torch.device("cpu")).span = None
+                controller.vanilla_rows(6, torch.device("cpu"))
+            forced = run_unet(pipe.unet, guided)  # the gathering path on the same rows
     finally:
         controller.uninstall()
     torch.testing.assert_close(gathered[[0, 1, 2, 4]], before[[0, 1, 2, 4]], atol=1e-6, rtol=1e-6)

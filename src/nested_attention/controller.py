@@ -6,11 +6,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
 from .errors import NestedAttentionError
 from .layers import CrossAttentionLayer, cross_attention_layers
 from .mechanisms import MECHANISMS, Mechanism, mechanism
+from .one_path_processor import OnePathAttnProcessor
+from .plan import OnePathPlan, StaticStore, build_plan, structure
 from .processor import NestedAttnProcessor, nested_processor
 from .state import BoundSubject, RowLayout, row_layout
 
@@ -18,13 +21,26 @@ from .state import BoundSubject, RowLayout, row_layout
 class NestedAttentionController:
     """Owns the nested processors of one UNet and the subjects bound for the current call.
 
-    Create it with `install(unet)`. Only cross-attention layers change; each nested processor wraps the
-    processor it replaced (SDPA, xformers, a custom one), which still serves every row that carries no
-    subject word. `uninstall()` puts the very same processor objects back.
+    Create it with `install(unet)`. Only cross-attention layers change. In place of diffusers' SDPA processor
+    (`AttnProcessor2_0`, the default) the nested processor runs the whole batch in one pass (`one_path.py`);
+    around any other processor (xformers, sliced, IP-Adapter, a custom one) it wraps the processor it replaced,
+    which still serves every row that carries no subject word. `uninstall()` puts the very same processor
+    objects back.
+
+    Args:
+        unet: a diffusers UNet with cross-attention layers.
+        one_path: False wraps every processor, SDPA included (the two paths compute the same thing).
+        static_buffers: keep every tensor the processors read of a binding in storage that the next binding of
+            the same shapes refills in place, so that one captured CUDA graph of the UNet call (or
+            `torch.compile(mode="reduce-overhead")`) serves every subject; inference only.
     """
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, unet: nn.Module, one_path: bool = True, static_buffers: bool = False):
         self.unet = unet
+        self.one_path = one_path
+        self.store: StaticStore | None = StaticStore() if static_buffers else None
+        self.plan: OnePathPlan | None = None  # what the one-path processors read of the bound subjects
+        self._static_plan: OnePathPlan | None = None  # the latest plan over the static buffers
         self.layers: dict[str, CrossAttentionLayer] = cross_attention_layers(unet)
         if not self.layers:
             raise NestedAttentionError(
@@ -54,7 +70,7 @@ class NestedAttentionController:
         for path in self.layers:
             module = self._module(path)
             self._originals[path] = module.processor
-            module.set_processor(nested_processor(path, self, module.processor))
+            module.set_processor(self._processor(path, module.processor))
         self.installed = True
         return self
 
@@ -81,7 +97,12 @@ class NestedAttentionController:
         for path in self.replaced_layers():
             module = self._module(path)
             self._originals[path] = module.processor
-            module.set_processor(nested_processor(path, self, module.processor))
+            module.set_processor(self._processor(path, module.processor))
+
+    def _processor(self, path: str, original) -> NestedAttnProcessor:
+        if self.one_path and type(original) is AttnProcessor2_0:
+            return OnePathAttnProcessor(path, self, original)
+        return nested_processor(path, self, original)
 
     def check_installed(self) -> None:
         if not self.installed:
@@ -117,11 +138,17 @@ class NestedAttentionController:
                 f"The bound subjects use different mechanisms ({', '.join(kinds)}); one call combines adapters of "
                 f"one mechanism only, so generate with adapters of the same mechanism."
             )
+        if self.store is not None and any(t.requires_grad for s in subjects for state in s.nested.values() for t in state):
+            raise NestedAttentionError(
+                "Static (CUDA-graph) buffers serve inference only, but a bound subject's tensors require grad; "
+                "compute the subjects under torch.no_grad() or install without static buffers for training."
+            )
         chosen = mechanism(kinds[0]) if kinds else MECHANISMS["nested"]
         for s in subjects:
             chosen.check_knobs(s.lam, s.scale)
         self.mechanism = chosen
         self.subjects = list(subjects)
+        self.plan = None
         self._layouts.clear()
         self._vanilla_rows.clear()
         if subjects:  # the layouts of both batch shapes (with and without guidance) now, not inside the UNet's forward:
@@ -133,9 +160,27 @@ class NestedAttentionController:
                     layout = self.layout(batch_size, device)
                     if layout is not None and layout.rows is not None and layout.span is None:  # gathered rows
                         self.vanilla_rows(batch_size, device)
+                self.plan = self._plan(device, cond_rows)
             except NotImplementedError:  # fake/meta tensors (FLOP counting): built lazily at the first layer instead
                 self._layouts.clear()
                 self._vanilla_rows.clear()
+
+    def _plan(self, device: torch.device, cond_rows: int) -> OnePathPlan | None:
+        """The one-path processors' plan of the bound subjects (None where those processors have no use for it)."""
+        if self.mechanism.name != "nested" or not self.one_path:
+            return None
+        layouts = {size: self.layout(size, device) for size in (cond_rows, 2 * cond_rows)}
+        if any(layout is None for layout in layouts.values()):  # no row carries a subject: vanilla everywhere
+            return None
+        if self.store is None:
+            return build_plan(self.subjects, layouts, self.layers, self.layer_scales, None)
+        allocations = self.store.allocations
+        plan = build_plan(self.subjects, layouts, self.layers, self.layer_scales, self.store)
+        previous = self._static_plan
+        if previous is not None and self.store.allocations == allocations and structure(previous) == structure(plan):
+            return previous  # the same objects over the same (refilled) buffers: what a captured graph reads
+        self._static_plan = plan
+        return plan
 
     def layer_scales(self, path: str) -> list[float] | None:
         """The strength of each bound subject at layer `path`, or None when every one is 1 there."""
@@ -144,6 +189,7 @@ class NestedAttentionController:
 
     def clear(self) -> None:
         self.subjects = []
+        self.plan = None
         self._layouts.clear()
         self._vanilla_rows.clear()
 
@@ -176,6 +222,7 @@ class NestedAttentionController:
         return self._vanilla_rows[key]
 
 
-def install(unet: nn.Module) -> NestedAttentionController:
-    """Put nested processors on every cross-attention layer of `unet` (reversible: `.uninstall()`)."""
-    return NestedAttentionController(unet).install()
+def install(unet: nn.Module, one_path: bool = True, static_buffers: bool = False) -> NestedAttentionController:
+    """Put nested processors on every cross-attention layer of `unet` (reversible: `.uninstall()`); the options are
+    `NestedAttentionController`'s."""
+    return NestedAttentionController(unet, one_path=one_path, static_buffers=static_buffers).install()

@@ -46,8 +46,13 @@ class NestedAttention(PlainCalls):
         >>> na.uninstall()
     """
 
-    def __init__(self, pipe, controller: NestedAttentionController | None = None):
-        """Install on `pipe.unet`, or reuse `controller` already installed there (e.g. a trainer's)."""
+    def __init__(self, pipe, controller: NestedAttentionController | None = None, cuda_graphs: bool = False):
+        """Install on `pipe.unet`, or reuse `controller` already installed there (e.g. a trainer's).
+
+        `cuda_graphs=True` (the UNet on a CUDA device) keeps the bound subjects in static buffers and compiles the
+        UNet with `torch.compile(mode="reduce-overhead")`: its calls replay CUDA graphs, with no host work per
+        operation, for every subject of the same shapes. The first generation (and any new shape) compiles.
+        """
         unet = getattr(pipe, "unet", None)
         if unet is None:
             raise NestedAttentionError(
@@ -58,6 +63,14 @@ class NestedAttention(PlainCalls):
         self.tokenizers = pipeline_tokenizers(pipe)
         if controller is not None and controller.unet is not unet:
             raise NestedAttentionError("The given controller is installed on another UNet than this pipeline's.")
+        if cuda_graphs:
+            if controller is not None or unet.device.type != "cuda":
+                raise NestedAttentionError(
+                    f"cuda_graphs=True needs the UNet on a CUDA device (it is on {unet.device.type}) and a controller "
+                    f"of its own; move the pipeline with pipe.to('cuda') first and pass no controller."
+                )
+            controller = install(unet, static_buffers=True)
+            unet.compile(mode="reduce-overhead")  # in place: pipe.unet stays the same module
         self.controller: NestedAttentionController = controller or install(unet)
         self.adapters: dict[str, LoadedAdapter] = {}
         self._init_plain_calls(pipe)
@@ -158,7 +171,10 @@ class NestedAttention(PlainCalls):
         self.subjects.pop(name, None)
 
     def uninstall(self) -> None:
-        """Restore the UNet's original processors and the pipelines' own methods, and drop the adapters."""
+        """Restore the UNet's original processors (and, after `cuda_graphs=True`, its uncompiled call) and the
+        pipelines' own methods, and drop the adapters."""
+        if self.controller.store is not None:  # compiled by cuda_graphs=True: `nn.Module.compile` sets this field
+            self.pipe.unet._compiled_call_impl = None
         self.controller.uninstall()
         self.adapters.clear()
         self.detach()

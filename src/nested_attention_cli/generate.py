@@ -138,6 +138,9 @@ def add_parser(commands) -> None:
                        help="where to run (default: cuda, else mps, else cpu)")
     model.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                        help="weights dtype (default: float32 on cpu, bfloat16 or float16 on cuda, float16 on mps)")
+    model.add_argument("--cuda-graphs", action="store_true",
+                       help="replay each UNet step as CUDA graphs (torch.compile, mode reduce-overhead): much less "
+                            "host time per step; the first image compiles for minutes (cuda only)")
 
     subjects = parser.add_argument_group("subjects (repeat --adapter and its options for each subject)")
     subjects.add_argument(
@@ -194,11 +197,15 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.out, "--out")
     source = model_source(args.model)
     device = resolve_device(args.device)
+    if args.cuda_graphs and device != "cuda":
+        raise NestedAttentionError(
+            f"--cuda-graphs needs a CUDA device, but this run uses {device}; add --device cuda or drop --cuda-graphs."
+        )
     dtype = resolve_dtype(args.dtype, device)
     subjects = [build_subject(spec) for spec in specs]
     adapters = [load_adapter_folder(spec) for spec in specs]
     check_distinct_words(specs, adapters)
-    na = NestedAttention(load_pipeline(source, device, dtype))
+    na = NestedAttention(load_pipeline(source, device, dtype), cuda_graphs=args.cuda_graphs)
     names = [adapter_name(spec, i, specs) for i, spec in enumerate(specs)]
     for seed, (spec, adapter, name) in enumerate(zip(specs, adapters, names)):
         na.load_adapter(adapter or random_adapter(na.pipe.unet, seed=seed), word=spec.word, name=name)
