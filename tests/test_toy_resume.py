@@ -8,6 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 import nested_attention_toy.stages as stages_module
+import nested_attention_train.trainer as trainer_module
+from nested_attention_eval.toy_build_stage import ADAPTER_EVAL_STAGE
 from nested_attention_toy.build import CHECKPOINT, PARTIAL, SMOKE, build
 from nested_attention_toy.diffusion import TextTraining, make_unet, train_unet
 from nested_attention_toy.resume import saved_progress
@@ -35,6 +37,12 @@ class _StopAt:
         if self.n >= self.steps:
             raise Interrupted
 
+    def set_postfix(self, **values) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
 
 _REAL_BAR = stages_module._bar
 
@@ -44,14 +52,21 @@ def _interrupt(monkeypatch, stage: str, steps: int) -> None:
     monkeypatch.setattr(stages_module, "_bar", lambda total, desc: _StopAt(steps) if desc == stage else real(total, desc))
 
 
+def _interrupt_training(monkeypatch, steps: int) -> None:
+    """Stop the adapter trainer (its progress bar) after ``steps`` optimizer steps."""
+    real = trainer_module.tqdm
+    monkeypatch.setattr(trainer_module, "tqdm", lambda *a, **k: _StopAt(steps) if k.get("desc") == "train" else real(*a, **k))
+
+
 MODEL_FILES = ("pipeline/unet/diffusion_pytorch_model.safetensors", "pipeline/text_encoder/model.safetensors",
                "pipeline/vae/diffusion_pytorch_model.safetensors", "pipeline/image_encoder/model.safetensors",
                "clip/model.safetensors", "metrics/factor_classifier/model.safetensors",
-               "metrics/identity_person/model.safetensors", "pipeline/unet/config.json", "pipeline/vae/config.json")
+               "metrics/identity_person/model.safetensors", "pipeline/unet/config.json", "pipeline/vae/config.json",
+               "adapters/person/nested_adapter.safetensors", "adapters/pet/nested_adapter.safetensors")
 
 
 def test_an_interrupted_build_resumes_to_the_files_of_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
-    build(tmp_path / "reference", SMOKE, workers=1)
+    build(tmp_path / "reference", SMOKE, workers=1, extra_stages=(ADAPTER_EVAL_STAGE,))  # as the command line runs it
     reference = json.loads((tmp_path / "reference" / "build.json").read_text())
 
     out = tmp_path / "interrupted"
@@ -68,6 +83,13 @@ def test_an_interrupted_build_resumes_to_the_files_of_an_uninterrupted_one(tmp_p
     assert "vae" in json.loads((out / PARTIAL).read_text())["stages"]
     monkeypatch.undo()
 
+    _interrupt_training(monkeypatch, 3)  # the person adapter's trainer saved its state at step 2 and stops at 3
+    with pytest.raises(Interrupted):
+        build(out, resume=True, workers=1)
+    assert (out / "adapter-runs/person/checkpoints/checkpoint-00000002").is_dir()
+    assert list(json.loads((out / PARTIAL).read_text())["stages"])[-1] == "person_triplets"
+    monkeypatch.undo()
+
     assert run_cli("toy", "build", "--out", str(out), "--resume", "--workers", "1") == 0
     for name in MODEL_FILES:
         assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
@@ -78,8 +100,9 @@ def test_an_interrupted_build_resumes_to_the_files_of_an_uninterrupted_one(tmp_p
     for key in ("loss_first", "loss_last"):
         assert record["stages"]["unet"][key] == reference["stages"]["unet"][key]
     assert record["stages"]["unet"]["resumed_at_step"] == 4
-    assert [r["stages_done"] for r in record["resumed"]] == [["tokenizer", "corpus", "metrics"],
-                                                             ["tokenizer", "corpus", "metrics", "clip", "vae"]]
+    assert [r["stages_done"] for r in record["resumed"]] == [
+        ["tokenizer", "corpus", "metrics"], ["tokenizer", "corpus", "metrics", "clip", "vae"],
+        ["tokenizer", "corpus", "metrics", "clip", "vae", "unet", "pipeline", "evaluate", "person_triplets"]]
     assert record["size"] == reference["size"] and record["seed"] == reference["seed"]
     assert not (out / PARTIAL).exists() and not (out / CHECKPOINT).exists()
     assert "going on from the training state saved at step 4" in (out / "build.log").read_text()

@@ -9,6 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from transformers import CLIPModel, CLIPTokenizer, CLIPVisionModel
 
+from nested_attention import NestedAdapter
 from nested_attention.tiny import write_clip_tokenizer
 from nested_attention_toy.assets import is_shipped, model_path, shipped_path
 from nested_attention_toy.autoencoder import make_vae, reconstruction_psnr, reconstructions, train_vae
@@ -121,7 +122,19 @@ def test_smoke_build_runs_end_to_end_and_loads_with_plain_diffusers(tmp_path):
     out = tmp_path / "build"
     assert run_cli("toy", "build", "--out", str(out), "--smoke", "--workers", "1") == 0
     record = json.loads((out / "build.json").read_text())
-    assert set(record["stages"]) == {"tokenizer", "corpus", "metrics", "clip", "vae", "unet", "pipeline", "evaluate"}
+    assert list(record["stages"]) == ["tokenizer", "corpus", "metrics", "clip", "vae", "unet", "pipeline", "evaluate",
+                                      "person_triplets", "person_adapter", "pet_triplets", "pet_adapter",
+                                      "adapter_evaluate"]
+    adapters = record["measurements"]["adapters"]  # toy eval's metrics.json, scored by the build's own metric models
+    assert adapters == json.loads((out / "adapter-eval" / "metrics.json").read_text())
+    assert {"id_top1", "baseline_id_top1", "prompt_accuracy", "scene_both_top1"} <= set(adapters)
+    for domain in ("person", "pet"):  # self-contained: the build's CLIP vision tower travels inside
+        adapter = NestedAdapter.from_pretrained(out / "adapters" / domain)
+        assert adapter.config.word == domain and (out / "adapters" / domain / "image_encoder").is_dir()
+        clip = CLIPVisionModel.from_pretrained(out / "clip")
+        assert all(torch.equal(a.float(), b.float()) for a, b in zip(adapter.encoder.image_encoder.state_dict().values(),
+                                                                     clip.state_dict().values()))
+    assert not (out / "adapter-data").exists() and not (out / "adapter-runs").exists()  # training leftovers go
     stack = record["measurements"]["stack"]
     for key in ("vae_psnr_db", "clip_zero_shot_accuracy", "base_prompt_factor_accuracy", "base_clip_t", "oracle_clip_t"):
         assert key in stack

@@ -217,6 +217,7 @@ def run_data(args: argparse.Namespace) -> int:
 def run_build(args: argparse.Namespace) -> int:
     import torch
 
+    from nested_attention_eval.toy_build_stage import ADAPTER_EVAL_STAGE
     from nested_attention_toy.build import FULL, SMOKE, build
 
     device = args.device
@@ -231,7 +232,8 @@ def run_build(args: argparse.Namespace) -> int:
                                            (" ".join(args.sizes), args.sizes)) if value]
         if given:
             raise NestedAttentionError(f"--resume goes on with the build's own settings; drop {', '.join(given)}.")
-        record = build(args.out, device=device, workers=args.workers, command=command, resume=True)
+        record = build(args.out, device=device, workers=args.workers, command=command, resume=True,
+                       extra_stages=(ADAPTER_EVAL_STAGE,))
         return _built(args.out, record)
     if args.reuse_parts and args.reuse is None:
         raise NestedAttentionError("--reuse-parts names what to copy from the --reuse folder; give --reuse DIR too.")
@@ -243,7 +245,7 @@ def run_build(args: argparse.Namespace) -> int:
     size = build_size(SMOKE if args.smoke else FULL, args.sizes)
     kwargs = {"reuse_parts": tuple(args.reuse_parts)} if args.reuse_parts else {}
     record = build(args.out, size, seed=args.seed or 0, device=device, workers=args.workers, command=command,
-                   reuse=reuse, **kwargs)
+                   reuse=reuse, extra_stages=(ADAPTER_EVAL_STAGE,), **kwargs)
     return _built(args.out, record)
 
 

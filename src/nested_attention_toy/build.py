@@ -11,10 +11,13 @@ Stages (``stages.STAGES``; each logs one line and its wall time, a progress bar 
    (it starts as CLIP's text tower) trained along;
 7. pipeline: the standard `StableDiffusionPipeline` folder (plus `image_encoder` / `feature_extractor`);
 8. evaluate: VAE PSNR, CLIP zero-shot factor accuracy and base-model prompt-factor accuracy on held-out
-   identities, and a sample sheet.
+   identities, and a sample sheet;
+9. per domain, the adapter's training triplets and the adapter itself (``adapter_stages.ADAPTER_STAGES``);
+10. whatever ``extra_stages`` the caller adds (the command line adds the adapters' evaluation, which lives with the
+    evaluation code).
 
 Output folder: ``pipeline/`` (loads with ``StableDiffusionPipeline.from_pretrained``), ``clip/`` (the whole CLIP),
-``metrics/`` (metric models), ``build.json`` (command, seed, versions, sizes, timings, measurements) and
+``metrics/`` (metric models), ``adapters/person`` and ``adapters/pet`` (self-contained adapter folders), ``build.json`` (command, seed, versions, sizes, timings, measurements) and
 ``samples.png``. Weights are fp16 safetensors.
 """
 
@@ -33,10 +36,11 @@ from tqdm.auto import tqdm
 
 from nested_attention.errors import NestedAttentionError
 
+from .adapter_stages import ADAPTER_STAGES
 from .recipe import FULL, SMOKE, BuildSize
-from .stages import CHECKPOINT, REUSABLE, STAGES, Parts
+from .stages import CHECKPOINT, REUSABLE, STAGES, Parts, Stage
 
-__all__ = ["BUILD_SEED", "CHECKPOINT", "FULL", "PARTIAL", "REUSABLE", "SMOKE", "BuildSize", "build"]
+__all__ = ["BUILD_SEED", "CHECKPOINT", "FULL", "PARTIAL", "REUSABLE", "SMOKE", "BuildSize", "Stage", "build"]
 
 BUILD_SEED = 0
 PARTIAL = "build.partial.json"  # the record of a build that has not finished: what --resume continues
@@ -85,7 +89,7 @@ def _check(out: Path, resume: bool, reuse: Path | None, reuse_parts: tuple[str, 
 
 def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, device: str = "cpu", workers: int = 2,
           command: str | None = None, reuse: str | Path | None = None, reuse_parts: tuple[str, ...] = REUSABLE,
-          resume: bool = False) -> dict:
+          resume: bool = False, extra_stages: tuple[Stage, ...] = ()) -> dict:
     """Run every stage into ``out`` (created; must be empty or absent). Returns the build record (build.json).
 
     ``reuse``: an earlier build's folder whose metric models and VAE are copied instead of trained (they never see a
@@ -95,8 +99,9 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
     ``resume``: go on with the interrupted build in ``out`` (its own size, seed and reuse; ``size``, ``seed``,
     ``reuse`` and ``reuse_parts`` are ignored). Finished stages are kept, an unfinished one runs again, and the UNet
     stage, which saves its whole training state every ``size.unet_checkpoint_every`` steps, goes on from the last
-    save: the result is what the uninterrupted build gives (bit for bit on a CPU). Raises NestedAttentionError,
-    before any work, when the build cannot run."""
+    save (an adapter stage from its trainer's last checkpoint): the result is what the uninterrupted build gives (bit
+    for bit on a CPU). ``extra_stages`` run after the toy package's own (give the same ones to ``resume``). Raises
+    NestedAttentionError, before any work, when the build cannot run."""
     out = Path(out)
     record = None
     if resume and (out / PARTIAL).is_file() and not (out / "build.json").is_file():
@@ -126,7 +131,7 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
     # the seconds of finished work that earlier runs of an interrupted build did (stages, and UNet training saved)
     carried = sum(s["seconds"] for s in record["stages"].values())
     parts = Parts(out, size, seed, device, workers, log, reuse, reuse_parts)
-    for stage in STAGES:
+    for stage in (*STAGES, *ADAPTER_STAGES, *extra_stages):
         if stage.name in record["stages"]:
             continue
         t = time.perf_counter()
@@ -141,7 +146,7 @@ def build(out: str | Path, size: BuildSize = FULL, seed: int = BUILD_SEED, devic
         (out / PARTIAL).write_text(json.dumps(record, indent=2) + "\n")
 
     record["seconds"] = round(carried + time.perf_counter() - started, 1)
-    record["bytes"] = {part: _bytes(out / part) for part in ("pipeline", "clip", "metrics")}
+    record["bytes"] = {part: _bytes(out / part) for part in ("pipeline", "clip", "metrics", "adapters") if (out / part).is_dir()}
     record["bytes"]["total"] = sum(record["bytes"].values())
     (out / "build.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / PARTIAL).unlink()

@@ -49,6 +49,13 @@ class BuildSize:
     # the UNet stage saves its whole training state this often (steps) for `toy build --resume`; it does not change
     # what is trained
     unet_checkpoint_every: int = 400
+    # the adapters (adapter_stages.py): triplets per domain, optimizer steps, and the batch (None: the recipe's)
+    adapter_triplets: int = 40000
+    adapter_steps: int = 2200
+    adapter_batch: int | None = None
+    # their evaluation (toy eval, seed 0): held-out subjects per domain and person + pet images
+    adapter_eval_identities: int = 20
+    adapter_eval_scenes: int = 20
 
 
 FULL = BuildSize(corpus=30000, metric_train=12000, metric_epochs=4, identity_train=12000, identity_epochs=5,
@@ -56,4 +63,5 @@ FULL = BuildSize(corpus=30000, metric_train=12000, metric_epochs=4, identity_tra
 SMOKE = BuildSize(corpus=600, metric_train=400, metric_epochs=1, identity_train=200, identity_epochs=1,
                   clip_steps=10, vae_steps=10, unet_steps=10, eval_renders=64, eval_generations=8, eval_identities=10,
                   sample_steps=4, unet_checkpoint_every=4, unet_widths=(16, 32), clip_width=64, vae_width=16,
-                  identity_width=16)
+                  identity_width=16, adapter_triplets=8, adapter_steps=4, adapter_batch=4,
+                  adapter_eval_identities=2, adapter_eval_scenes=2)
