@@ -12,7 +12,8 @@ from .assets import shipped_path
 
 NAME = "report"  # nested-attention toy diagnose NAME
 
-BARS = {"factor": 0.95, "retrieval": 0.90, "base_factor": 0.90, "vae_identity": 0.95}
+BARS = {"factor": 0.95, "retrieval": 0.90, "base_factor": 0.90, "vae_identity": 0.95, "adapter_id": 0.70,
+        "adapter_domain_id": 0.60, "scene_both": 0.60}
 
 
 def _row(cells) -> str:
@@ -61,12 +62,33 @@ def report(record: dict) -> str:
         lines.append(_row([f"&nbsp;&nbsp;{factor}", _pct(acc) + (f" ({_pct(oracle)})" if oracle is not None else ""),
                            _bar("base_factor")]))
     lines.append(_row(["CLIP-T: base generations / real renders", f"{stack['base_clip_t']:.3f} / {stack['oracle_clip_t']:.3f}", "—"]))
+    lines += _adapter_rows(record)
     for domain in ("person", "pet"):
         attrs = metrics.get(f"identity_{domain}_attribute_accuracy", {})
         if attrs:
             lines.append("")
             lines.append(f"{domain} attribute accuracy: " + ", ".join(f"{k} {_pct(v)}" for k, v in attrs.items()))
     return "\n".join(lines)
+
+
+def _adapter_rows(record: dict) -> list[str]:
+    """The adapters' evaluation (`toy eval`, seed 0), when the build trained them."""
+    m = record["measurements"].get("adapters")
+    if m is None:
+        return []
+    size = record["size"]
+    rows = [_row([f"adapters, lambda 1 (`toy eval --seed 0`: {size['adapter_eval_identities']} held-out subjects per "
+                  f"domain; base model alone in brackets)", "", ""]),
+            _row(["&nbsp;&nbsp;`id_top1`", f"{m['id_top1']:.3f} ({m['baseline_id_top1']:.3f})", _bar("adapter_id")])]
+    for domain in ("person", "pet"):
+        rows.append(_row([f"&nbsp;&nbsp;`id_top1`: {domain}",
+                          f"{m[domain]['id_top1']:.3f} ({m[domain]['baseline_id_top1']:.3f})", _bar("adapter_domain_id")]))
+    rows.append(_row(["&nbsp;&nbsp;`prompt_accuracy`", f"{m['prompt_accuracy']:.3f} ({m['baseline_prompt_accuracy']:.3f})",
+                      "within 5 points of the base model"]))
+    if "scene_both_top1" in m:
+        rows.append(_row(["&nbsp;&nbsp;person + pet images with both subjects identified", f"{m['scene_both_top1']:.3f}",
+                          _bar("scene_both")]))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
