@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .one_path import TextTerms, one_path_attention, text_terms
-from .processor import NestedAttnProcessor
+from .processor import NestedAttnProcessor, epilogue, prologue
 
 if TYPE_CHECKING:
     from diffusers.models.attention_processor import Attention
@@ -45,24 +45,14 @@ class OnePathAttnProcessor(NestedAttnProcessor):
         subjects = plan.states[self.layer_path]
 
         # the steps of diffusers' AttnProcessor2_0, with the attention call replaced
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
         batch, text_length, _ = encoder_hidden_states.shape
         if text_length != plan.text_length:
             raise RuntimeError(
                 f"Subjects were bound on {plan.text_length} text tokens but layer {self.layer_path} received "
                 f"{text_length}."
             )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, text_length, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        residual, spatial = hidden_states, hidden_states.shape if hidden_states.ndim == 4 else None
+        hidden_states, attention_mask = prologue(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         query = attn.to_q(hidden_states)
         head_dim = query.shape[-1] // attn.heads
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, N, d)
@@ -75,13 +65,7 @@ class OnePathAttnProcessor(NestedAttnProcessor):
 
         hidden_states = one_path_attention(query, text, subjects, outer, rows, attention_mask)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)  # (B, N, H d)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return epilogue(attn, hidden_states, residual, spatial)
 
     def _text(self, attn, plan, encoder_hidden_states, outer, batch: int, head_dim: int) -> TextTerms:
         """The text's terms of the outer attention, computed once per generation where that is safe: without

@@ -18,6 +18,36 @@ if TYPE_CHECKING:
     from .controller import NestedAttentionController
 
 
+def prologue(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+             attention_mask: torch.Tensor | None, temb: torch.Tensor | None):
+    """The first steps of diffusers' AttnProcessor2_0: spatial norm, (B, C, H, W) -> (B, HW, C), the attention mask
+    as (B, heads, 1 or N, T), group norm. Returns (hidden_states, attention_mask)."""
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if hidden_states.ndim == 4:
+        batch, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+    batch, text_length, _ = encoder_hidden_states.shape
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, text_length, batch)
+        attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return hidden_states, attention_mask
+
+
+def epilogue(attn: Attention, hidden_states: torch.Tensor, residual: torch.Tensor,
+             spatial: torch.Size | None) -> torch.Tensor:
+    """The last steps of diffusers' AttnProcessor2_0 on (B, N, H d): output projection and dropout, back to
+    `spatial` (the input's (B, C, H, W), if it had that shape), residual, rescale."""
+    hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+    if spatial is not None:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(spatial)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
 def _rows(value, select, batch_size: int):
     """`select` applied to each tensor in `value` whose first axis is the batch (also inside IP-Adapter's tuple)."""
     if isinstance(value, (tuple, list)):
@@ -99,19 +129,9 @@ class NestedAttnProcessor:
         # the steps of diffusers' AttnProcessor2_0, with the attention call replaced
         encoder_hidden_states, image_states = split_encoder_states(encoder_hidden_states, self.original,
                                                                    self.layer_path)
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        residual, spatial = hidden_states, hidden_states.shape if hidden_states.ndim == 4 else None
+        hidden_states, attention_mask = prologue(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         batch, text_length, _ = encoder_hidden_states.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, text_length, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
 
@@ -142,13 +162,7 @@ class NestedAttnProcessor:
             image = image_attention(self.original, query, image_states, ip_adapter_masks)
             if image is not None:
                 hidden_states = hidden_states + image
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return epilogue(attn, hidden_states, residual, spatial)
 
     def _attend_sliced(self, query, key, value, layout: RowLayout, attention_mask, scales) -> torch.Tensor:
         """`_attend` over at most `slice_size` (row, head) pairs at a time, as diffusers' SlicedAttnProcessor."""
