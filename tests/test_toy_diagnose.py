@@ -42,3 +42,34 @@ def test_toy_eval_refuses_identity_counts_retrieval_cannot_use(count, fragment, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and fragment in err and len(err.splitlines()) == 1
     assert not (tmp_path / "eval").exists()
+
+
+def test_the_oracle_encoder_reads_attributes_and_nothing_else():
+    """Its tokens are a function of the identity's attribute values: two input views of one identity give the same
+    tokens, and identities that differ in one attribute differ in that attribute's token only."""
+    import numpy as np
+    import torch
+
+    from nested_attention.adapter import load_image_encoder
+    from nested_attention.encoder import preprocess
+    from nested_attention_eval.toy_oracle_encoder import OracleEncoder
+    from nested_attention_toy.assets import shipped_path
+    from nested_attention_toy.metric_models import IdentityNet
+    from nested_attention_toy.render import render_input
+    from nested_attention_toy.world import attribute_names, identity_from_names, sample_identities
+
+    clip, processor = load_image_encoder("toy")
+    torch.manual_seed(0)
+    encoder = OracleEncoder(clip, processor, IdentityNet.from_pretrained(shipped_path("metrics/identity_person")),
+                            "person", width=32)
+    base = sample_identities("person", 1, np.random.default_rng(3), held_out=True)[0]
+    values = base.as_dict()
+    changed = dict(values, hair_color=next(v for v in ("red", "black", "blond") if v != values["hair_color"]))
+    other = identity_from_names("person", **changed)
+    images = [render_input(base, 64, 1), render_input(base, 64, 2), render_input(other, 64, 1)]
+    with torch.no_grad():
+        tokens = encoder(preprocess(processor, images, torch.device("cpu"), torch.float32))
+    assert tokens.shape == (3, len(attribute_names("person")), 32)
+    assert torch.equal(tokens[0], tokens[1])
+    differs = (tokens[0] - tokens[2]).abs().amax(-1) > 0
+    assert differs.tolist() == [name == "hair_color" for name in attribute_names("person")]

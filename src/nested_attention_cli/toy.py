@@ -126,6 +126,8 @@ DIAGNOSTICS = {
     "bound": ("nested_attention_eval.toy_upper_bound",
               "identity of a UNet fine-tuned on one held-out subject: the bound of every frozen-UNet method"),
     "named": ("nested_attention_eval.toy_named", "how often the base model draws an attribute its prompt names"),
+    "encoder-oracle": ("nested_attention_eval.toy_oracle_encoder",
+                       "the adapter's recipe with a perfect encoder (the subject's true attributes): the encoder's bound"),
     "latents": ("nested_attention_toy.latent_check", "what the VAE's latents keep: factors and identity after a round trip"),
     "text-gain": ("nested_attention_toy.text_gain", "which prompt words the text encoder passes on to the denoiser"),
     "grounding": ("nested_attention_toy.grounding", "the subject word's share of each layer's attention"),

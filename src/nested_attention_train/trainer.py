@@ -118,8 +118,13 @@ def build_dataloader(
     return loader, dataset
 
 
-def train(config: TrainConfig) -> Path:
-    """Run (or resume) a training run; returns the folder of the exported adapter."""
+def train(config: TrainConfig, encoder: torch.nn.Module | None = None) -> Path:
+    """Run (or resume) a training run; returns the folder of the exported adapter.
+
+    ``encoder`` replaces the adapter's subject encoder (diagnostics that feed the nested layers other tokens, such
+    as an oracle of the subject's true attributes): a module with ``image_encoder`` (the frozen CLIP), a
+    ``query_tokens`` parameter (its device and dtype) and ``forward(pixel_values) -> (B, M, width)`` tokens. Its
+    weights are exported with the adapter's; only that diagnostic can load them back."""
     output_dir = Path(config.output_dir)
     check_writable(output_dir, "output_dir")  # before hours of work, not at the first checkpoint
     accelerator = Accelerator(
@@ -133,7 +138,7 @@ def train(config: TrainConfig) -> Path:
     )
     set_seed(config.seed)
     try:
-        return run_training(config, accelerator)
+        return run_training(config, accelerator, encoder)
     finally:
         if accelerator.num_processes == 1:
             # accelerate keeps process-wide state; reset it so that main(argv) can run again in this process
@@ -142,7 +147,7 @@ def train(config: TrainConfig) -> Path:
             GradientState._reset_state()
 
 
-def run_training(config: TrainConfig, accelerator: Accelerator) -> Path:
+def run_training(config: TrainConfig, accelerator: Accelerator, encoder: torch.nn.Module | None = None) -> Path:
     """Load the models and data, train, checkpoint, validate, export; returns the exported adapter's folder."""
     output_dir = Path(config.output_dir)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
@@ -156,6 +161,8 @@ def run_training(config: TrainConfig, accelerator: Accelerator) -> Path:
     if base.pipe.vae.config.get("force_upcast", False) and weight_dtype == torch.float16:
         base.pipe.vae.to(dtype=torch.float32)  # the SDXL VAE overflows in fp16
     adapter = load_adapter(config, base.pipe.unet)
+    if encoder is not None:
+        adapter.encoder = encoder.float().train()
     adapter.to(accelerator.device)
     adapter.encoder.image_encoder.to(dtype=weight_dtype)  # frozen; the trainable part stays fp32
     if config.gradient_checkpointing:
