@@ -127,6 +127,38 @@ def test_unet_equals_the_wrapping_processor(pipe, lam):
     assert (outputs[True][0][[3, 5]] - plain[[3, 5]]).abs().max() > 1e-4
 
 
+def test_training_gradients_equal_the_wrapping_processors(pipe):
+    """What training sees: the adapter's gradients through a guided batch (rows 0 and 2 bound, an encoder mask) are
+    the wrapping processor's. Tolerance 1e-4 of the largest gradient: the two paths sum the same terms in another
+    order (fp32), which moves a gradient by about 1e-6 of its scale; a wrong term moves it by far more."""
+    prompts = ["a photo of a person at the beach", "a dog in the snow", "a person in a park"]
+    latents, t, embeds, extra = guided(unet_inputs(pipe, prompts))
+    mask = torch.ones(6, 77)
+    mask[:, 60:] = 0
+    weights = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    grads = {}
+    for one_path in (True, False):
+        controller = install(pipe.unet, one_path=one_path)
+        try:
+            torch.manual_seed(0)
+            adapter = make_adapter(pipe.unet)
+            subject = person_subject(pipe, adapter, controller, prompts, [0, 2], seed=3)
+            tokens = torch.randn(1, adapter.config.num_queries, adapter.config.qformer_hidden_size,
+                                 generator=torch.Generator().manual_seed(3))
+            subject.nested = adapter.nested_keys_values(tokens, controller.layers)  # with autograd this time
+            with controller.bound([subject]):
+                out = pipe.unet(latents, t, encoder_hidden_states=embeds, encoder_attention_mask=mask, **extra).sample
+            (out * weights).sum().backward()
+            grads[one_path] = {n: p.grad.clone() for n, p in adapter.layers.named_parameters()}
+        finally:
+            controller.uninstall()
+    assert grads[True].keys() == grads[False].keys()
+    scale = max(g.abs().max().item() for g in grads[False].values())
+    assert scale > 0
+    for name, wrapped in grads[False].items():
+        torch.testing.assert_close(grads[True][name], wrapped, atol=1e-4 * scale, rtol=0, msg=name)
+
+
 def test_static_buffers_serve_two_subjects_in_turn_as_eager_binding_does(sd_pipe):
     """Bound one after the other, two subjects land in the same storage (what a captured CUDA graph replays) and
     give what eager binding gives."""
