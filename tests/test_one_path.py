@@ -137,6 +137,8 @@ def test_training_gradients_equal_the_wrapping_processors(pipe):
     mask[:, 60:] = 0
     weights = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(7))
     grads = {}
+    trainable = [p for p in pipe.unet.parameters() if p.requires_grad]
+    pipe.unet.requires_grad_(False)  # frozen, as in training; the shared fixture is restored below
     for one_path in (True, False):
         controller = install(pipe.unet, one_path=one_path)
         try:
@@ -152,6 +154,9 @@ def test_training_gradients_equal_the_wrapping_processors(pipe):
             grads[one_path] = {n: p.grad.clone() for n, p in adapter.layers.named_parameters()}
         finally:
             controller.uninstall()
+    for p in trainable:
+        p.requires_grad_(True)
+    assert all(p.grad is None for p in pipe.unet.parameters())
     assert grads[True].keys() == grads[False].keys()
     scale = max(g.abs().max().item() for g in grads[False].values())
     assert scale > 0
