@@ -55,7 +55,7 @@ class OracleEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         images = ((pixel_values.float() * self.std + self.mean) * 255).round().clamp(0, 255).to(torch.uint8)
         with torch.no_grad():
-            values = self.identity.predict(images.cpu())
+            values = self.identity.predict(images)  # on the device the adapter (and so the network) is on
         tokens = torch.stack([table(values[n].to(pixel_values.device)) for table, n in zip(self.tables, self.names)], 1)
         return self.norm(tokens + self.query_tokens)
 
