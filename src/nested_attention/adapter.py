@@ -15,7 +15,7 @@ from transformers import CLIPVisionModel
 
 from .card import AdapterCard, write_card
 from .config import CONFIG_NAME, NestedAdapterConfig
-from .encoder import CLIPImageProcessor, SubjectEncoder, default_image_processor
+from .encoder import CLIPImageProcessor, default_image_processor, subject_encoder
 from .errors import NestedAttentionError
 from .layers import CrossAttentionLayer, cross_attention_layers
 from .mechanisms import Mechanism, mechanism
@@ -52,7 +52,7 @@ class NestedAdapter(nn.Module):
     """A trained (or fresh) Nested Attention adapter for one UNet architecture and one subject domain.
 
     Build a fresh one for training with `NestedAdapter.for_unet(unet, image_encoder, ...)`; load a trained
-    one with `NestedAdapter.from_pretrained(path)`. Only the Q-Former, its queries and the per-layer
+    one with `NestedAdapter.from_pretrained(path)`. Only the subject encoder (Q-Former or linear readout) and the per-layer
     projections are adapter weights; the CLIP image encoder is frozen and referenced by `config.image_encoder`.
     """
 
@@ -70,7 +70,7 @@ class NestedAdapter(nn.Module):
             )
         self.config = config
         self.image_processor = image_processor or default_image_processor(image_encoder)
-        self.encoder = SubjectEncoder(config, image_encoder)
+        self.encoder = subject_encoder(config, image_encoder)
         self.mechanism: Mechanism = mechanism(config.mechanism)
         self.layers = nn.ModuleDict({
             _module_key(path): NestedProjection(config.qformer_hidden_size, size, self.mechanism.has_key)
@@ -97,7 +97,7 @@ class NestedAdapter(nn.Module):
         return cls(config, image_encoder, image_processor)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The Q-Former, its learned queries and the nested projections (never the frozen CLIP)."""
+        """The subject encoder (Q-Former or linear readout) and the nested projections (never the frozen CLIP)."""
         return [p for name, p in self.named_parameters() if not name.startswith("encoder.image_encoder.")]
 
     # ---- the nested keys and values --------------------------------------------------------------------

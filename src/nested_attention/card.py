@@ -59,6 +59,8 @@ def render_card(config: NestedAdapterConfig, card: AdapterCard | None = None) ->
             "subject word": config.word,
             "image encoder": config.image_encoder or "(not named: pass image_encoder= when loading)",
             "nested layers": len(config.layers),
+            "subject encoder": "Q-Former" if config.subject_encoder == "qformer" else
+            f"linear readout of the CLIP tokens (rank {config.linear_rank})",
             "subject tokens per image": config.num_queries,
             "alpha (value norm regularization)": config.alpha,
         }),

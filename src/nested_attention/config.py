@@ -13,6 +13,7 @@ from .errors import NestedAttentionError
 CONFIG_NAME = "nested_adapter_config.json"
 FORMAT_VERSION = 1
 MECHANISMS = ("nested", "decoupled", "simple", "global_v", "multi_token")  # mechanisms.py holds one class each
+SUBJECT_ENCODERS = ("qformer", "linear")  # encoder.py holds one class each
 
 
 @dataclass
@@ -30,7 +31,12 @@ class NestedAdapterConfig:
         num_queries: learned Q-Former queries = number of nested keys and values per image
             (the paper: 1024 for faces, 256 for pets).
         qformer_hidden_size, qformer_layers, qformer_heads, qformer_intermediate_size: Q-Former size
-            (BLIP-2 layout: self-attention, cross-attention to the CLIP tokens, feed-forward per layer).
+            (BLIP-2 layout: self-attention, cross-attention to the CLIP tokens, feed-forward per layer);
+            `qformer_hidden_size` is the subject tokens' width whichever encoder makes them.
+        subject_encoder: what turns the CLIP tokens into subject tokens: `qformer` (the paper's) or `linear`, a
+            linear readout in which each subject token weighs every CLIP position with its own matrix (for
+            small CLIP models whose attributes sit in particular patches; see `encoder.py`).
+        linear_rank: the `linear` encoder's width per CLIP token before the readout (unused by `qformer`).
         alpha: subject values are rescaled to alpha x the vanilla value norm (paper 3.2, default 2);
             None turns the regularization off. Used by the `nested` and `global_v` mechanisms.
         mechanism: how the encoder tokens enter the UNet's cross-attention (paper Fig. 10): `nested` (the
@@ -49,6 +55,8 @@ class NestedAdapterConfig:
     qformer_intermediate_size: int = 3072
     alpha: float | None = 2.0
     mechanism: str = "nested"
+    subject_encoder: str = "qformer"
+    linear_rank: int = 32
     format_version: int = field(default=FORMAT_VERSION)
 
     def __post_init__(self):
@@ -59,7 +67,7 @@ class NestedAdapterConfig:
             if not isinstance(size, int) or size <= 0:
                 problems.append(f"layer {name!r} has inner dimension {size!r}; expected a positive integer")
         for name in ("image_encoder_hidden_size", "num_queries", "qformer_hidden_size", "qformer_layers",
-                     "qformer_heads", "qformer_intermediate_size"):
+                     "qformer_heads", "qformer_intermediate_size", "linear_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 problems.append(f"`{name}` is {value!r}; expected a positive integer")
@@ -72,6 +80,9 @@ class NestedAdapterConfig:
             problems.append(f"`word` is {self.word!r}; expected a single word such as 'person'")
         if self.mechanism not in MECHANISMS:
             problems.append(f"`mechanism` is {self.mechanism!r}; expected one of {', '.join(MECHANISMS)}")
+        if self.subject_encoder not in SUBJECT_ENCODERS:
+            problems.append(f"`subject_encoder` is {self.subject_encoder!r}; expected one of "
+                            f"{', '.join(SUBJECT_ENCODERS)}")
         if self.format_version != FORMAT_VERSION:
             problems.append(f"`format_version` is {self.format_version!r}; this version of nested_attention "
                             f"reads format {FORMAT_VERSION}")

@@ -2,7 +2,8 @@
 
 - the per-pixel subject value v*_q (after the norm regularization) beside the word's one ordinary value V[s*] (Fig. 4);
 - the nested attention of every pixel over the subject tokens, softmax(q K̆ᵀ / sqrt(d)) (Fig. 5);
-- where each Q-Former query looks in the subject image: its cross-attention over CLIP's patches (Fig. 6);
+- where each subject token looks in the subject image: a Q-Former query's cross-attention over CLIP's patches
+  (Fig. 6), or the patches a linear readout weighs;
 - how much each pixel attends to the subject word at all (its share of the outer softmax, lambda applied).
 """
 
@@ -45,19 +46,27 @@ class LayerExplanation:
 
 @torch.no_grad()
 def query_attention_maps(adapter, image: Image.Image) -> torch.Tensor:
-    """(M, gh, gw): each Q-Former query's attention over CLIP's patch grid in its last layer (mean over heads;
-    the class token's share left out, so a map sums to at most 1)."""
+    """(M, gh, gw): where each subject token looks in the subject image, over CLIP's patch grid.
+
+    Q-Former: each query's cross-attention in its last layer (mean over heads). Linear readout: each patch's share
+    of the norms of what it adds to the token, |W[m, p] D x_p|. The class token's share is left out in both, so a
+    map sums to at most 1."""
     encoder = adapter.encoder
     vision = encoder.image_encoder
     pixels = preprocess(adapter.image_processor, [image], encoder.query_tokens.device, vision.dtype)
     clip = encoder.clip_tokens(pixels).to(encoder.query_tokens.dtype)
-    previous = encoder.qformer.config._attn_implementation
-    encoder.qformer.set_attn_implementation("eager")  # the fused kernels return no attention probabilities
-    try:
-        out = encoder.qformer(query_embeds=encoder.query_tokens, encoder_hidden_states=clip, output_attentions=True)
-    finally:
-        encoder.qformer.set_attn_implementation(previous)
-    maps = out.cross_attentions[-1][0].float().mean(0)[:, 1:]  # (M, patches): the class token dropped
+    if adapter.config.subject_encoder == "linear":
+        norms = encoder.contributions(clip)[0].float().norm(dim=-1)  # (M, positions)
+        maps = (norms / norms.sum(-1, keepdim=True).clamp_min(1e-12))[:, 1:]
+    else:
+        previous = encoder.qformer.config._attn_implementation
+        encoder.qformer.set_attn_implementation("eager")  # the fused kernels return no attention probabilities
+        try:
+            out = encoder.qformer(query_embeds=encoder.query_tokens, encoder_hidden_states=clip,
+                                  output_attentions=True)
+        finally:
+            encoder.qformer.set_attn_implementation(previous)
+        maps = out.cross_attentions[-1][0].float().mean(0)[:, 1:]  # (M, patches): the class token dropped
     side = vision.config.image_size // vision.config.patch_size
     return maps.reshape(maps.shape[0], side, side).cpu()
 

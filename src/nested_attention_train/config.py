@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from diffusers.optimization import SchedulerType
 
-from nested_attention.config import MECHANISMS
+from nested_attention.config import MECHANISMS, SUBJECT_ENCODERS
 from nested_attention.errors import NestedAttentionError
 from nested_attention.sources import TRAIN_CONFIG, names, resolve
 
@@ -45,6 +45,8 @@ class TrainConfig:
     qformer_intermediate_size: int = 3072
     alpha: float | None = 2.0
     mechanism: str = "nested"  # nested | decoupled | simple | global_v | multi_token (the paper's Fig. 10 rivals)
+    subject_encoder: str = "qformer"  # qformer (the paper's) | linear: a readout of every CLIP token (encoder.py)
+    linear_rank: int = 32  # the linear encoder's width per CLIP token
     key_init_gain: float = 1.0  # a fresh adapter's nested key projections start at this x torch's default init
 
     # data
@@ -102,7 +104,7 @@ class TrainConfig:
         if not self.data:
             problems.append("`data` is empty: give a folder with metadata.jsonl or WebDataset shards")
         for name in ("resolution", "train_batch_size", "gradient_accumulation_steps", "num_epochs", "num_queries",
-                     "checkpoint_every", "keep_checkpoints", "log_every", "max_subject_images"):
+                     "checkpoint_every", "keep_checkpoints", "log_every", "max_subject_images", "linear_rank"):
             if getattr(self, name) < 1:
                 problems.append(f"`{name}` is {getattr(self, name)}; expected at least 1")
         if self.max_steps is not None and self.max_steps < 1:
@@ -120,6 +122,9 @@ class TrainConfig:
             problems.append("`validation_every` is set but `validation_images` or `validation_prompts` is empty")
         if self.mechanism not in MECHANISMS:
             problems.append(f"`mechanism` is {self.mechanism!r}; expected one of {', '.join(MECHANISMS)}")
+        if self.subject_encoder not in SUBJECT_ENCODERS:
+            problems.append(f"`subject_encoder` is {self.subject_encoder!r}; expected one of "
+                            f"{', '.join(SUBJECT_ENCODERS)}")
         problems += self._optimization_problems()
         if SHELL_URL.search(self.data) and not self.allow_shell_commands_in_data:
             problems.append(
@@ -193,7 +198,7 @@ class TrainConfig:
     @property
     def adapter_kwargs(self) -> dict:
         keys = ("num_queries", "qformer_hidden_size", "qformer_layers", "qformer_heads", "qformer_intermediate_size",
-                "alpha", "word", "mechanism")
+                "alpha", "word", "mechanism", "subject_encoder", "linear_rank")
         return {key: getattr(self, key) for key in keys}
 
 
