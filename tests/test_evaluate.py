@@ -333,3 +333,23 @@ def test_toy_eval_writes_every_key(tmp_path, capsys):
     capsys.readouterr()
     assert main([*argv[:-2], "--steps", "2", "--out", str(tmp_path)]) == 2
     assert "steps 1 -> 2" in capsys.readouterr().err
+
+
+def test_toy_eval_with_more_lambdas_adds_a_curve_and_keeps_the_first(tmp_path, capsys):
+    argv = ["toy", "eval", "--identities", "2", "--contexts", "1", "--scenes", "1", "--steps", "1",
+            "--adapter-person", "random", "--adapter-pet", "random", "--out", str(tmp_path)]
+    assert main([*argv, "--lam", "1"]) == 0
+    first = json.loads((tmp_path / "metrics.json").read_text())
+    assert "by_lambda" not in first and not (tmp_path / "tradeoff.png").exists()
+    assert main([*argv, "--lam", "1", "3"]) == 0  # resumes: the lambda-1 images are read back, lambda 3 is made
+    both = json.loads((tmp_path / "metrics.json").read_text())
+    assert {k: v for k, v in both.items() if k not in ("config", "by_lambda")} == \
+        {k: v for k, v in first.items() if k != "config"}
+    assert both["by_lambda"].keys() == {"1", "3"}
+    assert all(both["by_lambda"]["1"][k] == first[k] for k in ("id_top1", "prompt_accuracy", "scene_both_top1"))
+    assert (tmp_path / "tradeoff.png").is_file() and "lambda    3: id_top1" in capsys.readouterr().out
+    records = read_records(tmp_path / "records.jsonl")
+    assert sorted(r["lam"] for r in records if r["setting"] == "adapter") == [1.0] * 5 + [3.0] * 5
+    for bad in (["0"], ["2", "2"]):
+        assert main([*argv, "--lam", *bad]) == 2
+        assert "expected distinct positive numbers" in capsys.readouterr().err

@@ -99,7 +99,9 @@ def add_parser(commands) -> None:
     evaluation.add_argument("--identities", type=positive_int, default=20, metavar="N", help="subjects per domain (default: 20)")
     evaluation.add_argument("--contexts", type=positive_int, default=4, metavar="K", help="prompts per subject (default: 4)")
     evaluation.add_argument("--scenes", type=int, default=20, metavar="M", help="person + pet images (default: 20)")
-    evaluation.add_argument("--lam", type=float, default=1.0, help="lambda (default: 1, the trained model)")
+    evaluation.add_argument("--lam", type=float, nargs="+", default=[1.0], metavar="L",
+                            help="lambda (default: 1, the trained model); several (e.g. 1 2 3 4) also plot the "
+                                 "identity / prompt trade-off, tradeoff.png")
     evaluation.add_argument("--steps", type=positive_int, default=20, metavar="N", help="denoising steps (default: 20)")
     evaluation.add_argument("--guidance", type=float, default=5.0, metavar="SCALE", help="guidance scale (default: 5)")
     evaluation.add_argument("--adapter-person", default="toy-person", metavar="PATH", help="default: the shipped toy-person")
@@ -152,8 +154,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from .generate import RANDOM_ADAPTER, adapter_source, load_pipeline, model_source, random_adapter
 
-    if args.lam <= 0:
-        raise NestedAttentionError(f"--lam is {args.lam}; expected a positive number (1 = the trained model).")
+    if any(not lam > 0 for lam in args.lam) or len(set(args.lam)) < len(args.lam):
+        shown = " ".join(f"{lam:g}" for lam in args.lam)
+        raise NestedAttentionError(f"--lam is {shown}; expected distinct positive numbers (1 = the trained model).")
     if args.identities < 2:
         raise NestedAttentionError(f"--identities is {args.identities}; identity is scored by retrieval among the "
                                    f"subjects, which needs at least 2 (20, the default, gives chance 0.05).")
@@ -178,7 +181,7 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"note: --adapter-{domain} random is untrained: it checks the plumbing, it carries no identity.", file=sys.stderr)
             adapters[domain] = random_adapter(pipe.unet, seed=seed, word=domain)
     config = ToyEvalConfig(seed=args.seed, identities=args.identities, contexts=args.contexts, scenes=args.scenes,
-                           lam=args.lam, steps=args.steps, guidance=args.guidance)
+                           lams=tuple(args.lam), steps=args.steps, guidance=args.guidance)
     # a build's own metric models and CLIP score its pipeline; the shipped ones score the shipped model
     metric_models = metrics_beside(Path(model)) or metrics_folder()
     clip = Path(model).parent / "clip"
@@ -192,7 +195,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.scenes:
         print(f"person + pet: person top-1 {metrics['scene_person_top1']:.3f}, pet top-1 {metrics['scene_pet_top1']:.3f}, "
               f"both {metrics['scene_both_top1']:.3f}")
-    print(f"wrote {args.out / 'metrics.json'} and {args.out / 'samples.png'}")
+    for lam, scored in metrics.get("by_lambda", {}).items():
+        print(f"lambda {lam:>4}: " + ", ".join(f"{k} {scored[k]:.3f}" for k in keys))
+    plot = f", {args.out / 'tradeoff.png'}" if "by_lambda" in metrics else ""
+    print(f"wrote {args.out / 'metrics.json'}{plot} and {args.out / 'samples.png'}")
     return 0
 
 

@@ -27,15 +27,16 @@ def identity_column(rows: list[dict]) -> str | None:
     return next((k for row in rows for k in row if k.endswith("_similarity") and row[k] is not None), None)
 
 
-def write_plot(rows: list[dict], path: Path) -> bool:
-    """One panel per prompt score; x: that score, y: identity similarity; a curve per setting, points labelled with
-    lambda. Returns False (and writes nothing) when the records have no identity or no prompt score."""
+def write_plot(rows: list[dict], path: Path, y_column: str | None = None) -> bool:
+    """One panel per prompt score; x: that score, y: ``y_column`` (default: the identity similarity); a curve per
+    setting, points labelled with lambda. Returns False (and writes nothing) when the records have no identity or no
+    prompt score."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    y_column = identity_column(rows)
+    y_column = y_column or identity_column(rows)
     x_columns = [c for c in PROMPT_COLUMNS if any(row.get(c) is not None for row in rows)]
     if y_column is None or not x_columns:
         return False

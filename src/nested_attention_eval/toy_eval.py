@@ -45,7 +45,8 @@ from nested_attention_toy.world import (
     scene_prompt,
 )
 
-from .harness import Evaluator, Job, JobScorer, Setting
+from .harness import Evaluator, Job, JobScorer, Setting, summarize
+from .report import write_plot
 from .toy_scorers import ToyIdentityEmbedder, to_uint8
 
 KINDS = ("adapter", "baseline", "oracle")
@@ -59,7 +60,7 @@ class ToyEvalConfig:
     identities: int = 20
     contexts: int = 4  # prompts per subject
     scenes: int = 20  # person + pet images
-    lam: float = 1.0
+    lams: tuple[float, ...] = (1.0,)  # the first is the headline; more make the trade-off curve
     steps: int = 20
     guidance: float = 5.0
     batch_size: int = 16
@@ -111,14 +112,15 @@ class ToyPlan:
         ]
 
     def jobs(self, setting: Setting) -> list[Job]:
-        lam = None if setting.shared or setting.render is not None else self.config.lam
+        lams = [None] if setting.shared or setting.render is not None else self.config.lams
         jobs = []
-        for identity, prompt, seed, labels in self.cases:
-            bound = {}
-            if setting.adapters is not None:
-                owners = labels["owners"] if labels["domain"] == SCENE else {labels["domain"]: labels["owner"]}
-                bound = {d: label(self.identities[d][o]) for d, o in owners.items()}
-            jobs.append(Job(setting.name, identity, prompt, lam, seed, bound, labels))
+        for lam in lams:
+            for identity, prompt, seed, labels in self.cases:
+                bound = {}
+                if setting.adapters is not None:
+                    owners = labels["owners"] if labels["domain"] == SCENE else {labels["domain"]: labels["owner"]}
+                    bound = {d: label(self.identities[d][o]) for d, o in owners.items()}
+                jobs.append(Job(setting.name, identity, prompt, lam, seed, bound, labels))
         return jobs
 
     def render(self, job: Job) -> Image.Image:
@@ -186,7 +188,8 @@ def toy_eval(pipe, adapters: dict[str, object], out: str | Path, config: ToyEval
              progress: bool = True, metrics: str | Path | None = None, pinned: dict | None = None) -> dict:
     """Run the evaluation (resuming what ``out`` already holds); ``adapters`` maps "person" and "pet" to adapter
     folders or loaded adapters. Writes ``records.jsonl``, ``images/``, ``metrics.json`` and ``samples.png`` in
-    ``out``; returns the metrics. ``metrics``: the identity networks' build folder (default: the shipped build's);
+    ``out`` (with several lambdas, also ``tradeoff.png``: ``id_top1`` against prompt following, a point per lambda;
+    the metrics' top level is the first lambda's, ``by_lambda`` holds each one's); returns the metrics. ``metrics``: the identity networks' build folder (default: the shipped build's);
     ``pinned``: what else a resumed folder must have been made with (model, adapters; see `Evaluator`)."""
     out = Path(out)
     plan = ToyPlan(config, adapters)
@@ -197,7 +200,14 @@ def toy_eval(pipe, adapters: dict[str, object], out: str | Path, config: ToyEval
         raise ValueError(f"toy eval reports the CLIP score as clip_t; got a scorer named {clip_scorer.name!r}")
     records = {r["key"]: r for r in evaluator.run(plan)}
     made = {s.name: [records[j.key] for j in plan.jobs(s)] for s in plan.settings}
+    cases = len(plan.cases)
+    by_lambda = {lam: made["adapter"][i * cases:(i + 1) * cases] for i, lam in enumerate(config.lams)}
+    made["adapter"] = by_lambda[config.lams[0]]
     results = {"config": asdict(config)} | summarize_toy(made)
+    if len(config.lams) > 1:
+        results["by_lambda"] = {f"{lam:g}": summarize_toy({"adapter": mine}) for lam, mine in by_lambda.items()}
+        single = [r for r in records.values() if r["labels"]["domain"] != SCENE]
+        write_plot(summarize(single), out / "tradeoff.png", y_column="id_top1")
     _sheet(_sample_rows(plan, made, out)).save(out / "samples.png")
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
