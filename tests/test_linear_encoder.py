@@ -74,6 +74,11 @@ def test_bad_encoder_names_and_ranks_are_refused():
         NestedAdapterConfig(layers={"a": 8}, image_encoder="x", image_encoder_hidden_size=8, subject_encoder="perceiver")
     with pytest.raises(NestedAttentionError, match="`linear_rank` is 0"):
         NestedAdapterConfig(layers={"a": 8}, image_encoder="x", image_encoder_hidden_size=8, linear_rank=0)
+    sizes = dict(layers={"a": 8}, image_encoder="x", image_encoder_hidden_size=8, qformer_hidden_size=128,
+                 qformer_heads=12)  # the Q-Former's heads must divide its width; the linear encoder has none
+    with pytest.raises(NestedAttentionError, match="not divisible by `qformer_heads` 12"):
+        NestedAdapterConfig(**sizes)
+    assert NestedAdapterConfig(**sizes, subject_encoder="linear").qformer_hidden_size == 128
 
 
 def test_the_trainer_trains_it_by_one_config_field(tmp_path, capsys):

@@ -71,7 +71,7 @@ class NestedAdapterConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 problems.append(f"`{name}` is {value!r}; expected a positive integer")
-        if not problems and self.qformer_hidden_size % self.qformer_heads:
+        if not problems and self.subject_encoder == "qformer" and self.qformer_hidden_size % self.qformer_heads:
             problems.append(f"`qformer_hidden_size` {self.qformer_hidden_size} is not divisible by "
                             f"`qformer_heads` {self.qformer_heads}")
         if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and 0 < self.alpha < math.inf):
