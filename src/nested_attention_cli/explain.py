@@ -35,8 +35,9 @@ cross-attention layer at one denoising step (paper Figs. 4-6):
   - the subject word's per-pixel value v*_q (its first three principal components
     as RGB) beside the one ordinary value V[s*] every pixel would get without nesting;
   - the nested attention of one probed pixel over the subject tokens, and where
-    in the subject image those tokens look (their Q-Former queries' attention);
-  - every Q-Former query's attention map over the subject image.
+    in the subject image those tokens look;
+  - every subject token's map over the subject image (a Q-Former query's
+    attention, or the patches a linear readout weighs).
 Writes DIR/explain.png and DIR/explain.json (the numbers behind the sheet)."""
 
 EPILOG = """\
