@@ -157,6 +157,7 @@ def test_scene_and_grid():
     assert scene.image.tobytes() == render_scene(person, pet, BASE, 64, seed=1).image.tobytes()
     assert changed_fraction(scene.image, render_target(person, BASE, 64, seed=1).image) > 0.05
     assert changed_fraction(scene.image, render_scene(person, pet, BASE, 64, seed=1, pet_expression=2).image) > 0.001
+    assert scene.pet.mean() > 0.03 and float(scene.pet[scene.subject >= 1].max(initial=0)) == 0  # not behind the person
     with pytest.raises(ValueError):
         render_scene(pet, person, BASE)
     grid = render_example_grid([person, pet], [BASE, BASE.replace(style="watercolor")], size=32, pad=1)

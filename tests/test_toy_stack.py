@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer, CLIPVisionModel
 
 from nested_attention import NestedAdapter
@@ -256,7 +257,6 @@ def test_shipped_tokenizer_knows_every_subject_word():
 
 
 def test_generate_command_runs_the_shipped_model_by_name(tmp_path):
-    from PIL import Image
 
     out = tmp_path / "base.png"
     assert run_cli("generate", "--model", "toy", "--prompt", "a cartoon of a sad pet in the desert, on the left",
@@ -265,7 +265,6 @@ def test_generate_command_runs_the_shipped_model_by_name(tmp_path):
 
 
 def test_triplets_are_read_by_the_trainer_and_use_train_identities_only(tmp_path):
-    from PIL import Image
 
     from nested_attention_toy.triplets import write_triplets
     from nested_attention_toy.world import identity_from_index
@@ -301,9 +300,12 @@ def test_scene_triplets_pair_the_subject_with_a_train_identity_and_leave_the_oth
     drawn = []
     real = triplets.render_scene
 
+    rendered = []
+
     def recording(person, pet, context, size, seed, pet_expression):
         drawn.append((person.index, pet.index, context.values, pet_expression))
-        return real(person, pet, context, size=size, seed=seed, pet_expression=pet_expression)
+        rendered.append(real(person, pet, context, size=size, seed=seed, pet_expression=pet_expression))
+        return rendered[-1]
 
     monkeypatch.setattr(triplets, "render_scene", recording)
     mixed = triplets.write_triplets(tmp_path / "mixed", domain, 16, seed=2, scenes=0.5, workers=1)
@@ -323,7 +325,10 @@ def test_scene_triplets_pair_the_subject_with_a_train_identity_and_leave_the_oth
         assert not identity_from_index(other, b["scene"]["partner"]).held_out and not same_target
         pair = (b["identity"], b["scene"]["partner"]) if domain == "person" else (b["scene"]["partner"], b["identity"])
         assert drawn[scenes.index(i)] == (*pair, tuple(b["context"].values()), b["scene"]["pet_expression"])
-        assert ("target_mask" in b) == (domain == "person")  # a scene's mask is its person's
+        mask = np.asarray(Image.open(tmp_path / "mixed" / b["target_mask"])) / 255  # the triplet's own subject
+        scene = rendered[scenes.index(i)]
+        own = scene.pet if domain == "pet" else scene.subject
+        assert own.mean() > 0.03 and np.abs(mask - own).max() <= 0.5 / 255 + 1e-6  # stored as 8-bit
     assert run_cli("toy", "data", "--out", str(tmp_path / "c"), "--domain", domain, "--count", "3", "--scenes", "1.5") == 2
     assert "expected a fraction" in capsys.readouterr().err
 

@@ -3,7 +3,7 @@
 A fraction of the targets (``scenes``) may be person + pet scenes: the subject beside a random training identity of
 the other domain, with a prompt that names both words; only the subject's word is bound, so the adapter learns to
 put its identity on its own subject and leave the other one to the prompt. ``masks/`` holds each target's subject
-silhouette (``target_mask``, for the trainer's ``subject_loss_weight``; none for a pet in a scene).
+silhouette (``target_mask``, for the trainer's ``subject_loss_weight``; in a scene, the domain's own subject's).
 
 ``write_triplets`` writes a folder the trainer reads as it is (``metadata.jsonl`` + PNGs; convert it to WebDataset
 shards with ``python -m nested_attention_train.make_shards`` for streaming). Identities come from the training side
@@ -49,8 +49,8 @@ def _write_one(job: tuple) -> None:
         person, pet = (identity, other) if domain == "person" else (other, identity)
         target = render_scene(person, pet, context, size=size, seed=seeds[0], pet_expression=scene["pet_expression"])
     target.image.save(root / "targets" / f"{name}.png")
-    if scene is None or domain == "person":  # a scene's mask is its person's
-        Image.fromarray(np.round(target.subject * 255).astype(np.uint8), mode="L").save(root / "masks" / f"{name}.png")
+    mask = target.pet if scene is not None and domain == "pet" else target.subject  # the triplet's own subject
+    Image.fromarray(np.round(mask * 255).astype(np.uint8), mode="L").save(root / "masks" / f"{name}.png")
 
 
 def _other(domain: str) -> str:
@@ -104,8 +104,7 @@ def write_triplets(out: str | Path, domain: str, count: int, seed: int = 0, size
             "identity": identity.index,
             "context": dict(zip(FACTOR_NAMES, (int(v) for v in context.values))),
         }
-        if scene is None or domain == "person":
-            line["target_mask"] = f"masks/{name}.png"
+        line["target_mask"] = f"masks/{name}.png"
         if scene is not None:
             line["scene"] = scene
         lines.append(line)

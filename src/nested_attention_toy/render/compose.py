@@ -29,11 +29,12 @@ SYMBOL_RADIUS = 0.6  # the emotion symbol's half-size in the subject's units
 @dataclass
 class Rendered:
     """An image and, as (size, size) float32 coverage in [0, 1], its subject (for a person + pet scene, the person)
-    and that subject's emotion symbol."""
+    and that subject's emotion symbol; in a scene also the pet's visible coverage (``pet``)."""
 
     image: Image.Image
     subject: np.ndarray
     symbol: np.ndarray
+    pet: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -144,9 +145,9 @@ def render_scene(person: Identity, pet: Identity, context: Context, size: int = 
     pet_place = _target_place(pet, "right" if side > 0 else "left", S, rng, scale=0.62)
     pet_place = Placement(S * (0.5 + side * 0.31), pet_place.y, pet_place.unit, pet_place.flip)
     expression = CONTEXT_FACTORS["expression"][context["expression"] if pet_expression is None else int(pet_expression)]
-    _draw(canvas, pet, pet_place, expression, outline, side, HALO.get(scene))
+    pet_cover, _ = _draw(canvas, pet, pet_place, expression, outline, side, HALO.get(scene))
     subject, symbol = _draw(canvas, person, place, context.name("expression"), outline, -side, HALO.get(scene))
-    return Rendered(_finish(style, canvas, subject, rng), subject, symbol)
+    return Rendered(_finish(style, canvas, subject, rng), subject, symbol, pet=pet_cover * (1 - subject))
 
 
 _INPUT_BACKGROUNDS = ((238, 236, 230), (226, 233, 242), (242, 232, 220), (230, 238, 228), (236, 230, 238))
