@@ -350,6 +350,8 @@ def test_toy_eval_with_more_lambdas_adds_a_curve_and_keeps_the_first(tmp_path, c
     assert (tmp_path / "tradeoff.png").is_file() and "lambda    3: id_top1" in capsys.readouterr().out
     records = read_records(tmp_path / "records.jsonl")
     assert sorted(r["lam"] for r in records if r["setting"] == "adapter") == [1.0] * 5 + [3.0] * 5
+    assert main([*argv, "--lam", "1"]) == 0  # back to one lambda: the first run's metrics, no curve
+    assert json.loads((tmp_path / "metrics.json").read_text()) == first and not (tmp_path / "tradeoff.png").exists()
     for bad in (["0"], ["2", "2"]):
         assert main([*argv, "--lam", *bad]) == 2
         assert "expected distinct positive numbers" in capsys.readouterr().err

@@ -189,8 +189,8 @@ def toy_eval(pipe, adapters: dict[str, object], out: str | Path, config: ToyEval
     """Run the evaluation (resuming what ``out`` already holds); ``adapters`` maps "person" and "pet" to adapter
     folders or loaded adapters. Writes ``records.jsonl``, ``images/``, ``metrics.json`` and ``samples.png`` in
     ``out`` (with several lambdas, also ``tradeoff.png``: ``id_top1`` against prompt following, a point per lambda;
-    the metrics' top level is the first lambda's, ``by_lambda`` holds each one's); returns the metrics. ``metrics``: the identity networks' build folder (default: the shipped build's);
-    ``pinned``: what else a resumed folder must have been made with (model, adapters; see `Evaluator`)."""
+    the metrics' top level is the first lambda's, ``by_lambda`` holds each one's); returns the metrics.
+    ``metrics``: the identity networks' build folder (default: the shipped build's); ``pinned``: what else a resumed folder must have been made with (model, adapters; see `Evaluator`)."""
     out = Path(out)
     plan = ToyPlan(config, adapters)
     evaluator = Evaluator(pipe, out, prompt_scorers=[clip_scorer], scorers=[ToyScorer(plan, factor_classifier, metrics)],
@@ -206,8 +206,10 @@ def toy_eval(pipe, adapters: dict[str, object], out: str | Path, config: ToyEval
     results = {"config": asdict(config)} | summarize_toy(made)
     if len(config.lams) > 1:
         results["by_lambda"] = {f"{lam:g}": summarize_toy({"adapter": mine}) for lam, mine in by_lambda.items()}
-        single = [r for r in records.values() if r["labels"]["domain"] != SCENE]
+        single = [records[j.key] for s in plan.settings for j in plan.jobs(s) if j.labels["domain"] != SCENE]
         write_plot(summarize(single), out / "tradeoff.png", y_column="id_top1")
+    else:
+        (out / "tradeoff.png").unlink(missing_ok=True)  # an earlier run's curve, of lambdas this run does not score
     _sheet(_sample_rows(plan, made, out)).save(out / "samples.png")
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
