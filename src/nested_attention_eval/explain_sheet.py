@@ -114,7 +114,7 @@ def draw_sheet(inputs: list[Image.Image], image: Image.Image, explanation, query
                   interpolation="bilinear")
     for index, token in enumerate(shown):
         row, column = divmod(index, QUERY_COLUMNS)
-        ax = panel(2 + row, column, inputs[0], f"query {token}: {float(weights[token]):.2f}")
+        ax = panel(2 + row, column, inputs[0], f"token {token}: {float(weights[token]):.2f}")
         ax.imshow(query_maps[0][token].numpy(), cmap="jet", alpha=0.55, interpolation="bilinear",
                   extent=(-0.5, inputs[0].size[0] - 0.5, inputs[0].size[1] - 0.5, -0.5))
     figure.suptitle(f"{prompt!r}: {explanation.layer}, step {explanation.step} (t = {explanation.timestep})",
