@@ -52,8 +52,8 @@ class NestedAdapter(nn.Module):
     """A trained (or fresh) Nested Attention adapter for one UNet architecture and one subject domain.
 
     Build a fresh one for training with `NestedAdapter.for_unet(unet, image_encoder, ...)`; load a trained
-    one with `NestedAdapter.from_pretrained(path)`. Only the subject encoder (Q-Former or linear readout) and the per-layer
-    projections are adapter weights; the CLIP image encoder is frozen and referenced by `config.image_encoder`.
+    one with `NestedAdapter.from_pretrained(path)`. Only the subject encoder (Q-Former or linear readout) and the
+    per-layer projections are adapter weights; the CLIP image encoder is frozen and referenced by `config.image_encoder`.
     """
 
     def __init__(

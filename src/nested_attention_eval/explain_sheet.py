@@ -71,7 +71,8 @@ def draw_sheet(inputs: list[Image.Image], image: Image.Image, explanation, query
                cell: tuple[int, int], prompt: str) -> Image.Image:
     """Row 1: the subject, the generated image, the subject word's share, v*_q and V[s*] as colours. Row 2: the
     probed pixel, its nested attention over the tokens, where those tokens look in each subject image. Then the
-    first subject image's token maps (Q-Former queries or the linear readout), the probed pixel's strongest tokens first."""
+    first subject image's token maps (Q-Former queries or the linear readout), the probed pixel's strongest tokens
+    first."""
     import matplotlib
 
     matplotlib.use("Agg")

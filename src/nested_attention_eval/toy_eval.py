@@ -190,7 +190,8 @@ def toy_eval(pipe, adapters: dict[str, object], out: str | Path, config: ToyEval
     folders or loaded adapters. Writes ``records.jsonl``, ``images/``, ``metrics.json`` and ``samples.png`` in
     ``out`` (with several lambdas, also ``tradeoff.png``: ``id_top1`` against prompt following, a point per lambda;
     the metrics' top level is the first lambda's, ``by_lambda`` holds each one's); returns the metrics.
-    ``metrics``: the identity networks' build folder (default: the shipped build's); ``pinned``: what else a resumed folder must have been made with (model, adapters; see `Evaluator`)."""
+    ``metrics``: the identity networks' build folder (default: the shipped build's); ``pinned``: what else a resumed
+    folder must have been made with (model, adapters; see `Evaluator`)."""
     out = Path(out)
     plan = ToyPlan(config, adapters)
     evaluator = Evaluator(pipe, out, prompt_scorers=[clip_scorer], scorers=[ToyScorer(plan, factor_classifier, metrics)],
