@@ -107,8 +107,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_main(argv[1:])
     show_library_warnings()
-    args = build_parser().parse_args(argv)
     try:
+        if argv[:2] == ["toy", "experiment"]:  # its own parser (the experiments' list), like train's
+            from nested_attention_eval.toy_experiments import main as experiment_main
+
+            return experiment_main(argv[2:])
+        args = build_parser().parse_args(argv)
         return args.run(args)
     except NestedAttentionError as error:
         print(f"error: {error}", file=sys.stderr)

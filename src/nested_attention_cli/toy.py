@@ -1,4 +1,5 @@
-"""`nested-attention toy ...`: the toy world's commands (`toy build`, `toy data`, `toy eval`, `toy diagnose`)."""
+"""`nested-attention toy ...`: the toy world's commands (`toy build`, `toy data`, `toy eval`, `toy experiment`,
+`toy diagnose`)."""
 
 from __future__ import annotations
 
@@ -109,6 +110,10 @@ def add_parser(commands) -> None:
     evaluation.add_argument("--model", default="toy", metavar="PATH", help="base pipeline (default: the shipped toy model)")
     evaluation.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="default: cpu")
     evaluation.set_defaults(run=run_eval)
+
+    sub.add_parser("experiment", add_help=False,  # dispatched to nested_attention_eval.toy_experiments before parsing
+                   help="the paper's experiments on the toy world: train the arms, score them, tabulate and plot "
+                        "(nested-attention toy experiment --help)")
 
     lines = "\n".join(f"  {name:10s} {summary}" for name, (_, summary) in DIAGNOSTICS.items())
     diagnose = sub.add_parser(

@@ -1,8 +1,8 @@
 """The evaluation loop: make every job's image once, score it, append its record to ``records.jsonl``. A record
 already there is skipped, so an interrupted run resumes where it stopped.
 
-A *plan* lists the jobs: `Plan` is the grid of (setting, subject, prompt, lambda, seed) of `nested-attention
-evaluate`; any object with ``settings``, ``subjects`` and ``jobs(setting)`` will do (the toy world's evaluation lists
+A *plan* lists the jobs: `Plan` is the grid of (setting, subject, prompt, lambda, strength, seed) of
+`nested-attention evaluate`; any object with ``settings``, ``subjects`` and ``jobs(setting)`` will do (the toy world's evaluation lists
 its jobs one by one). A *setting* is one way of making images: adapters bound to words, the base model
 (no adapter), whose images do not depend on the subject and are generated once per (prompt, seed), or a function
 that renders a job's image (ground truth).
@@ -63,15 +63,20 @@ class Job:
     seed: int
     subjects: dict[str, str] = field(default_factory=dict)  # adapter name -> the subject label bound to it
     labels: dict = field(default_factory=dict)  # ground truth that a plan's own scorers read (JSON values)
+    scale: float | None = None  # the bound adapters' strength (`NestedAttention.set_scale`); None: as trained
 
     @property
     def key(self) -> str:
-        return f"{self.setting}|{self.identity}|{self.prompt}|{self.lam}|{self.seed}"
+        return f"{self.setting}|{self.identity}|{self.prompt}|{self.lam}|{self.seed}{self._scaled}"
 
     def image_name(self, shared: bool) -> str:
         """The image file: the base model's images are shared by all subjects (identity left out of the name)."""
-        key = f"{self.setting}|{'' if shared else self.identity}|{self.prompt}|{self.lam}|{self.seed}"
+        key = f"{self.setting}|{'' if shared else self.identity}|{self.prompt}|{self.lam}|{self.seed}{self._scaled}"
         return hashlib.sha1(key.encode()).hexdigest()[:16] + ".png"
+
+    @property
+    def _scaled(self) -> str:
+        return "" if self.scale is None else f"|scale {self.scale:g}"
 
 
 @dataclass
@@ -81,6 +86,7 @@ class Plan:
     prompts: list[str]  # may contain "{word}", replaced by each setting's word
     lams: list[float] = field(default_factory=lambda: [1.0])
     seeds: list[int] = field(default_factory=lambda: [0])
+    scales: list[float] | None = None  # the adapters' strengths (e.g. a decoupled adapter's); None: as trained
 
     def __post_init__(self):
         if not self.settings:
@@ -91,6 +97,8 @@ class Plan:
             raise NestedAttentionError("The prompts file has no prompts.")
         if not self.lams or any(not lam > 0 for lam in self.lams):
             raise NestedAttentionError(f"Lambda values must be positive, got {self.lams}.")
+        if self.scales is not None and (not self.scales or any(not 0 <= s <= 1 for s in self.scales)):
+            raise NestedAttentionError(f"Strengths must lie in [0, 1] (1 = the adapter as trained), got {self.scales}.")
         names = [s.name for s in self.settings]
         if len(set(names)) != len(names):
             raise NestedAttentionError(f"Two settings share a name: {names}; name each adapter differently.")
@@ -100,9 +108,11 @@ class Plan:
 
     def jobs(self, setting: Setting) -> list[Job]:
         lams: Sequence[float | None] = [None] if setting.adapter is None else self.lams
+        scales: Sequence[float | None] = [None] if setting.adapter is None or self.scales is None else self.scales
         return [Job(setting.name, identity, self.prompt_for(setting, p), lam, seed,
-                    {setting.name: identity} if setting.adapter is not None else {})
-                for identity in self.subjects for lam in lams for p in self.prompts for seed in self.seeds]
+                    {setting.name: identity} if setting.adapter is not None else {}, scale=scale)
+                for identity in self.subjects for lam in lams for scale in scales for p in self.prompts
+                for seed in self.seeds]
 
 
 class JobScorer:
@@ -229,9 +239,11 @@ class Evaluator:
             na.load_adapter(adapter, word=word, name=name)
         try:
             groups: dict[tuple, list[Job]] = {}
-            for job in jobs:  # one batch binds the same adapters with one lambda
-                groups.setdefault((tuple(sorted(job.subjects)), job.lam), []).append(job)
-            for group in groups.values():
+            for job in jobs:  # one batch binds the same adapters with one lambda and one strength
+                groups.setdefault((tuple(sorted(job.subjects)), job.lam, job.scale), []).append(job)
+            for (_, _, scale), group in groups.items():
+                for name, _, _ in bound:
+                    na.set_scale(name, 1.0 if scale is None else scale)
                 for start in range(0, len(group), self.batch_size):
                     chunk = group[start : start + self.batch_size]
                     images = self._images(na, plan, setting, chunk)
@@ -283,6 +295,8 @@ class Evaluator:
             for row, job in enumerate(jobs):
                 record = {"key": job.key, "setting": job.setting, "identity": job.identity, "prompt": job.prompt,
                           "lam": job.lam, "seed": job.seed, "image": f"images/{job.image_name(shared)}"}
+                if job.scale is not None:
+                    record["scale"] = job.scale
                 if job.labels:
                     record["labels"] = job.labels
                 record.update({name: values[row] for name, values in columns.items()})
@@ -314,15 +328,16 @@ class Evaluator:
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """One row per (setting, lambda): the count and the mean of every score column (None values left out)."""
-    fixed = {"key", "setting", "identity", "prompt", "lam", "seed", "image", "labels"}
+    """One row per (setting, lambda, strength): the count and the mean of every score column (None values left
+    out). A row has a ``scale`` only where its records were made at a set strength."""
+    fixed = {"key", "setting", "identity", "prompt", "lam", "scale", "seed", "image", "labels"}
     columns = sorted({k for r in records for k, v in r.items() if k not in fixed and isinstance(v, (int, float))})
     groups: dict[tuple, list[dict]] = {}
     for record in records:
-        groups.setdefault((record["setting"], record["lam"]), []).append(record)
+        groups.setdefault((record["setting"], record["lam"], record.get("scale")), []).append(record)
     rows = []
-    for (setting, lam), group in groups.items():
-        row = {"setting": setting, "lam": lam, "images": len(group)}
+    for (setting, lam, scale), group in groups.items():
+        row = {"setting": setting, "lam": lam} | ({} if scale is None else {"scale": scale}) | {"images": len(group)}
         for column in columns:
             values = [r[column] for r in group if isinstance(r.get(column), (int, float))]
             row[column] = float(np.mean(values)) if values else None

@@ -27,9 +27,21 @@ def identity_column(rows: list[dict]) -> str | None:
     return next((k for row in rows for k in row if k.endswith("_similarity") and row[k] is not None), None)
 
 
+def knob_value(row: dict) -> float:
+    """Where a summary row sits along its curve: its strength where one was set, else its lambda."""
+    return row["scale"] if row.get("scale") is not None else row.get("lam") or 0.0
+
+
+def knob_label(row: dict) -> str:
+    """A summary row's point on its curve: its strength where one was set, else its lambda ("" for the base model)."""
+    if row.get("scale") is not None:
+        return f"s={row['scale']:g}"
+    return f"λ={row['lam']:g}" if row.get("lam") else ""
+
+
 def write_plot(rows: list[dict], path: Path, y_column: str | None = None) -> bool:
     """One panel per prompt score; x: that score, y: ``y_column`` (default: the identity similarity); a curve per
-    setting, points labelled with lambda. Returns False (and writes nothing) when the records have no identity or no
+    setting, points labelled with lambda (or the strength). Returns False (and writes nothing) when the records have no identity or no
     prompt score."""
     import matplotlib
 
@@ -43,15 +55,15 @@ def write_plot(rows: list[dict], path: Path, y_column: str | None = None) -> boo
     figure, axes = plt.subplots(1, len(x_columns), figsize=(5.2 * len(x_columns), 4.2), squeeze=False)
     for ax, x_column in zip(axes[0], x_columns):
         for setting in dict.fromkeys(row["setting"] for row in rows):
-            points = sorted((r["lam"] or 0.0, r[x_column], r[y_column]) for r in rows
-                             if r["setting"] == setting and r.get(x_column) is not None and r.get(y_column) is not None)
+            points = sorted((knob_value(r), r[x_column], r[y_column], knob_label(r)) for r in rows
+                            if r["setting"] == setting and r.get(x_column) is not None and r.get(y_column) is not None)
             if not points:
                 continue
-            lams, xs, ys = zip(*points)
+            _, xs, ys, _ = zip(*points)
             ax.plot(xs, ys, marker="o", label=setting)
-            for lam, x, y in points:
-                if lam:
-                    ax.annotate(f"λ={lam:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            for _, x, y, knob in points:
+                if knob:
+                    ax.annotate(knob, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel(f"prompt alignment ({x_column})")
         ax.set_ylabel(f"identity ({y_column})")
         ax.grid(alpha=0.3)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nested_attention.errors import NestedAttentionError
 from nested_attention_toy.metric_models import retrieval_hits
 from nested_attention_toy.render import render_input, render_scene, render_target
 from nested_attention_toy.world import (
@@ -61,6 +62,8 @@ class ToyEvalConfig:
     contexts: int = 4  # prompts per subject
     scenes: int = 20  # person + pet images
     lams: tuple[float, ...] = (1.0,)  # the first is the headline; more make the trade-off curve
+    scales: tuple[float, ...] | None = None  # the adapters' strengths (a decoupled adapter's knob); None: as trained
+    domains: tuple[str, ...] = DOMAINS  # scenes need both
     steps: int = 20
     guidance: float = 5.0
     batch_size: int = 16
@@ -78,13 +81,14 @@ class ToyPlan:
     subjects (``owner``, or ``owners`` per domain), the context's factor values."""
 
     def __init__(self, config: ToyEvalConfig, adapters: dict[str, object]):
+        check_config(config)
         self.config = config
         n, k = config.identities, config.contexts
         rng = np.random.default_rng(config.seed)
         self.identities: dict[str, list[Identity]] = {}
         self.subjects: dict[str, list[Image.Image]] = {}
         self.cases: list[tuple[str, str, int, dict]] = []  # (identity label, prompt, seed, labels), one per image
-        for domain in DOMAINS:
+        for domain in DOMAINS:  # every domain's draws, so that one domain's subjects do not depend on the others'
             self.identities[domain] = sample_identities(domain, n, rng, held_out=True)
             for identity in self.identities[domain]:
                 self.subjects[label(identity)] = [render_input(identity, 64, int(rng.integers(2**31)))]
@@ -105,22 +109,31 @@ class ToyPlan:
             self.cases.append((f"{label(person)}+{label(pet)}", prompt, seed,
                                {"domain": SCENE, "owners": {"person": a, "pet": b}, "context": list(context.values),
                                 "pet_expression": expression}))
+        for domain in set(DOMAINS) - set(config.domains):
+            self.cases = [c for c in self.cases if c[3]["domain"] != domain]
+            self.subjects = {k: v for k, v in self.subjects.items() if not k.startswith(f"{domain}:")}
+            del self.identities[domain]
         self.settings = [
-            Setting("adapter", adapters={domain: adapters[domain] for domain in DOMAINS}),
+            Setting("adapter", adapters={domain: adapters[domain] for domain in config.domains}),
             Setting("baseline"),
             Setting("oracle", render=self.render),
         ]
 
+    def points(self, setting: Setting) -> list[tuple[float | None, float | None]]:
+        """The (lambda, strength) pairs at which ``setting`` makes the plan's images, in job order."""
+        if setting.shared or setting.render is not None:
+            return [(None, None)]
+        return [(lam, scale) for lam in self.config.lams for scale in (self.config.scales or [None])]
+
     def jobs(self, setting: Setting) -> list[Job]:
-        lams = [None] if setting.shared or setting.render is not None else self.config.lams
         jobs = []
-        for lam in lams:
+        for lam, scale in self.points(setting):
             for identity, prompt, seed, labels in self.cases:
                 bound = {}
                 if setting.adapters is not None:
                     owners = labels["owners"] if labels["domain"] == SCENE else {labels["domain"]: labels["owner"]}
                     bound = {d: label(self.identities[d][o]) for d, o in owners.items()}
-                jobs.append(Job(setting.name, identity, prompt, lam, seed, bound, labels))
+                jobs.append(Job(setting.name, identity, prompt, lam, seed, bound, labels, scale=scale))
         return jobs
 
     def render(self, job: Job) -> Image.Image:
@@ -138,19 +151,20 @@ class ToyScorer(JobScorer):
 
     def __init__(self, plan: ToyPlan, factor_classifier, metrics: str | Path | None = None):
         self.classifier = factor_classifier
-        self.embedders = {d: ToyIdentityEmbedder(d, metrics) for d in DOMAINS}
+        self.embedders = {d: ToyIdentityEmbedder(d, metrics) for d in plan.identities}
         self.galleries = {d: self.embedders[d].embed([plan.subjects[label(i)][0] for i in plan.identities[d]])
-                          for d in DOMAINS}
+                          for d in plan.identities}
         self.identities = plan.identities
 
     def score(self, images: list[Image.Image], jobs: list[Job], plan) -> dict[str, list]:
         columns: dict[str, list] = {}
         rows = {d: [r for r, j in enumerate(jobs) if j.labels["domain"] == d] for d in (*DOMAINS, SCENE)}
+        domains = list(self.identities)
 
         def put(name: str, row: int, value) -> None:
             columns.setdefault(name, [None] * len(jobs))[row] = value
 
-        for domain in DOMAINS:
+        for domain in domains:
             if rows[domain]:
                 chosen = [images[r] for r in rows[domain]]
                 owners = [jobs[r].labels["owner"] for r in rows[domain]]
@@ -173,7 +187,7 @@ class ToyScorer(JobScorer):
         if rows[SCENE]:
             for r in rows[SCENE]:
                 put("scene_both_top1", r, columns["scene_person_top1"][r] * columns["scene_pet_top1"][r])
-        single = rows["person"] + rows["pet"]
+        single = [r for d in domains for r in rows[d]]
         if single:
             predicted = self.classifier.predict(to_uint8([images[r] for r in single], 64))
             for i, r in enumerate(single):
@@ -201,12 +215,14 @@ def toy_eval(pipe, adapters: dict[str, object], out: str | Path, config: ToyEval
         raise ValueError(f"toy eval reports the CLIP score as clip_t; got a scorer named {clip_scorer.name!r}")
     records = {r["key"]: r for r in evaluator.run(plan)}
     made = {s.name: [records[j.key] for j in plan.jobs(s)] for s in plan.settings}
-    cases = len(plan.cases)
-    by_lambda = {lam: made["adapter"][i * cases:(i + 1) * cases] for i, lam in enumerate(config.lams)}
-    made["adapter"] = by_lambda[config.lams[0]]
-    results = {"config": asdict(config)} | summarize_toy(made)
-    if len(config.lams) > 1:
-        results["by_lambda"] = {f"{lam:g}": summarize_toy({"adapter": mine}) for lam, mine in by_lambda.items()}
+    cases, points = len(plan.cases), plan.points(plan.settings[0])
+    by_point = {point: made["adapter"][i * cases:(i + 1) * cases] for i, point in enumerate(points)}
+    made["adapter"] = by_point[points[0]]
+    results = {"config": asdict(config)} | summarize_toy(made, config.domains)
+    if len(points) > 1:
+        varied, knob = (1, "by_scale") if config.scales is not None and len(config.scales) > 1 else (0, "by_lambda")
+        results[knob] = {f"{point[varied]:g}": summarize_toy({"adapter": mine}, config.domains)
+                         for point, mine in by_point.items()}
         single = [records[j.key] for s in plan.settings for j in plan.jobs(s) if j.labels["domain"] != SCENE]
         write_plot(summarize(single), out / "tradeoff.png", y_column="id_top1")
     else:
@@ -220,7 +236,20 @@ def _mean(records: list[dict], column: str) -> float:
     return float(np.mean([r[column] for r in records]))
 
 
-def summarize_toy(made: dict[str, list[dict]]) -> dict:
+def check_config(config: ToyEvalConfig) -> None:
+    """One sentence for a configuration the plan cannot make."""
+    if not config.domains or any(d not in DOMAINS for d in config.domains) or len(set(config.domains)) < len(config.domains):
+        raise NestedAttentionError(f"The toy evaluation's domains are {config.domains}; expected distinct names "
+                                   f"among {', '.join(DOMAINS)}.")
+    if config.scenes and set(config.domains) != set(DOMAINS):
+        raise NestedAttentionError(f"{config.scenes} person + pet scenes were asked with the domains "
+                                   f"{', '.join(config.domains)} only; scenes need both, so set scenes to 0.")
+    if config.scales is not None and len(config.scales) > 1 and len(config.lams) > 1:
+        raise NestedAttentionError("Both lambda and the strength were given several values; one evaluation traces "
+                                   "one trade-off curve, so vary one of them.")
+
+
+def summarize_toy(made: dict[str, list[dict]], domains: tuple[str, ...] = DOMAINS) -> dict:
     """The metrics of ``made`` (kind -> its records in plan order): per kind overall and per domain, per context
     factor value, and for the scenes."""
     results: dict = {}
@@ -230,7 +259,7 @@ def summarize_toy(made: dict[str, list[dict]]) -> dict:
         single = [r for r in records if r["labels"]["domain"] != SCENE]
         for column in overall:
             results[prefix + column] = _mean(single, column)
-        for domain in DOMAINS:
+        for domain in domains:
             mine = [r for r in single if r["labels"]["domain"] == domain]
             names = (*overall, "attribute_accuracy", *(f"attribute_{a}" for a in attribute_names(domain)))
             results.setdefault(domain, {}).update({prefix + c: _mean(mine, c) for c in names})
@@ -253,7 +282,7 @@ def _sample_rows(plan: ToyPlan, made: dict[str, list[dict]], out: Path) -> list[
     k = plan.config.contexts
     open_ = lambda record: Image.open(out / record["image"]).convert("RGB")  # noqa: E731
     rows = []
-    for domain in DOMAINS:
+    for domain in plan.identities:
         for owner, identity in enumerate(plan.identities[domain][:4]):
             row = [plan.subjects[label(identity)][0]]
             for kind in KINDS:

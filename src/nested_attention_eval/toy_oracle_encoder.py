@@ -22,17 +22,15 @@ from torch import nn
 from nested_attention import NestedAdapter
 from nested_attention.adapter import WEIGHTS_NAME
 from nested_attention.errors import NestedAttentionError
-from nested_attention.sources import ADAPTER, resolve
 from nested_attention_toy.assets import build_part, shipped_path
-from nested_attention_toy.metric_models import FactorClassifier, IdentityNet
+from nested_attention_toy.metric_models import IdentityNet
 from nested_attention_toy.world import DOMAINS, attribute_names, attribute_values
 from nested_attention_train.config import load_config
 from nested_attention_train.models import load_adapter, load_base_model
 from nested_attention_train.trainer import train
 
-from .scorers import ClipTextScorer, prompt_scorer
 from .toy_eval import ToyEvalConfig, toy_eval
-from .toy_scorers import load_build_pipeline, metrics_folder
+from .toy_scorers import load_toy_scoring, metrics_folder
 
 NAME = "encoder-oracle"  # nested-attention toy diagnose NAME
 
@@ -101,12 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     adapter.load_adapter_state_dict(load_file(str(exported / WEIGHTS_NAME)), source=str(exported))
     adapter.eval()
 
-    pipe, _ = load_build_pipeline(pipeline)
-    other = next(d for d in DOMAINS if d != args.domain)
-    adapters = {args.domain: adapter, other: NestedAdapter.from_pretrained(resolve(ADAPTER, f"toy-{other}"))}
-    scorer = ClipTextScorer(str(clip)) if (clip / "config.json").is_file() else prompt_scorer("toy-clip")
-    results = toy_eval(pipe, adapters, out / "eval", ToyEvalConfig(seed=0, identities=args.identities, scenes=0),
-                       scorer, FactorClassifier.from_pretrained(metrics / "factor_classifier"), metrics=metrics)
+    pipe, metrics, classifier, scorer = load_toy_scoring(pipeline)
+    config = ToyEvalConfig(seed=0, identities=args.identities, scenes=0, domains=(args.domain,))
+    results = toy_eval(pipe, {args.domain: adapter}, out / "eval", config, scorer, classifier, metrics=metrics)
     scored = results[args.domain]
     print(f"{args.domain} id_top1 with the oracle encoder: {scored['id_top1']:.3f} (base model "
           f"{scored['baseline_id_top1']:.3f}); attributes read: "

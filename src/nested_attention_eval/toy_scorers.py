@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from nested_attention.errors import NestedAttentionError
-from nested_attention_toy.assets import shipped_path
+from nested_attention_toy.assets import build_part, shipped_path
 from nested_attention_toy.metric_models import FactorClassifier, IdentityNet
 from nested_attention_toy.world import CONTEXT_FACTORS, DOMAINS, SUBJECT_WORDS, prompt_factors
 
-from .scorers import IdentityEmbedder, PromptScorer
+from .scorers import ClipTextScorer, IdentityEmbedder, PromptScorer, prompt_scorer
 
 
 def domain_of(word: str | None) -> str:
@@ -51,12 +51,21 @@ def load_build_pipeline(model: str | Path):
     progress bar off, and the build's own metric models (None: use the shipped ones)."""
     from diffusers import StableDiffusionPipeline
 
-    from nested_attention_toy.assets import build_part
-
     folder = build_part(model, "pipeline", "model_index.json")
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe, metrics_beside(folder)
+
+
+def load_toy_scoring(model: str | Path | None = None):
+    """What scores a toy build's generations: (its pipeline, its metric-model folder, the prompt-factor classifier,
+    the CLIP score `clip_t` with its own CLIP). ``model``: a build's root or pipeline/ folder (default: the shipped
+    build)."""
+    pipe, metrics = load_build_pipeline(model or shipped_path())
+    metrics = metrics or metrics_folder()
+    clip = build_part(model or shipped_path(), "pipeline", "model_index.json").parent / "clip"
+    scorer = ClipTextScorer(str(clip)) if (clip / "config.json").is_file() else prompt_scorer("toy-clip")
+    return pipe, metrics, FactorClassifier.from_pretrained(metrics / "factor_classifier"), scorer
 
 
 class ToyIdentityEmbedder(IdentityEmbedder):

@@ -1,0 +1,225 @@
+"""`nested-attention toy experiment NAME`: the paper's experiments on the toy world, each one command.
+
+An experiment is a set of *arms*: adapters trained by one recipe (`toy-<domain>`, train identities only) that differ
+in one thing, a few config fields (the mechanism, the alpha of the regularization, ...). Each arm is trained with
+the same data, steps and seed, then scored by `toy eval` on held-out identities of its domain at every point of its
+knob (lambda where its mechanism has one, the strength for a decoupled adapter) and for each evaluation seed (other
+held-out identities and contexts). The runner writes, in ``--out``:
+
+- ``<arm>/``: the training run (``adapter/``, checkpoints, ``timing.json``) and ``eval-<seed>/`` per evaluation seed;
+- ``results.json``: per arm and knob point, the mean, spread and values over the seeds of ``id_top1``,
+  ``id_similarity``, ``prompt_accuracy`` and ``clip_t``; the base model's; each arm's training budget;
+- ``results.md``: the same as a table; ``tradeoff.png``: identity against prompt following, a curve per arm.
+
+Everything is resumable: a finished training run or evaluation is reused, an interrupted one goes on. Arms can be
+split between processes (``--arms``), e.g. two trainings side by side at one thread each on a 2-core machine; the
+last process to finish writes the report over every arm that is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import textwrap
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from nested_attention import NestedAdapter
+from nested_attention.adapter import WEIGHTS_NAME
+from nested_attention.config import MECHANISMS
+from nested_attention.errors import NestedAttentionError
+from nested_attention.mechanisms import mechanism
+from nested_attention_toy.assets import shipped_path
+from nested_attention_train.config import load_config
+from nested_attention_train.trainer import train
+
+from .experiment_report import METRICS, write_results
+from .toy_eval import ToyEvalConfig, toy_eval
+from .toy_scorers import load_toy_scoring
+
+LAMS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)  # paper Fig. 10's lambda values
+SCALES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # a decoupled adapter's strengths (IP-Adapter's scale)
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str  # its folder and its curve's label
+    overrides: tuple[str, ...]  # training config fields, "field=value", on top of the recipe
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    figure: str  # the paper's figure it reproduces
+    claim: str  # what the paper claims, which the experiment tests
+    arms: tuple[Arm, ...]
+    domain: str = "person"
+
+
+EXPERIMENTS = {e.name: e for e in (
+    Experiment(
+        "mechanisms", "Fig. 10",
+        "With the same encoder, data and compute, nested attention gives a better identity-prompt trade-off than "
+        "decoupled cross-attention (IP-Adapter), a simple adapter, Global V and multiple tokens.",
+        tuple(Arm(name, (f"mechanism={name}",)) for name in MECHANISMS)),
+    Experiment(
+        "alpha", "Fig. 17",
+        "The regularization of the subject value's norm (alpha) keeps prompt following; without it the subject "
+        "token dominates.",
+        (Arm("alpha-none", ("alpha=null",)), *(Arm(f"alpha-{a}", (f"alpha={a}",)) for a in (1, 2, 3)))),
+)}
+
+
+@dataclass
+class RunConfig:
+    out: Path
+    seeds: tuple[int, ...] = (0, 1, 2)  # evaluation seeds: other held-out identities and contexts each
+    identities: int = 20
+    contexts: int = 4
+    steps: int | None = None  # training steps (None: the recipe's)
+    data: str | None = None  # training triplets (None: the recipe's)
+    model: str | None = None  # a toy build (None: the shipped one, which the recipe names)
+
+
+def arm_config(experiment: Experiment, arm: Arm, run: RunConfig):
+    """The arm's training config: the domain's recipe, the arm's fields, and the run's shared ones."""
+    overrides = [*arm.overrides, f"output_dir={run.out / arm.name}"]
+    if run.steps is not None:
+        overrides.append(f"max_steps={run.steps}")
+    if run.data is not None:
+        overrides.append(f"data={run.data}")
+    if run.model is not None:
+        build = Path(run.model)
+        overrides += [f"pretrained_model={build / 'pipeline'}", f"image_encoder={build / 'clip'}"]
+    return load_config(f"toy-{experiment.domain}", overrides)
+
+
+def knob(config) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
+    """(lambdas, strengths) at which an arm is scored: lambda where its mechanism has one, else the strength where
+    it has one, else the adapter as trained."""
+    kind = mechanism(config.mechanism)
+    if kind.uses_lam:
+        return LAMS, None
+    return ((1.0,), SCALES) if kind.uses_scale else ((1.0,), None)
+
+
+def trained(config) -> Path:
+    """Train the arm, or reuse the finished run its folder holds (it must be of the same config)."""
+    folder = Path(config.output_dir)
+    final = folder / "adapter"
+    if (final / WEIGHTS_NAME).is_file():
+        before = yaml.safe_load((folder / "config.yaml").read_text())
+        now = asdict(config)
+        changed = sorted(k for k in before.keys() | now.keys() if k != "resume" and before.get(k) != now.get(k))
+        if changed:
+            raise NestedAttentionError(
+                f"{folder} holds a finished training run of another config ({', '.join(changed)} differ); give a "
+                f"new --out folder, or the same options to reuse it.")
+        return final
+    timing = folder / "timing.json"
+    spent = json.loads(timing.read_text())["train_seconds"] if timing.is_file() else 0.0
+    start = time.perf_counter()
+    exported = train(config)
+    timing.write_text(json.dumps({"train_seconds": round(spent + time.perf_counter() - start, 1),
+                                  "threads": torch.get_num_threads(),
+                                  "device": "cuda" if torch.cuda.is_available() else "cpu"}) + "\n")
+    return exported
+
+
+def run_arm(experiment: Experiment, arm: Arm, run: RunConfig, scoring) -> dict:
+    """Train and score one arm; returns its per-seed metrics (seed -> toy eval's metrics.json)."""
+    config = arm_config(experiment, arm, run)
+    adapter = NestedAdapter.from_pretrained(trained(config))
+    pipe, metrics, classifier, clip_scorer = scoring
+    lams, scales = knob(config)
+    scored = {}
+    for seed in run.seeds:
+        eval_config = ToyEvalConfig(seed=seed, identities=run.identities, contexts=run.contexts, scenes=0,
+                                    lams=lams, scales=scales, domains=(experiment.domain,))
+        pinned = {"model": str(run.model or shipped_path()), "adapter": str(config.output_dir)}
+        scored[seed] = toy_eval(pipe, {experiment.domain: adapter}, run.out / arm.name / f"eval-{seed}", eval_config,
+                                clip_scorer, classifier, progress=False, metrics=metrics, pinned=pinned)
+        print(f"{arm.name}, seed {seed}: " + ", ".join(f"{m} {scored[seed][experiment.domain][m]:.3f}" for m in METRICS))
+    return scored
+
+
+def finished(experiment: Experiment, run: RunConfig) -> dict[str, dict]:
+    """The arms whose every evaluation seed has its metrics.json: arm -> seed -> metrics."""
+    done = {}
+    for arm in experiment.arms:
+        paths = {seed: run.out / arm.name / f"eval-{seed}" / "metrics.json" for seed in run.seeds}
+        if all(p.is_file() for p in paths.values()):
+            done[arm.name] = {seed: json.loads(p.read_text()) for seed, p in paths.items()}
+    return done
+
+
+def budgets(experiment: Experiment, run: RunConfig) -> dict[str, dict]:
+    """Each finished arm's training budget: steps, batch, wall time where this runner timed it, threads."""
+    table = {}
+    for arm in experiment.arms:
+        config = arm_config(experiment, arm, run)
+        timing = run.out / arm.name / "timing.json"
+        table[arm.name] = {"steps": config.max_steps, "batch_size": config.train_batch_size, "seed": config.seed,
+                           "data": config.data} | (json.loads(timing.read_text()) if timing.is_file() else {})
+    return table
+
+
+def run_experiment(experiment: Experiment, run: RunConfig, arms: list[str] | None = None) -> dict:
+    """Train and score ``arms`` (default: all), then write the report over every arm that is done."""
+    chosen = [a for a in experiment.arms if arms is None or a.name in arms]
+    scoring = load_toy_scoring(run.model)
+    for arm in chosen:
+        run_arm(experiment, arm, run, scoring)
+    done = finished(experiment, run)
+    return write_results(experiment, run, done, budgets(experiment, run))
+
+
+def main(argv: list[str] | None = None) -> int:
+    lines = "\n".join(textwrap.fill(f"{e.figure}: {e.claim}", 100, initial_indent=f"  {e.name:12s}",
+                                     subsequent_indent=" " * 14) for e in EXPERIMENTS.values())
+    parser = argparse.ArgumentParser(
+        prog="nested-attention toy experiment", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"The paper's experiments on the toy world: train every arm the same way, score it on held-out "
+                    f"identities over its knob, tabulate and plot.\n\nexperiments:\n{lines}",
+        epilog="examples:\n  nested-attention toy experiment mechanisms --out outputs/experiments/mechanisms\n"
+               "  OMP_NUM_THREADS=1 nested-attention toy experiment mechanisms --out DIR --arms nested decoupled &\n"
+               "  OMP_NUM_THREADS=1 nested-attention toy experiment mechanisms --out DIR --arms simple global_v\n"
+               "  nested-attention toy experiment mechanisms --out DIR --steps 200 --seeds 0   # a quick look")
+    parser.add_argument("name", choices=EXPERIMENTS, metavar="NAME", help="which experiment (listed above)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (resumable)")
+    parser.add_argument("--arms", nargs="+", metavar="ARM", help="train and score only these arms (default: all)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="S",
+                        help="evaluation seeds, each other held-out identities and contexts (default: 0 1 2)")
+    parser.add_argument("--identities", type=int, default=20, metavar="N", help="held-out subjects per seed (default: 20)")
+    parser.add_argument("--contexts", type=int, default=4, metavar="K", help="prompts per subject (default: 4)")
+    parser.add_argument("--steps", type=int, metavar="N", help="training steps of every arm (default: the recipe's)")
+    parser.add_argument("--data", metavar="DIR", help="training triplets (default: the recipe's, written by "
+                        "nested-attention toy data --out data/toy-person --domain person --count 40000)")
+    parser.add_argument("--model", metavar="DIR", help="a toy build folder (default: the shipped one)")
+    args = parser.parse_args(argv)
+    experiment = EXPERIMENTS[args.name]
+    names = [a.name for a in experiment.arms]
+    if args.arms and any(a not in names for a in args.arms):
+        unknown = ", ".join(a for a in args.arms if a not in names)
+        raise NestedAttentionError(f"--arms {unknown}: the {args.name} experiment has the arms {', '.join(names)}.")
+    for option, value, least in (("--steps", args.steps, 1), ("--identities", args.identities, 2),
+                                 ("--contexts", args.contexts, 1)):
+        if value is not None and value < least:
+            raise NestedAttentionError(f"{option} is {value}; expected at least {least}.")
+    if len(set(args.seeds)) < len(args.seeds):
+        raise NestedAttentionError(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed; give distinct seeds.")
+    run = RunConfig(args.out, tuple(args.seeds), args.identities, args.contexts, args.steps, args.data, args.model)
+    data = Path(arm_config(experiment, experiment.arms[0], run).data)
+    if not (data / "metadata.jsonl").is_file():
+        raise NestedAttentionError(
+            f"The training data {data} holds no metadata.jsonl; write it with nested-attention toy data --out {data} "
+            f"--domain {experiment.domain} --count 40000 (or give --data).")
+    results = run_experiment(experiment, run, args.arms)
+    print(f"wrote {args.out / 'results.md'}, {args.out / 'results.json'} and {args.out / 'tradeoff.png'} "
+          f"({len(results['arms'])} of {len(names)} arms done)")
+    return 0
+
