@@ -103,6 +103,11 @@ def add_parser(commands) -> None:
     evaluation.add_argument("--lam", type=float, nargs="+", default=[1.0], metavar="L",
                             help="lambda (default: 1, the trained model); several (e.g. 1 2 3 4) also plot the "
                                  "identity / prompt trade-off, tradeoff.png")
+    evaluation.add_argument("--scale", type=float, nargs="+", metavar="S",
+                            help="the adapters' strength from 0 to 1 (default: as trained); several (e.g. 0.5 0.75 1) "
+                                 "plot the trade-off of a decoupled adapter, whose knob it is")
+    evaluation.add_argument("--domains", nargs="+", choices=("person", "pet"), default=["person", "pet"],
+                            metavar="DOMAIN", help="which subjects (default: person pet; one alone needs --scenes 0)")
     evaluation.add_argument("--steps", type=positive_int, default=20, metavar="N", help="denoising steps (default: 20)")
     evaluation.add_argument("--guidance", type=float, default=5.0, metavar="SCALE", help="guidance scale (default: 5)")
     evaluation.add_argument("--adapter-person", default="toy-person", metavar="PATH", help="default: the shipped toy-person")
@@ -153,7 +158,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from nested_attention.adapter import NestedAdapter
     from nested_attention_eval.scorers import ClipTextScorer, prompt_scorer
-    from nested_attention_eval.toy_eval import ToyEvalConfig, toy_eval
+    from nested_attention_eval.toy_eval import ToyEvalConfig, check_config, toy_eval
     from nested_attention_eval.toy_scorers import metrics_beside, metrics_folder
     from nested_attention_toy.metric_models import FactorClassifier
 
@@ -171,11 +176,18 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.identities > most:
         raise NestedAttentionError(f"--identities is {args.identities}; the held-out side of the split has {most} "
                                    f"identities in its smaller domain, so at most {most}.")
+    if args.scale is not None and (any(not 0 <= s <= 1 for s in args.scale) or len(set(args.scale)) < len(args.scale)):
+        shown = " ".join(f"{s:g}" for s in args.scale)
+        raise NestedAttentionError(f"--scale is {shown}; expected distinct strengths from 0 to 1 (1 = as trained).")
     if args.scenes < 0:
         raise NestedAttentionError(f"--scenes is {args.scenes}; expected 0 or more.")
     if args.out.exists() and not args.out.is_dir():
         raise NestedAttentionError(f"--out {args.out} is a file; give a folder.")
-    given = {"person": args.adapter_person, "pet": args.adapter_pet}
+    config = ToyEvalConfig(seed=args.seed, identities=args.identities, contexts=args.contexts, scenes=args.scenes,
+                           lams=tuple(args.lam), scales=None if args.scale is None else tuple(args.scale),
+                           domains=tuple(dict.fromkeys(args.domains)), steps=args.steps, guidance=args.guidance)
+    check_config(config)  # before the models load
+    given = {d: a for d, a in (("person", args.adapter_person), ("pet", args.adapter_pet)) if d in args.domains}
     adapters = {d: None if a == RANDOM_ADAPTER else NestedAdapter.from_pretrained(adapter_source(a)) for d, a in given.items()}
     device = resolve_device(args.device)
     model = model_source(args.model)
@@ -185,8 +197,6 @@ def run_eval(args: argparse.Namespace) -> int:
         if adapters[domain] is None:
             print(f"note: --adapter-{domain} random is untrained: it checks the plumbing, it carries no identity.", file=sys.stderr)
             adapters[domain] = random_adapter(pipe.unet, seed=seed, word=domain)
-    config = ToyEvalConfig(seed=args.seed, identities=args.identities, contexts=args.contexts, scenes=args.scenes,
-                           lams=tuple(args.lam), steps=args.steps, guidance=args.guidance)
     # a build's own metric models and CLIP score its pipeline; the shipped ones score the shipped model
     metric_models = metrics_beside(Path(model)) or metrics_folder()
     clip = Path(model).parent / "clip"
@@ -200,9 +210,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.scenes:
         print(f"person + pet: person top-1 {metrics['scene_person_top1']:.3f}, pet top-1 {metrics['scene_pet_top1']:.3f}, "
               f"both {metrics['scene_both_top1']:.3f}")
-    for lam, scored in metrics.get("by_lambda", {}).items():
-        print(f"lambda {lam:>4}: " + ", ".join(f"{k} {scored[k]:.3f}" for k in keys))
-    plot = f", {args.out / 'tradeoff.png'}" if "by_lambda" in metrics else ""
+    for knob, name in (("by_lambda", "lambda"), ("by_scale", "scale")):
+        for value, scored in metrics.get(knob, {}).items():
+            print(f"{name} {value:>4}: " + ", ".join(f"{k} {scored[k]:.3f}" for k in keys))
+    plot = f", {args.out / 'tradeoff.png'}" if (args.out / "tradeoff.png").is_file() else ""
     print(f"wrote {args.out / 'metrics.json'}{plot} and {args.out / 'samples.png'}")
     return 0
 

@@ -243,7 +243,7 @@ def check_config(config: ToyEvalConfig) -> None:
                                    f"among {', '.join(DOMAINS)}.")
     if config.scenes and set(config.domains) != set(DOMAINS):
         raise NestedAttentionError(f"{config.scenes} person + pet scenes were asked with the domains "
-                                   f"{', '.join(config.domains)} only; scenes need both, so set scenes to 0.")
+                                   f"{', '.join(config.domains)} only; scenes need both, so ask for 0 scenes (--scenes 0).")
     if config.scales is not None and len(config.scales) > 1 and len(config.lams) > 1:
         raise NestedAttentionError("Both lambda and the strength were given several values; one evaluation traces "
                                    "one trade-off curve, so vary one of them.")

@@ -1,0 +1,178 @@
+"""Strengths in evaluations, one-domain toy evaluations, and `toy experiment`: its arms, reuse and report."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import make_adapter, subject_image
+from nested_attention.adapter import WEIGHTS_NAME
+from nested_attention.errors import NestedAttentionError
+from nested_attention_cli.main import main
+from nested_attention_eval.experiment_report import METRICS, arm_points, write_results
+from nested_attention_eval.harness import Evaluator, Job, Plan, Setting, read_records, summarize
+from nested_attention_eval.toy_eval import ToyEvalConfig, ToyPlan, check_config
+from nested_attention_eval.toy_experiments import EXPERIMENTS, RunConfig, arm_config, knob, trained
+
+
+def test_a_job_without_strength_keeps_its_key_and_image_name():
+    """Folders evaluated before strengths existed resume: a job at no set strength keys as it always has."""
+    job = Job("adapter", "s0", "a person", 1.0, 3)
+    assert job.key == "adapter|s0|a person|1.0|3"
+    scaled = Job("adapter", "s0", "a person", 1.0, 3, scale=0.5)
+    assert scaled.key == "adapter|s0|a person|1.0|3|scale 0.5"
+    assert scaled.image_name(False) != job.image_name(False)
+
+
+def test_strength_zero_is_the_base_model_and_one_is_the_adapter_as_trained(sd_pipe, tmp_path):
+    sd_pipe.set_progress_bar_config(disable=True)
+    adapter = make_adapter(sd_pipe.unet, seed=1, mechanism="decoupled")
+    subjects = {"s0": [subject_image(10)]}
+    prompts = ["a photo of a {word} on the beach"]
+
+    def run(out, scales):
+        plan = Plan([Setting("adapter", "person", adapter), Setting("base", "person")], subjects, prompts,
+                    seeds=[0, 1], scales=scales)
+        return {(r["setting"], r.get("scale"), r["seed"]): r for r in Evaluator(sd_pipe, out, steps=2, progress=False).run(plan)}
+
+    scaled, plain = run(tmp_path / "scaled", [0.0, 1.0]), run(tmp_path / "plain", None)
+    assert {k for k in scaled if k[0] == "adapter"} == {("adapter", s, seed) for s in (0.0, 1.0) for seed in (0, 1)}
+    pixels = lambda root, record: np.asarray(Image.open(root / record["image"]), dtype=np.int16)  # noqa: E731
+    for seed in (0, 1):
+        # strength 1 sets no strength at all: the same computation as the unscaled run, so the same image
+        assert np.array_equal(pixels(tmp_path / "scaled", scaled["adapter", 1.0, seed]),
+                              pixels(tmp_path / "plain", plain["adapter", None, seed]))
+        # strength 0 runs the base processors; the batch is the same, so at most a rounding step of 8-bit pixels
+        at_zero = pixels(tmp_path / "scaled", scaled["adapter", 0.0, seed])
+        base = pixels(tmp_path / "scaled", scaled["base", None, seed])
+        assert np.abs(at_zero - base).max() <= 1
+        assert not np.array_equal(pixels(tmp_path / "plain", plain["adapter", None, seed]), base)  # the adapter acts
+    rows = summarize(list(scaled.values()))
+    assert {(r["setting"], r.get("scale")) for r in rows} == {("adapter", 0.0), ("adapter", 1.0), ("base", None)}
+    with pytest.raises(NestedAttentionError, match=r"Strengths must lie in \[0, 1\]"):
+        Plan([Setting("adapter", "person", adapter)], subjects, prompts, scales=[1.5])
+
+
+def test_a_one_domain_toy_plan_holds_the_same_subjects_and_prompts_as_both():
+    both = ToyPlan(ToyEvalConfig(seed=3, identities=3, contexts=2, scenes=2), {"person": None, "pet": None})
+    person = ToyPlan(ToyEvalConfig(seed=3, identities=3, contexts=2, scenes=0, domains=("person",)), {"person": None})
+    assert person.cases == [c for c in both.cases if c[3]["domain"] == "person"]
+    assert list(person.identities) == ["person"] and person.identities["person"] == both.identities["person"]
+    assert set(person.subjects) == {k for k in both.subjects if k.startswith("person:")}
+    pet = ToyPlan(ToyEvalConfig(seed=3, identities=3, contexts=2, scenes=0, domains=("pet",)), {"pet": None})
+    assert pet.cases == [c for c in both.cases if c[3]["domain"] == "pet"]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"domains": ("person",)}, "scenes need both"),
+    ({"domains": ("person", "person"), "scenes": 0}, "expected distinct names"),
+    ({"domains": ("dog",), "scenes": 0}, "expected distinct names"),
+    ({"lams": (1.0, 2.0), "scales": (0.5, 1.0)}, "vary one of them"),
+])
+def test_toy_eval_configs_it_cannot_make_are_refused(fields, message):
+    with pytest.raises(NestedAttentionError, match=message):
+        check_config(ToyEvalConfig(**fields))
+
+
+def test_toy_eval_one_domain_over_strengths(tmp_path, capsys):
+    argv = ["toy", "eval", "--identities", "2", "--contexts", "1", "--scenes", "0", "--steps", "1", "--domains",
+            "person", "--adapter-person", "random", "--out", str(tmp_path)]
+    assert main([*argv, "--scale", "0", "1"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert "pet" not in metrics and metrics["by_scale"].keys() == {"0", "1"}
+    assert metrics["by_scale"]["0"]["id_top1"] == metrics["id_top1"]  # the headline is the first strength's
+    records = read_records(tmp_path / "records.jsonl")
+    assert sorted(r["scale"] for r in records if r["setting"] == "adapter") == [0.0, 0.0, 1.0, 1.0]
+    assert all(r["labels"]["domain"] == "person" for r in records)
+    assert (tmp_path / "tradeoff.png").is_file() and "scale    0: id_top1" in capsys.readouterr().out
+    assert main([*argv, "--scale", "0", "1.5"]) == 2
+    assert "--scale is 0 1.5" in capsys.readouterr().err
+
+
+def test_arms_differ_only_in_their_own_fields(tmp_path):
+    run = RunConfig(tmp_path, steps=10)
+    for experiment in EXPERIMENTS.values():
+        configs = [arm_config(experiment, arm, run) for arm in experiment.arms]
+        for arm, config in zip(experiment.arms, configs):
+            assert config.max_steps == 10 and config.output_dir == str(tmp_path / arm.name)
+        fields = lambda c: {k: v for k, v in vars(c).items() if k != "output_dir"}  # noqa: E731
+        changed = {k for c in configs for k in fields(c) if fields(c)[k] != fields(configs[0])[k]}
+        named = {o.split("=")[0] for arm in experiment.arms for o in arm.overrides}
+        assert changed <= named, experiment.name
+    mechanisms = {arm.name: arm_config(EXPERIMENTS["mechanisms"], arm, run) for arm in EXPERIMENTS["mechanisms"].arms}
+    assert knob(mechanisms["nested"])[0] == knob(mechanisms["global_v"])[0] == (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
+    assert knob(mechanisms["decoupled"]) == ((1.0,), (0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
+    assert knob(mechanisms["simple"]) == ((1.0,), None)
+
+
+def test_a_finished_arm_is_reused_only_with_its_own_config(tmp_path):
+    experiment = EXPERIMENTS["mechanisms"]
+    config = arm_config(experiment, experiment.arms[0], RunConfig(tmp_path, steps=10))
+    folder = tmp_path / "nested"
+    (folder / "adapter").mkdir(parents=True)
+    (folder / "adapter" / WEIGHTS_NAME).write_bytes(b"")
+    (folder / "config.yaml").write_text(yaml.safe_dump(vars(config) | {"resume": "latest"}))
+    assert trained(config) == folder / "adapter"  # the resume field does not change what was trained
+    other = arm_config(experiment, experiment.arms[0], RunConfig(tmp_path, steps=20))
+    with pytest.raises(NestedAttentionError, match="max_steps differ"):
+        trained(other)
+
+
+def _metrics(domain, knob, values, offset):
+    scored = lambda v: {domain: {m: v / 10 + offset for m in METRICS} | {f"baseline_{m}": offset for m in METRICS}}  # noqa: E731
+    metrics = {"config": {"lams": [1.0]}} | scored(values[0])
+    if len(values) > 1:
+        metrics[knob] = {f"{v:g}": scored(v) for v in values}
+    return metrics
+
+
+def test_the_report_is_the_mean_and_spread_over_seeds(tmp_path):
+    experiment = EXPERIMENTS["mechanisms"]
+    done = {"nested": {0: _metrics("person", "by_lambda", [1, 2], 0.0), 1: _metrics("person", "by_lambda", [1, 2], 0.2)},
+            "decoupled": {0: _metrics("person", "by_scale", [0.5, 1], 0.0), 1: _metrics("person", "by_scale", [0.5, 1], 0.0)},
+            "simple": {0: _metrics("person", None, [1], 0.1), 1: _metrics("person", None, [1], 0.3)}}
+    budgets = {name: {"steps": 10, "batch_size": 32} for name in done}
+    results = write_results(experiment, RunConfig(tmp_path, seeds=(0, 1)), done, budgets)
+    nested = results["arms"]["nested"]["points"]
+    assert [(p["knob"], p["value"]) for p in nested] == [("lam", 1.0), ("lam", 2.0)]
+    assert nested[1]["id_top1"] == {"mean": pytest.approx(0.3), "std": pytest.approx(0.1), "values": [0.2, 0.4]}
+    assert [p["value"] for p in results["arms"]["decoupled"]["points"]] == [0.5, 1.0]
+    simple = results["arms"]["simple"]["points"]
+    assert len(simple) == 1 and simple[0]["knob"] is None and simple[0]["clip_t"]["mean"] == pytest.approx(0.3)
+    assert results["base_model"]["id_top1"]["values"] == [0.0, 0.2]  # per seed, from the first finished arm
+    assert results["missing"] == ["global_v", "multi_token"]
+    text = (tmp_path / "results.md").read_text()
+    assert "| nested | λ 2 | 0.300 ± 0.100 |" in text and "| simple | as trained |" in text
+    assert "Not finished yet: global_v, multi_token." in text and (tmp_path / "tradeoff.png").stat().st_size > 1000
+    assert arm_points("person", done["nested"]) == nested
+
+
+def test_experiment_command_bad_input(tmp_path, capsys):
+    for argv, message in (
+        (["mechanisms", "--out", str(tmp_path), "--arms", "ipadapter"], "--arms ipadapter: the mechanisms experiment has the arms"),
+        (["mechanisms", "--out", str(tmp_path), "--steps", "0"], "--steps is 0; expected at least 1"),
+        (["mechanisms", "--out", str(tmp_path), "--seeds", "1", "1"], "repeats a seed"),
+        (["mechanisms", "--out", str(tmp_path), "--data", str(tmp_path / "none")], "holds no metadata.jsonl"),
+    ):
+        assert main(["toy", "experiment", *argv]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["toy", "experiment", "--help"])
+    assert "mechanisms  Fig. 10" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_experiment_end_to_end_and_resumed(tmp_path, capsys):
+    data = tmp_path / "data"
+    assert main(["toy", "data", "--out", str(data), "--domain", "person", "--count", "8", "--workers", "1"]) == 0
+    argv = ["toy", "experiment", "mechanisms", "--out", str(tmp_path / "run"), "--steps", "1", "--identities", "2",
+            "--contexts", "1", "--seeds", "0", "1", "--data", str(data), "--arms", "nested", "simple"]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results["arms"]) == {"nested", "simple"} and len(results["arms"]["nested"]["points"]) == 6
+    timing = (tmp_path / "run" / "nested" / "timing.json").read_text()
+    assert main(argv) == 0  # everything is reused: nothing retrained, the same numbers
+    assert (tmp_path / "run" / "nested" / "timing.json").read_text() == timing
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
