@@ -96,7 +96,7 @@ def test_arms_differ_only_in_their_own_fields(tmp_path):
     for experiment in EXPERIMENTS.values():
         configs = [arm_config(experiment, arm, run) for arm in experiment.arms]
         for arm, config in zip(experiment.arms, configs):
-            assert config.max_steps == 10 and config.output_dir == str(tmp_path / arm.name)
+            assert config.max_steps == 10 and config.output_dir == str(tmp_path / arm.folder)
         fields = lambda c: {k: v for k, v in vars(c).items() if k != "output_dir"}  # noqa: E731
         changed = {k for c in configs for k in fields(c) if fields(c)[k] != fields(configs[0])[k]}
         named = {o.split("=")[0] for arm in experiment.arms for o in arm.overrides}
@@ -105,6 +105,24 @@ def test_arms_differ_only_in_their_own_fields(tmp_path):
     assert knob(mechanisms["nested"])[0] == knob(mechanisms["global_v"])[0] == (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
     assert knob(mechanisms["decoupled"]) == ((1.0,), (0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
     assert knob(mechanisms["simple"]) == ((1.0,), None)
+    # arms that share a training run (across experiments too) are trained by one config
+    by_run = {}
+    for experiment in EXPERIMENTS.values():
+        for arm in experiment.arms:
+            by_run.setdefault(arm.folder, []).append(vars(arm_config(experiment, arm, run)))
+    assert len(by_run["nested"]) == 5 and all(c == by_run["nested"][0] for c in by_run["nested"])
+    assert all(len(configs) == 1 for name, configs in by_run.items() if name != "nested")
+
+
+def test_more_views_add_views_after_the_same_first_one():
+    one = ToyPlan(ToyEvalConfig(seed=2, identities=2, contexts=1, scenes=0, domains=("pet",)), {"pet": None})
+    four = ToyPlan(ToyEvalConfig(seed=2, identities=2, contexts=1, scenes=0, domains=("pet",), views=4), {"pet": None})
+    assert one.cases == four.cases and one.subjects.keys() == four.subjects.keys()
+    for name, views in four.subjects.items():
+        assert len(views) == 4 and np.array_equal(np.asarray(views[0]), np.asarray(one.subjects[name][0]))
+        assert len({np.asarray(v).tobytes() for v in views}) == 4  # four different views of the subject
+    with pytest.raises(NestedAttentionError, match="expected at least 1"):
+        check_config(ToyEvalConfig(views=0))
 
 
 def test_a_finished_arm_is_reused_only_with_its_own_config(tmp_path):
@@ -143,9 +161,10 @@ def test_the_report_is_the_mean_and_spread_over_seeds(tmp_path):
     assert len(simple) == 1 and simple[0]["knob"] is None and simple[0]["clip_t"]["mean"] == pytest.approx(0.3)
     assert results["base_model"]["id_top1"]["values"] == [0.0, 0.2]  # per seed, from the first finished arm
     assert results["missing"] == ["global_v", "multi_token"]
-    text = (tmp_path / "results.md").read_text()
+    text = (tmp_path / "mechanisms.md").read_text()
     assert "| nested | λ 2 | 0.300 ± 0.100 |" in text and "| simple | as trained |" in text
-    assert "Not finished yet: global_v, multi_token." in text and (tmp_path / "tradeoff.png").stat().st_size > 1000
+    assert "Not finished yet: global_v, multi_token." in text and (tmp_path / "mechanisms.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "mechanisms.json").read_text()) == results
     assert arm_points("person", done["nested"]) == nested
 
 
@@ -170,9 +189,15 @@ def test_experiment_end_to_end_and_resumed(tmp_path, capsys):
     argv = ["toy", "experiment", "mechanisms", "--out", str(tmp_path / "run"), "--steps", "1", "--identities", "2",
             "--contexts", "1", "--seeds", "0", "1", "--data", str(data), "--arms", "nested", "simple"]
     assert main(argv) == 0
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    results = json.loads((tmp_path / "run" / "mechanisms.json").read_text())
     assert set(results["arms"]) == {"nested", "simple"} and len(results["arms"]["nested"]["points"]) == 6
     timing = (tmp_path / "run" / "nested" / "timing.json").read_text()
     assert main(argv) == 0  # everything is reused: nothing retrained, the same numbers
     assert (tmp_path / "run" / "nested" / "timing.json").read_text() == timing
-    assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
+    assert json.loads((tmp_path / "run" / "mechanisms.json").read_text()) == results
+    # the views experiment shares the nested arm's training run: it only evaluates, with 2 and 4 views
+    assert main(["toy", "experiment", "views", *argv[3:-3], "--arms", "1-view", "2-views"]) == 0
+    assert (tmp_path / "run" / "nested" / "timing.json").read_text() == timing
+    views = json.loads((tmp_path / "run" / "views.json").read_text())
+    assert views["arms"]["1-view"]["points"][0]["id_top1"] == results["arms"]["nested"]["points"][0]["id_top1"]
+    assert (tmp_path / "run" / "nested" / "eval-1-2-views" / "metrics.json").is_file()

@@ -108,6 +108,8 @@ def add_parser(commands) -> None:
                                  "plot the trade-off of a decoupled adapter, whose knob it is")
     evaluation.add_argument("--domains", nargs="+", choices=("person", "pet"), default=["person", "pet"],
                             metavar="DOMAIN", help="which subjects (default: person pet; one alone needs --scenes 0)")
+    evaluation.add_argument("--views", type=positive_int, default=1, metavar="K",
+                            help="input views per subject, all given to the adapters (default: 1)")
     evaluation.add_argument("--steps", type=positive_int, default=20, metavar="N", help="denoising steps (default: 20)")
     evaluation.add_argument("--guidance", type=float, default=5.0, metavar="SCALE", help="guidance scale (default: 5)")
     evaluation.add_argument("--adapter-person", default="toy-person", metavar="PATH", help="default: the shipped toy-person")
@@ -185,7 +187,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise NestedAttentionError(f"--out {args.out} is a file; give a folder.")
     config = ToyEvalConfig(seed=args.seed, identities=args.identities, contexts=args.contexts, scenes=args.scenes,
                            lams=tuple(args.lam), scales=None if args.scale is None else tuple(args.scale),
-                           domains=tuple(dict.fromkeys(args.domains)), steps=args.steps, guidance=args.guidance)
+                           domains=tuple(dict.fromkeys(args.domains)), views=args.views, steps=args.steps,
+                           guidance=args.guidance)
     check_config(config)  # before the models load
     given = {d: a for d, a in (("person", args.adapter_person), ("pet", args.adapter_pet)) if d in args.domains}
     adapters = {d: None if a == RANDOM_ADAPTER else NestedAdapter.from_pretrained(adapter_source(a)) for d, a in given.items()}

@@ -1,4 +1,4 @@
-"""What `nested-attention toy experiment` writes: ``results.json``, ``results.md`` and ``tradeoff.png``.
+"""What `nested-attention toy experiment NAME` writes: ``NAME.json``, ``NAME.md`` and ``NAME.png``.
 
 Each arm's curve runs through its knob's points (lambda, or the strength of a decoupled adapter); a point is the
 mean over the evaluation seeds, with their spread (the standard deviation, and the values themselves in
@@ -53,17 +53,17 @@ def write_results(experiment, run, done: dict, budgets: dict) -> dict:
         "domain": experiment.domain,
         "evaluation": {"seeds": list(run.seeds), "identities": run.identities, "contexts": run.contexts,
                        "images_per_point_and_seed": run.identities * run.contexts},
-        "arms": {name: {"overrides": list(next(a for a in experiment.arms if a.name == name).overrides),
-                        "budget": budgets[name], "points": arm_points(experiment.domain, per_seed)}
-                 for name, per_seed in done.items()},
+        "arms": {arm.name: {"overrides": list(arm.overrides), "run": arm.folder, "views": arm.views,
+                            "budget": budgets[arm.name], "points": arm_points(experiment.domain, done[arm.name])}
+                 for arm in experiment.arms if arm.name in done},
         "missing": [a.name for a in experiment.arms if a.name not in done],
     }
     if done:
         results["base_model"] = base_point(experiment.domain, done)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(table(results))
+    (out / f"{experiment.name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{experiment.name}.md").write_text(table(results))
     if done:
-        plot(results, out / "tradeoff.png")
+        plot(results, out / f"{experiment.name}.png")
     return results
 
 

@@ -1,7 +1,7 @@
 """`nested-attention toy eval`: the shipped toy adapters on fresh held-out identities, against ground truth.
 
-For each domain, ``identities`` held-out subjects drawn from ``seed`` (never in any training data) each get one input
-view and ``contexts`` random contexts. Three kinds of image per (subject, context): the adapter's generation from the
+For each domain, ``identities`` held-out subjects drawn from ``seed`` (never in any training data) each get
+``views`` input views (one by default) and ``contexts`` random contexts. Three kinds of image per (subject, context): the adapter's generation from the
 input view and the generic prompt, the base model's generation for the same prompt (no adapter: it cannot know the
 subject) and the real render (the oracle). It is a plan for the resumable evaluator (`harness`): every image and
 its scores land in ``records.jsonl``, and running the same command again goes on where an interrupted run stopped.
@@ -64,6 +64,7 @@ class ToyEvalConfig:
     lams: tuple[float, ...] = (1.0,)  # the first is the headline; more make the trade-off curve
     scales: tuple[float, ...] | None = None  # the adapters' strengths (a decoupled adapter's knob); None: as trained
     domains: tuple[str, ...] = DOMAINS  # scenes need both
+    views: int = 1  # input views per subject, all given to the adapter; identity is retrieved among the first views
     steps: int = 20
     guidance: float = 5.0
     batch_size: int = 16
@@ -91,7 +92,8 @@ class ToyPlan:
         for domain in DOMAINS:  # every domain's draws, so that one domain's subjects do not depend on the others'
             self.identities[domain] = sample_identities(domain, n, rng, held_out=True)
             for identity in self.identities[domain]:
-                self.subjects[label(identity)] = [render_input(identity, 64, int(rng.integers(2**31)))]
+                first = int(rng.integers(2**31))  # the other views follow it, so the first is that of one view
+                self.subjects[label(identity)] = [render_input(identity, 64, first + v) for v in range(config.views)]
             contexts = [sample_context(rng, domain) for _ in range(n * k)]
             prompts = [generic_caption(domain, c, rng) for c in contexts]
             seeds = [int(s) for s in rng.integers(2**31, size=len(prompts))]
@@ -208,6 +210,7 @@ def toy_eval(pipe, adapters: dict[str, object], out: str | Path, config: ToyEval
     folder must have been made with (model, adapters; see `Evaluator`)."""
     out = Path(out)
     plan = ToyPlan(config, adapters)
+    pinned = dict(pinned or {}) | ({"views": config.views} if config.views > 1 else {})  # job keys do not say it
     evaluator = Evaluator(pipe, out, prompt_scorers=[clip_scorer], scorers=[ToyScorer(plan, factor_classifier, metrics)],
                           steps=config.steps, guidance=config.guidance, batch_size=config.batch_size, progress=progress,
                           pinned=pinned)
@@ -244,6 +247,9 @@ def check_config(config: ToyEvalConfig) -> None:
     if config.scenes and set(config.domains) != set(DOMAINS):
         raise NestedAttentionError(f"{config.scenes} person + pet scenes were asked with the domains "
                                    f"{', '.join(config.domains)} only; scenes need both, so ask for 0 scenes (--scenes 0).")
+    if config.views < 1:
+        raise NestedAttentionError(f"The toy evaluation was asked for {config.views} input views per subject; "
+                                   f"expected at least 1.")
     if config.scales is not None and len(config.scales) > 1 and len(config.lams) > 1:
         raise NestedAttentionError("Both lambda and the strength were given several values; one evaluation traces "
                                    "one trade-off curve, so vary one of them.")

@@ -1,19 +1,22 @@
 """`nested-attention toy experiment NAME`: the paper's experiments on the toy world, each one command.
 
 An experiment is a set of *arms*: adapters trained by one recipe (`toy-<domain>`, train identities only) that differ
-in one thing, a few config fields (the mechanism, the alpha of the regularization, ...). Each arm is trained with
-the same data, steps and seed, then scored by `toy eval` on held-out identities of its domain at every point of its
-knob (lambda where its mechanism has one, the strength for a decoupled adapter) and for each evaluation seed (other
-held-out identities and contexts). The runner writes, in ``--out``:
+in one thing, a few config fields (the mechanism, the alpha of the regularization, ...) or the number of input views
+they are given. Each arm is trained with the same data, steps and seed, then scored by `toy eval` on held-out
+identities of its domain at every point of its knob (lambda where its mechanism has one, the strength for a
+decoupled adapter) and for each evaluation seed (other held-out identities and contexts). The runner writes, in
+``--out``:
 
-- ``<arm>/``: the training run (``adapter/``, checkpoints, ``timing.json``) and ``eval-<seed>/`` per evaluation seed;
-- ``results.json``: per arm and knob point, the mean, spread and values over the seeds of ``id_top1``,
+- ``<run>/``: a training run (``adapter/``, checkpoints, ``timing.json``) and its evaluations, ``eval-<seed>/`` (and
+  ``eval-<seed>-<k>-views/``). Arms of one training config share one run, across experiments too: the mechanisms
+  experiment's ``nested`` arm is the alpha experiment's ``alpha-2`` and the views experiment's ``1-view``;
+- ``<experiment>.json``: per arm and knob point, the mean, spread and values over the seeds of ``id_top1``,
   ``id_similarity``, ``prompt_accuracy`` and ``clip_t``; the base model's; each arm's training budget;
-- ``results.md``: the same as a table; ``tradeoff.png``: identity against prompt following, a curve per arm.
+- ``<experiment>.md``: the same as tables; ``<experiment>.png``: identity against prompt following, a curve per arm.
 
-Everything is resumable: a finished training run or evaluation is reused, an interrupted one goes on. Arms can be
-split between processes (``--arms``), e.g. two trainings side by side at one thread each on a 2-core machine; the
-last process to finish writes the report over every arm that is done.
+Everything is resumable: a finished training run or evaluation is reused (only with the same config), an interrupted
+one goes on. Arms can be split between processes (``--arms``), e.g. two trainings side by side at one thread each on
+a 2-core machine; the last process to finish writes the report over every arm that is done.
 """
 
 from __future__ import annotations
@@ -47,8 +50,17 @@ SCALES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # a decoupled adapter's strengths (IP-A
 
 @dataclass(frozen=True)
 class Arm:
-    name: str  # its folder and its curve's label
-    overrides: tuple[str, ...]  # training config fields, "field=value", on top of the recipe
+    name: str  # its curve's label
+    overrides: tuple[str, ...] = ()  # training config fields, "field=value", on top of the recipe
+    run: str | None = None  # the training run's folder (default: the name); arms of one config share one
+    views: int = 1  # input views of each held-out subject given to the adapter
+
+    @property
+    def folder(self) -> str:
+        return self.run or self.name
+
+    def evaluation(self, seed: int) -> str:
+        return f"eval-{seed}" if self.views == 1 else f"eval-{seed}-{self.views}-views"
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,7 @@ class Experiment:
     claim: str  # what the paper claims, which the experiment tests
     arms: tuple[Arm, ...]
     domain: str = "person"
+    lams: tuple[float, ...] = LAMS  # an arm's lambdas, where its mechanism has lambda
 
 
 EXPERIMENTS = {e.name: e for e in (
@@ -70,7 +83,14 @@ EXPERIMENTS = {e.name: e for e in (
         "alpha", "Fig. 17",
         "The regularization of the subject value's norm (alpha) keeps prompt following; without it the subject "
         "token dominates.",
-        (Arm("alpha-none", ("alpha=null",)), *(Arm(f"alpha-{a}", (f"alpha={a}",)) for a in (1, 2, 3)))),
+        (Arm("alpha-none", ("alpha=null",)), Arm("alpha-1", ("alpha=1",)), Arm("alpha-2", ("alpha=2",), run="nested"),
+         Arm("alpha-3", ("alpha=3",)))),
+    Experiment(
+        "views", "Fig. 13",
+        "Several input images of a subject, combined at inference with no retraining, carry its identity better "
+        "than one.",
+        tuple(Arm(f"{k}-view{'s' if k > 1 else ''}", ("mechanism=nested",), run="nested", views=k) for k in (1, 2, 4)),
+        lams=(1.0,)),
 )}
 
 
@@ -87,7 +107,7 @@ class RunConfig:
 
 def arm_config(experiment: Experiment, arm: Arm, run: RunConfig):
     """The arm's training config: the domain's recipe, the arm's fields, and the run's shared ones."""
-    overrides = [*arm.overrides, f"output_dir={run.out / arm.name}"]
+    overrides = [*arm.overrides, f"output_dir={run.out / arm.folder}"]
     if run.steps is not None:
         overrides.append(f"max_steps={run.steps}")
     if run.data is not None:
@@ -98,12 +118,12 @@ def arm_config(experiment: Experiment, arm: Arm, run: RunConfig):
     return load_config(f"toy-{experiment.domain}", overrides)
 
 
-def knob(config) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
-    """(lambdas, strengths) at which an arm is scored: lambda where its mechanism has one, else the strength where
-    it has one, else the adapter as trained."""
+def knob(config, lams: tuple[float, ...] = LAMS) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
+    """(lambdas, strengths) at which an arm is scored: ``lams`` where its mechanism has lambda, else the strengths
+    where it has one, else the adapter as trained."""
     kind = mechanism(config.mechanism)
     if kind.uses_lam:
-        return LAMS, None
+        return lams, None
     return ((1.0,), SCALES) if kind.uses_scale else ((1.0,), None)
 
 
@@ -135,14 +155,14 @@ def run_arm(experiment: Experiment, arm: Arm, run: RunConfig, scoring) -> dict:
     config = arm_config(experiment, arm, run)
     adapter = NestedAdapter.from_pretrained(trained(config))
     pipe, metrics, classifier, clip_scorer = scoring
-    lams, scales = knob(config)
+    lams, scales = knob(config, experiment.lams)
     scored = {}
     for seed in run.seeds:
         eval_config = ToyEvalConfig(seed=seed, identities=run.identities, contexts=run.contexts, scenes=0,
-                                    lams=lams, scales=scales, domains=(experiment.domain,))
+                                    lams=lams, scales=scales, domains=(experiment.domain,), views=arm.views)
         pinned = {"model": str(run.model or shipped_path()), "adapter": str(config.output_dir)}
-        scored[seed] = toy_eval(pipe, {experiment.domain: adapter}, run.out / arm.name / f"eval-{seed}", eval_config,
-                                clip_scorer, classifier, progress=False, metrics=metrics, pinned=pinned)
+        scored[seed] = toy_eval(pipe, {experiment.domain: adapter}, run.out / arm.folder / arm.evaluation(seed),
+                                eval_config, clip_scorer, classifier, progress=False, metrics=metrics, pinned=pinned)
         print(f"{arm.name}, seed {seed}: " + ", ".join(f"{m} {scored[seed][experiment.domain][m]:.3f}" for m in METRICS))
     return scored
 
@@ -151,7 +171,7 @@ def finished(experiment: Experiment, run: RunConfig) -> dict[str, dict]:
     """The arms whose every evaluation seed has its metrics.json: arm -> seed -> metrics."""
     done = {}
     for arm in experiment.arms:
-        paths = {seed: run.out / arm.name / f"eval-{seed}" / "metrics.json" for seed in run.seeds}
+        paths = {seed: run.out / arm.folder / arm.evaluation(seed) / "metrics.json" for seed in run.seeds}
         if all(p.is_file() for p in paths.values()):
             done[arm.name] = {seed: json.loads(p.read_text()) for seed, p in paths.items()}
     return done
@@ -162,7 +182,7 @@ def budgets(experiment: Experiment, run: RunConfig) -> dict[str, dict]:
     table = {}
     for arm in experiment.arms:
         config = arm_config(experiment, arm, run)
-        timing = run.out / arm.name / "timing.json"
+        timing = run.out / arm.folder / "timing.json"
         table[arm.name] = {"steps": config.max_steps, "batch_size": config.train_batch_size, "seed": config.seed,
                            "data": config.data} | (json.loads(timing.read_text()) if timing.is_file() else {})
     return table
@@ -219,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             f"The training data {data} holds no metadata.jsonl; write it with nested-attention toy data --out {data} "
             f"--domain {experiment.domain} --count 40000 (or give --data).")
     results = run_experiment(experiment, run, args.arms)
-    print(f"wrote {args.out / 'results.md'}, {args.out / 'results.json'} and {args.out / 'tradeoff.png'} "
-          f"({len(results['arms'])} of {len(names)} arms done)")
+    written = ", ".join(str(args.out / f"{args.name}.{suffix}") for suffix in ("md", "json", "png"))
+    print(f"wrote {written} ({len(results['arms'])} of {len(names)} arms done)")
     return 0
 
