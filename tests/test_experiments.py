@@ -55,6 +55,24 @@ def test_strength_zero_is_the_base_model_and_one_is_the_adapter_as_trained(sd_pi
         Plan([Setting("adapter", "person", adapter)], subjects, prompts, scales=[1.5])
 
 
+def test_evaluate_command_over_strengths(tmp_path, sd_pipe, capsys):
+    (tmp_path / "subjects" / "a").mkdir(parents=True)
+    subject_image(3).save(tmp_path / "subjects" / "a" / "0.png")
+    (tmp_path / "prompts.txt").write_text("a photo of a person on the beach\n")
+    make_adapter(sd_pipe.unet, mechanism="decoupled").save_pretrained(tmp_path / "ip", save_image_encoder=True)
+    argv = ["evaluate", "--model", "tiny-sd", "--adapter", f"ip={tmp_path / 'ip'}", "--subjects", str(tmp_path / "subjects"),
+            "--prompts", str(tmp_path / "prompts.txt"), "--steps", "1", "--prompt-score", "toy", "--out", str(tmp_path / "o")]
+    assert main([*argv, "--scale", "0.5", "1"]) == 0
+    records = read_records(tmp_path / "o" / "records.jsonl")
+    assert sorted(r["scale"] for r in records) == [0.5, 1.0] and len({r["image"] for r in records}) == 2
+    summary = (tmp_path / "o" / "summary.csv").read_text()
+    assert summary.splitlines()[0].startswith("setting,lam,scale,images") and "ip,1.0,0.5,1" in summary
+    assert "scale 0.5" in (tmp_path / "o" / "index.html").read_text()
+    capsys.readouterr()
+    assert main([*argv, "--scale", "2"]) == 2
+    assert "Strengths must lie in [0, 1]" in capsys.readouterr().err
+
+
 def test_a_one_domain_toy_plan_holds_the_same_subjects_and_prompts_as_both():
     both = ToyPlan(ToyEvalConfig(seed=3, identities=3, contexts=2, scenes=2), {"person": None, "pet": None})
     person = ToyPlan(ToyEvalConfig(seed=3, identities=3, contexts=2, scenes=0, domains=("person",)), {"person": None})

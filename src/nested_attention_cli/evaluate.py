@@ -71,6 +71,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--prompts", type=Path, required=True, metavar="FILE", help="one prompt per line")
     parser.add_argument("--lam", type=finite_float(0, "a positive number", above=True), nargs="+", default=[1.0],
                         metavar="L", help="lambda values (default: 1)")
+    parser.add_argument("--scale", type=finite_float(0, "a strength from 0 to 1"), nargs="+", metavar="S",
+                        help="the adapters' strengths, 0 (the base model) to 1 (as trained, the default): a decoupled "
+                             "adapter's knob, like IP-Adapter's scale")
     parser.add_argument("--seeds", type=seed_value, nargs="+", default=[0], metavar="S", help="seeds (default: 0)")
     parser.add_argument("--identity", metavar="KIND[:PATH]", help="identity scorer (see above)")
     parser.add_argument("--prompt-score", action="append", default=[], metavar="KIND[:PATH]",
@@ -155,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         settings.append(Setting(name, word, adapter if adapter is not None else random_adapter(pipe.unet, seed=seed, word=word)))
     if args.baseline:
         settings.append(Setting("base model", base_word))
-    plan = Plan(settings, subjects, prompts, lams=args.lam, seeds=args.seeds)
+    plan = Plan(settings, subjects, prompts, lams=args.lam, seeds=args.seeds, scales=args.scale)
     evaluator = Evaluator(pipe, args.out, identity=identity, prompt_scorers=scorers, steps=args.steps,
                           guidance=args.guidance, batch_size=args.batch_size,
                           pinned={"model": source, "adapters": dict(named)})  # what a resumed --out must hold

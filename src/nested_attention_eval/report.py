@@ -78,7 +78,7 @@ def write_plot(rows: list[dict], path: Path, y_column: str | None = None) -> boo
 def write_html(records: list[dict], rows: list[dict], path: Path, title: str = "nested attention evaluation") -> None:
     """A page per run: the summary table, then per subject a table of images (rows: setting and lambda, columns:
     prompt and seed), each image titled with its scores."""
-    scores = [k for k in (rows[0] if rows else {}) if k not in ("setting", "lam", "images")]
+    scores = [k for k in (rows[0] if rows else {}) if k not in ("setting", "lam", "scale", "images")]
     fmt = lambda v: "" if v is None else f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))  # noqa: E731
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
@@ -89,20 +89,22 @@ def write_html(records: list[dict], rows: list[dict], path: Path, title: str = "
     parts.append("<h2>summary</h2><table><tr><th>setting</th><th>lambda</th><th>images</th>"
                  + "".join(f"<th>{html.escape(s)}</th>" for s in scores) + "</tr>")
     for row in rows:
-        parts.append(f"<tr><td>{html.escape(row['setting'])}</td><td>{fmt(row['lam'])}</td><td>{row['images']}</td>"
+        strength = "" if row.get("scale") is None else f", scale {fmt(row['scale'])}"
+        parts.append(f"<tr><td>{html.escape(row['setting'])}</td><td>{fmt(row['lam'])}{strength}</td><td>{row['images']}</td>"
                      + "".join(f"<td>{fmt(row.get(s))}</td>" for s in scores) + "</tr>")
     parts.append("</table>")
     for identity in dict.fromkeys(r["identity"] for r in records):
         mine = [r for r in records if r["identity"] == identity]
         columns = list(dict.fromkeys((r["prompt"], r["seed"]) for r in mine))
-        lines = list(dict.fromkeys((r["setting"], r["lam"]) for r in mine))
-        cell = {(r["setting"], r["lam"], r["prompt"], r["seed"]): r for r in mine}
+        lines = list(dict.fromkeys((r["setting"], r["lam"], r.get("scale")) for r in mine))
+        cell = {(r["setting"], r["lam"], r.get("scale"), r["prompt"], r["seed"]): r for r in mine}
         parts.append(f"<h2>subject {html.escape(identity)}</h2><table><tr><th></th>"
                      + "".join(f"<th>{html.escape(p)}<br>seed {s}</th>" for p, s in columns) + "</tr>")
-        for setting, lam in lines:
-            parts.append(f"<tr><th>{html.escape(setting)}<br>λ {fmt(lam)}</th>")
+        for setting, lam, scale in lines:
+            strength = "" if scale is None else f"<br>scale {fmt(scale)}"
+            parts.append(f"<tr><th>{html.escape(setting)}<br>λ {fmt(lam)}{strength}</th>")
             for prompt, seed in columns:
-                record = cell.get((setting, lam, prompt, seed))
+                record = cell.get((setting, lam, scale, prompt, seed))
                 if record is None:
                     parts.append("<td></td>")
                     continue
@@ -121,8 +123,10 @@ def card_metrics(records: list[dict], setting: str, subjects: str) -> dict[str, 
             continue
         who = "" if row["setting"] == setting else "base model, "
         lam = "" if row["setting"] != setting else f"lambda {row['lam']:g}, "
+        if row["setting"] == setting and row.get("scale") is not None:
+            lam += f"scale {row['scale']:g}, "
         for column, value in row.items():
-            if column not in ("setting", "lam", "images") and value is not None:
+            if column not in ("setting", "lam", "scale", "images") and value is not None:
                 metrics[f"{column} ({who}{lam}{row['images']} images of {subjects})"] = round(value, 4)
     return metrics
 
