@@ -87,7 +87,7 @@ def test_an_interrupted_build_resumes_to_the_files_of_an_uninterrupted_one(tmp_p
     with pytest.raises(Interrupted):
         build(out, resume=True, workers=1)
     assert (out / "adapter-runs/person/checkpoints/checkpoint-00000002").is_dir()
-    assert list(json.loads((out / PARTIAL).read_text())["stages"])[-1] == "person_triplets"
+    assert list(json.loads((out / PARTIAL).read_text())["stages"])[-1] == "pet_triplets"
     monkeypatch.undo()
 
     assert run_cli("toy", "build", "--out", str(out), "--resume", "--workers", "1") == 0
@@ -102,7 +102,8 @@ def test_an_interrupted_build_resumes_to_the_files_of_an_uninterrupted_one(tmp_p
     assert record["stages"]["unet"]["resumed_at_step"] == 4
     assert [r["stages_done"] for r in record["resumed"]] == [
         ["tokenizer", "corpus", "metrics"], ["tokenizer", "corpus", "metrics", "clip", "vae"],
-        ["tokenizer", "corpus", "metrics", "clip", "vae", "unet", "pipeline", "evaluate", "person_triplets"]]
+        ["tokenizer", "corpus", "metrics", "clip", "vae", "unet", "pipeline", "evaluate", "person_triplets",
+         "pet_triplets"]]
     assert record["size"] == reference["size"] and record["seed"] == reference["seed"]
     assert not (out / PARTIAL).exists() and not (out / CHECKPOINT).exists()
     assert "going on from the training state saved at step 4" in (out / "build.log").read_text()

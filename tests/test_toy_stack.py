@@ -121,11 +121,11 @@ def test_vae_loss_weights_are_normalized_and_focus_on_covered_pixels():
 
 def test_smoke_build_runs_end_to_end_and_loads_with_plain_diffusers(tmp_path):
     out = tmp_path / "build"
-    assert run_cli("toy", "build", "--out", str(out), "--smoke", "--workers", "1") == 0
+    assert run_cli("toy", "build", "--out", str(out), "--smoke", "--workers", "2", "--device", "cpu") == 0
     record = json.loads((out / "build.json").read_text())
     assert list(record["stages"]) == ["tokenizer", "corpus", "metrics", "clip", "vae", "unet", "pipeline", "evaluate",
-                                      "person_triplets", "person_adapter", "pet_triplets", "pet_adapter",
-                                      "adapter_evaluate"]
+                                      "person_triplets", "pet_triplets", "adapters", "adapter_evaluate"]
+    assert record["stages"]["adapters"]["side_by_side"] and record["stages"]["adapters"]["threads_each"] == 1
     adapters = record["measurements"]["adapters"]  # toy eval's metrics.json, scored by the build's own metric models
     assert adapters == json.loads((out / "adapter-eval" / "metrics.json").read_text())
     assert {"id_top1", "baseline_id_top1", "prompt_accuracy", "scene_both_top1"} <= set(adapters)
