@@ -128,7 +128,7 @@ def test_arms_differ_only_in_their_own_fields(tmp_path):
     for experiment in EXPERIMENTS.values():
         for arm in experiment.arms:
             by_run.setdefault(arm.folder, []).append(vars(arm_config(experiment, arm, run)))
-    assert len(by_run["nested"]) == 5 and all(c == by_run["nested"][0] for c in by_run["nested"])
+    assert len(by_run["nested"]) == 6 and all(c == by_run["nested"][0] for c in by_run["nested"])
     assert all(len(configs) == 1 for name, configs in by_run.items() if name != "nested")
 
 

@@ -9,7 +9,8 @@ decoupled adapter) and for each evaluation seed (other held-out identities and c
 
 - ``<run>/``: a training run (``adapter/``, checkpoints, ``timing.json``) and its evaluations, ``eval-<seed>/`` (and
   ``eval-<seed>-<k>-views/``). Arms of one training config share one run, across experiments too: the mechanisms
-  experiment's ``nested`` arm is the alpha experiment's ``alpha-2`` and the views experiment's ``1-view``;
+  experiment's ``nested`` arm is the alpha experiment's ``alpha-2``, the queries experiment's ``4-tokens`` and the
+  views experiment's ``1-view``;
 - ``<experiment>.json``: per arm and knob point, the mean, spread and values over the seeds of ``id_top1``,
   ``id_similarity``, ``prompt_accuracy`` and ``clip_t``; the base model's; each arm's training budget;
 - ``<experiment>.md``: the same as tables; ``<experiment>.png``: identity against prompt following, a curve per arm.
@@ -85,6 +86,12 @@ EXPERIMENTS = {e.name: e for e in (
         "token dominates.",
         (Arm("alpha-none", ("alpha=null",)), Arm("alpha-1", ("alpha=1",)), Arm("alpha-2", ("alpha=2",), run="nested"),
          Arm("alpha-3", ("alpha=3",)))),
+    Experiment(
+        "queries", "Fig. 18",
+        "More encoder tokens (learned queries) carry identity better. The paper uses 16 to 1024 Q-Former queries on "
+        "257 CLIP tokens; the toy recipe reads 4 tokens from 65, so its arms are 4, 16 and 64.",
+        (Arm("4-tokens", ("num_queries=4",), run="nested"), Arm("16-tokens", ("num_queries=16",)),
+         Arm("64-tokens", ("num_queries=64",)))),
     Experiment(
         "views", "Fig. 13",
         "Several input images of a subject, combined at inference with no retraining, carry its identity better "
