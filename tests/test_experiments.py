@@ -1,6 +1,7 @@
 """Strengths in evaluations, one-domain toy evaluations, and `toy experiment`: its arms, reuse and report."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -154,6 +155,25 @@ def test_a_finished_arm_is_reused_only_with_its_own_config(tmp_path):
     other = arm_config(experiment, experiment.arms[0], RunConfig(tmp_path, steps=20))
     with pytest.raises(NestedAttentionError, match="max_steps differ"):
         trained(other)
+
+
+def test_one_process_trains_a_run(tmp_path, monkeypatch):
+    from nested_attention_eval import toy_experiments
+
+    experiment = EXPERIMENTS["mechanisms"]
+    config = arm_config(experiment, experiment.arms[0], RunConfig(tmp_path, steps=10))
+    lock = tmp_path / "nested" / "training.lock"
+    lock.parent.mkdir()
+    lock.write_text(str(os.getppid()))  # a process that runs: this arm is being trained elsewhere
+    with pytest.raises(NestedAttentionError, match=f"being trained by another process \\(pid {os.getppid()}\\)"):
+        trained(config)
+    seen = []
+    monkeypatch.setattr(toy_experiments, "train", lambda c: seen.append(lock.read_text()) or tmp_path / "exported")
+    gone = next(pid for pid in range(4_000_000, 4_100_000) if not toy_experiments._running(pid))
+    lock.write_text(str(gone))  # a process that no longer runs: its lock is taken over
+    assert trained(config) == tmp_path / "exported"
+    assert seen == [str(os.getpid())] and not lock.exists()  # held while training, released after
+    assert json.loads((tmp_path / "nested" / "timing.json").read_text())["threads"] >= 1
 
 
 def _metrics(domain, knob, values, offset):

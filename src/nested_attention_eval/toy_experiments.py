@@ -23,7 +23,9 @@ a 2-core machine; the last process to finish writes the report over every arm th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import textwrap
 import time
 from dataclasses import asdict, dataclass
@@ -147,14 +149,49 @@ def trained(config) -> Path:
                 f"{folder} holds a finished training run of another config ({', '.join(changed)} differ); give a "
                 f"new --out folder, or the same options to reuse it.")
         return final
-    timing = folder / "timing.json"
-    spent = json.loads(timing.read_text())["train_seconds"] if timing.is_file() else 0.0
-    start = time.perf_counter()
-    exported = train(config)
-    timing.write_text(json.dumps({"train_seconds": round(spent + time.perf_counter() - start, 1),
-                                  "threads": torch.get_num_threads(),
-                                  "device": "cuda" if torch.cuda.is_available() else "cpu"}) + "\n")
+    with _training_lock(folder):
+        timing = folder / "timing.json"
+        spent = json.loads(timing.read_text())["train_seconds"] if timing.is_file() else 0.0
+        start = time.perf_counter()
+        exported = train(config)
+        timing.write_text(json.dumps({"train_seconds": round(spent + time.perf_counter() - start, 1),
+                                      "threads": torch.get_num_threads(),
+                                      "device": "cuda" if torch.cuda.is_available() else "cpu"}) + "\n")
     return exported
+
+
+@contextlib.contextmanager
+def _training_lock(folder: Path):
+    """One process trains a run: a second one (the same arm given to two ``--arms`` lists, or arms that share a
+    run) would write the same checkpoints. A lock left by a process that no longer runs is taken over."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / "training.lock"
+    for _ in range(2):
+        try:
+            with open(lock, "x") as file:
+                file.write(str(os.getpid()))
+            break
+        except FileExistsError:
+            owner = lock.read_text().strip()
+            if owner.isdigit() and _running(int(owner)):
+                raise NestedAttentionError(
+                    f"{folder} is being trained by another process (pid {owner}); give each arm, and each arm that "
+                    f"shares its run, to one process only.") from None
+            lock.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def run_arm(experiment: Experiment, arm: Arm, run: RunConfig, scoring) -> dict:
