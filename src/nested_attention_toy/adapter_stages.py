@@ -81,10 +81,11 @@ def _adapters_stage(parts: Parts) -> dict:
                                  initargs=(threads,)) as pool:
             running = {d: pool.submit(train, c) for d, c in configs.items()}
             exported = {d: job.result() for d, job in running.items()}
+        for domain, folder in exported.items():
+            _export(parts.out, domain, folder)
     else:
-        exported = {d: train(c) for d, c in configs.items()}
-    for domain, folder in exported.items():
-        _export(parts.out, domain, folder)
+        for domain, config in configs.items():
+            _export(parts.out, domain, train(config))
     batch = next(iter(configs.values())).train_batch_size if configs else parts.size.adapter_batch
     return {"steps": parts.size.adapter_steps, "batch": batch, "side_by_side": side_by_side, "threads_each": threads}
 
