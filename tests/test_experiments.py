@@ -239,3 +239,6 @@ def test_experiment_end_to_end_and_resumed(tmp_path, capsys):
     views = json.loads((tmp_path / "run" / "views.json").read_text())
     assert views["arms"]["1-view"]["points"][0]["id_top1"] == results["arms"]["nested"]["points"][0]["id_top1"]
     assert (tmp_path / "run" / "nested" / "eval-1-2-views" / "metrics.json").is_file()
+    # the views experiment scored the shared run at lambda 1 only; the mechanisms experiment keeps its six lambdas
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "run" / "mechanisms.json").read_text()) == results

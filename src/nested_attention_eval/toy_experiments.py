@@ -7,10 +7,11 @@ identities of its domain at every point of its knob (lambda where its mechanism 
 decoupled adapter) and for each evaluation seed (other held-out identities and contexts). The runner writes, in
 ``--out``:
 
-- ``<run>/``: a training run (``adapter/``, checkpoints, ``timing.json``) and its evaluations, ``eval-<seed>/`` (and
-  ``eval-<seed>-<k>-views/``). Arms of one training config share one run, across experiments too: the mechanisms
-  experiment's ``nested`` arm is the alpha experiment's ``alpha-2``, the queries experiment's ``4-tokens`` and the
-  views experiment's ``1-view``;
+- ``<run>/``: a training run (``adapter/``, checkpoints, ``timing.json``) and its evaluations' images and records,
+  ``eval-<seed>/`` (and ``eval-<seed>-<k>-views/``). Arms of one training config share one run, across experiments
+  too: the mechanisms experiment's ``nested`` arm is the alpha experiment's ``alpha-2``, the queries experiment's
+  ``4-tokens`` and the views experiment's ``1-view``;
+- ``scores/<experiment>/``: each arm's metrics per seed, as that experiment scored them;
 - ``<experiment>.json``: per arm and knob point, the mean, spread and values over the seeds of ``id_top1``,
   ``id_similarity``, ``prompt_accuracy`` and ``clip_t``; the base model's; each arm's training budget;
 - ``<experiment>.md``: the same as tables; ``<experiment>.png``: identity against prompt following, a curve per arm.
@@ -194,30 +195,48 @@ def _running(pid: int) -> bool:
     return True
 
 
+def eval_config(experiment: Experiment, arm: Arm, run: RunConfig, seed: int) -> ToyEvalConfig:
+    lams, scales = knob(arm_config(experiment, arm, run), experiment.lams)
+    return ToyEvalConfig(seed=seed, identities=run.identities, contexts=run.contexts, scenes=0, lams=lams,
+                         scales=scales, domains=(experiment.domain,), views=arm.views)
+
+
+def scores_path(experiment: Experiment, arm: Arm, run: RunConfig, seed: int) -> Path:
+    """An arm's metrics at one seed, as this experiment scored them. An evaluation folder's own metrics.json is
+    that of its last run, which another experiment sharing the run may have made with other lambdas or views."""
+    return run.out / "scores" / experiment.name / f"{arm.name}-seed-{seed}.json"
+
+
 def run_arm(experiment: Experiment, arm: Arm, run: RunConfig, scoring) -> dict:
-    """Train and score one arm; returns its per-seed metrics (seed -> toy eval's metrics.json)."""
+    """Train and score one arm; returns its per-seed metrics (seed -> toy eval's metrics)."""
     config = arm_config(experiment, arm, run)
     adapter = NestedAdapter.from_pretrained(trained(config))
     pipe, metrics, classifier, clip_scorer = scoring
-    lams, scales = knob(config, experiment.lams)
     scored = {}
     for seed in run.seeds:
-        eval_config = ToyEvalConfig(seed=seed, identities=run.identities, contexts=run.contexts, scenes=0,
-                                    lams=lams, scales=scales, domains=(experiment.domain,), views=arm.views)
         pinned = {"model": str(run.model or shipped_path()), "adapter": str(config.output_dir)}
         scored[seed] = toy_eval(pipe, {experiment.domain: adapter}, run.out / arm.folder / arm.evaluation(seed),
-                                eval_config, clip_scorer, classifier, progress=False, metrics=metrics, pinned=pinned)
+                                eval_config(experiment, arm, run, seed), clip_scorer, classifier, progress=False,
+                                metrics=metrics, pinned=pinned)
+        path = scores_path(experiment, arm, run, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(scored[seed], indent=2) + "\n")
         print(f"{arm.name}, seed {seed}: " + ", ".join(f"{m} {scored[seed][experiment.domain][m]:.3f}" for m in METRICS))
     return scored
 
 
 def finished(experiment: Experiment, run: RunConfig) -> dict[str, dict]:
-    """The arms whose every evaluation seed has its metrics.json: arm -> seed -> metrics."""
+    """The arms scored at every evaluation seed with this run's evaluation settings: arm -> seed -> metrics."""
     done = {}
     for arm in experiment.arms:
-        paths = {seed: run.out / arm.folder / arm.evaluation(seed) / "metrics.json" for seed in run.seeds}
-        if all(p.is_file() for p in paths.values()):
-            done[arm.name] = {seed: json.loads(p.read_text()) for seed, p in paths.items()}
+        scored = {}
+        for seed in run.seeds:
+            path = scores_path(experiment, arm, run, seed)
+            expected = json.loads(json.dumps(asdict(eval_config(experiment, arm, run, seed))))
+            if path.is_file() and (metrics := json.loads(path.read_text()))["config"] == expected:
+                scored[seed] = metrics
+        if len(scored) == len(run.seeds):
+            done[arm.name] = scored
     return done
 
 
