@@ -178,7 +178,7 @@ def test_one_process_trains_a_run(tmp_path, monkeypatch):
 
 def _metrics(domain, knob, values, offset):
     scored = lambda v: {domain: {m: v / 10 + offset for m in METRICS} | {f"baseline_{m}": offset for m in METRICS}}  # noqa: E731
-    metrics = {"config": {"lams": [1.0]}} | scored(values[0])
+    metrics = {"config": {"lams": [1.0], "scales": None}} | scored(values[0])
     if len(values) > 1:
         metrics[knob] = {f"{v:g}": scored(v) for v in values}
     return metrics
@@ -190,7 +190,8 @@ def test_the_report_is_the_mean_and_spread_over_seeds(tmp_path):
             "decoupled": {0: _metrics("person", "by_scale", [0.5, 1], 0.0), 1: _metrics("person", "by_scale", [0.5, 1], 0.0)},
             "simple": {0: _metrics("person", None, [1], 0.1), 1: _metrics("person", None, [1], 0.3)}}
     budgets = {name: {"steps": 10, "batch_size": 32} for name in done}
-    results = write_results(experiment, RunConfig(tmp_path, seeds=(0, 1)), done, budgets)
+    knobs = {"nested": "lam", "decoupled": "scale", "simple": None}
+    results = write_results(experiment, RunConfig(tmp_path, seeds=(0, 1)), done, budgets, knobs)
     nested = results["arms"]["nested"]["points"]
     assert [(p["knob"], p["value"]) for p in nested] == [("lam", 1.0), ("lam", 2.0)]
     assert nested[1]["id_top1"] == {"mean": pytest.approx(0.3), "std": pytest.approx(0.1), "values": [0.2, 0.4]}
@@ -203,7 +204,9 @@ def test_the_report_is_the_mean_and_spread_over_seeds(tmp_path):
     assert "| nested | λ 2 | 0.300 ± 0.100 |" in text and "| simple | as trained |" in text
     assert "Not finished yet: global_v, multi_token." in text and (tmp_path / "mechanisms.png").stat().st_size > 1000
     assert json.loads((tmp_path / "mechanisms.json").read_text()) == results
-    assert arm_points("person", done["nested"]) == nested
+    assert arm_points("person", done["nested"], "lam") == nested
+    one = arm_points("person", {0: _metrics("person", None, [1], 0.0)}, "lam")  # one lambda is still a lambda
+    assert [(p["knob"], p["value"]) for p in one] == [("lam", 1.0)]
 
 
 def test_experiment_command_bad_input(tmp_path, capsys):

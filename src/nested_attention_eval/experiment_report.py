@@ -15,16 +15,17 @@ import numpy as np
 METRICS = ("id_top1", "id_similarity", "prompt_accuracy", "clip_t")
 
 
-def arm_points(domain: str, per_seed: dict) -> list[dict]:
-    """One arm's points: per knob value, each metric's mean, standard deviation and per-seed values."""
+def arm_points(domain: str, per_seed: dict, knob: str | None) -> list[dict]:
+    """One arm's points: per value of its ``knob`` ("lam", "scale", or None for an adapter with neither), each
+    metric's mean, standard deviation and per-seed values."""
     first = next(iter(per_seed.values()))
-    knob = "scale" if "by_scale" in first else "lam"
     keyed = first.get("by_scale") or first.get("by_lambda")
-    values = list(keyed) if keyed else [f"{first['config']['lams'][0]:g}"]
+    config = first["config"]
+    values = list(keyed) if keyed else [f"{config['scales'][0] if knob == 'scale' else config['lams'][0]:g}"]
     points = []
     for value in values:
         scored = [(m.get("by_scale") or m.get("by_lambda") or {value: m})[value][domain] for m in per_seed.values()]
-        point = {"knob": knob if keyed else None, "value": float(value)}
+        point = {"knob": knob, "value": float(value)}
         for metric in METRICS:
             seen = [s[metric] for s in scored]
             point[metric] = {"mean": float(np.mean(seen)), "std": float(np.std(seen)), "values": seen}
@@ -45,7 +46,9 @@ def base_point(domain: str, done: dict) -> dict:
     return point
 
 
-def write_results(experiment, run, done: dict, budgets: dict) -> dict:
+def write_results(experiment, run, done: dict, budgets: dict, knobs: dict) -> dict:
+    """The report of ``done`` (arm -> seed -> toy eval's metrics), with each arm's training ``budgets`` and
+    ``knobs`` (arm -> "lam", "scale" or None)."""
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {
@@ -54,7 +57,7 @@ def write_results(experiment, run, done: dict, budgets: dict) -> dict:
         "evaluation": {"seeds": list(run.seeds), "identities": run.identities, "contexts": run.contexts,
                        "images_per_point_and_seed": run.identities * run.contexts},
         "arms": {arm.name: {"overrides": list(arm.overrides), "run": arm.folder, "views": arm.views,
-                            "budget": budgets[arm.name], "points": arm_points(experiment.domain, done[arm.name])}
+                            "budget": budgets[arm.name], "points": arm_points(experiment.domain, done[arm.name], knobs[arm.name])}
                  for arm in experiment.arms if arm.name in done},
         "missing": [a.name for a in experiment.arms if a.name not in done],
     }

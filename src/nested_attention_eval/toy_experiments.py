@@ -137,6 +137,12 @@ def knob(config, lams: tuple[float, ...] = LAMS) -> tuple[tuple[float, ...], tup
     return ((1.0,), SCALES) if kind.uses_scale else ((1.0,), None)
 
 
+def knob_name(config) -> str | None:
+    """"lam", "scale" or None: what an arm's points vary (`knob`)."""
+    kind = mechanism(config.mechanism)
+    return "lam" if kind.uses_lam else "scale" if kind.uses_scale else None
+
+
 def trained(config) -> Path:
     """Train the arm, or reuse the finished run its folder holds (it must be of the same config)."""
     folder = Path(config.output_dir)
@@ -258,7 +264,8 @@ def run_experiment(experiment: Experiment, run: RunConfig, arms: list[str] | Non
     for arm in chosen:
         run_arm(experiment, arm, run, scoring)
     done = finished(experiment, run)
-    return write_results(experiment, run, done, budgets(experiment, run))
+    knobs = {arm.name: knob_name(arm_config(experiment, arm, run)) for arm in experiment.arms}
+    return write_results(experiment, run, done, budgets(experiment, run), knobs)
 
 
 def main(argv: list[str] | None = None) -> int:
