@@ -87,11 +87,15 @@ def table(results: dict) -> str:
             lines.append(f"| {name} | {knob} | " + " | ".join(_cell(point[m]) for m in METRICS) + " |")
     if "base_model" in results:
         lines.append("| base model | no adapter | " + " | ".join(_cell(results["base_model"][m]) for m in METRICS) + " |")
-    lines += ["", "| arm | training steps | batch | wall time | threads |", "| --- | --- | --- | --- | --- |"]
+    lines += ["", "| training run | arms | steps | batch | wall time | threads |", "| --- | --- | --- | --- | --- | --- |"]
+    runs: dict[str, list[str]] = {}
     for name, arm in results["arms"].items():
-        budget = arm["budget"]
+        runs.setdefault(arm["run"], []).append(name)
+    for run, names in runs.items():
+        budget = results["arms"][names[0]]["budget"]
         wall = f"{budget['train_seconds'] / 60:.1f} min" if "train_seconds" in budget else "not timed by the runner"
-        lines.append(f"| {name} | {budget['steps']} | {budget['batch_size']} | {wall} | {budget.get('threads', '')} |")
+        lines.append(f"| {run} | {', '.join(names)} | {budget['steps']} | {budget['batch_size']} | {wall} | "
+                     f"{budget.get('threads', '')} |")
     if results["missing"]:
         lines += ["", f"Not finished yet: {', '.join(results['missing'])}."]
     return "\n".join(lines) + "\n"
