@@ -117,8 +117,8 @@ def plot(results: dict, path: Path) -> None:
             ys = [p["id_top1"]["mean"] for p in points]
             ax.errorbar(xs, ys, xerr=[p[x_metric]["std"] for p in points], yerr=[p["id_top1"]["std"] for p in points],
                         marker="o", capsize=2, label=name)
-            for p, x, y in zip(points, xs, ys):
-                if p["knob"] is not None:
+            for i, (p, x, y) in enumerate(zip(points, xs, ys)):
+                if p["knob"] is not None and i in (0, len(points) - 1):  # a curve's two ends
                     ax.annotate(f"{'λ' if p['knob'] == 'lam' else 's'}={p['value']:g}", (x, y), textcoords="offset points",
                                 xytext=(3, 3), fontsize=7)
         base = results["base_model"]
