@@ -57,7 +57,8 @@ def write_results(experiment, run, done: dict, budgets: dict, knobs: dict) -> di
         "evaluation": {"seeds": list(run.seeds), "identities": run.identities, "contexts": run.contexts,
                        "images_per_point_and_seed": run.identities * run.contexts},
         "arms": {arm.name: {"overrides": list(arm.overrides), "run": arm.folder, "views": arm.views,
-                            "budget": budgets[arm.name], "points": arm_points(experiment.domain, done[arm.name], knobs[arm.name])}
+                            "budget": budgets[arm.name],
+                            "points": arm_points(experiment.domain, done[arm.name], knobs[arm.name])}
                  for arm in experiment.arms if arm.name in done},
         "missing": [a.name for a in experiment.arms if a.name not in done],
     }
@@ -79,15 +80,19 @@ def table(results: dict) -> str:
     seeds = results["evaluation"]["seeds"]
     lines = [f"{results['figure']} on the toy world ({results['domain']}s): {results['claim']}", "",
              f"Mean ± standard deviation over evaluation seeds {', '.join(map(str, seeds))} "
-             f"({results['evaluation']['images_per_point_and_seed']} images of held-out identities per point and seed).",
+             f"({results['evaluation']['images_per_point_and_seed']} images of held-out identities per point and "
+             f"seed).",
              "", "| arm | knob | " + " | ".join(METRICS) + " |", "| --- | --- |" + " --- |" * len(METRICS)]
     for name, arm in results["arms"].items():
         for point in arm["points"]:
-            knob = "as trained" if point["knob"] is None else f"{'λ' if point['knob'] == 'lam' else 'scale'} {point['value']:g}"
+            name = "λ" if point["knob"] == "lam" else "scale"
+            knob = "as trained" if point["knob"] is None else f"{name} {point['value']:g}"
             lines.append(f"| {name} | {knob} | " + " | ".join(_cell(point[m]) for m in METRICS) + " |")
     if "base_model" in results:
-        lines.append("| base model | no adapter | " + " | ".join(_cell(results["base_model"][m]) for m in METRICS) + " |")
-    lines += ["", "| training run | arms | steps | batch | wall time | threads |", "| --- | --- | --- | --- | --- | --- |"]
+        base = results["base_model"]
+        lines.append("| base model | no adapter | " + " | ".join(_cell(base[m]) for m in METRICS) + " |")
+    lines += ["", "| training run | arms | steps | batch | wall time | threads |",
+              "| --- | --- | --- | --- | --- | --- |"]
     runs: dict[str, list[str]] = {}
     for name, arm in results["arms"].items():
         runs.setdefault(arm["run"], []).append(name)
@@ -119,7 +124,8 @@ def plot(results: dict, path: Path) -> None:
                         marker="o", capsize=2, label=name)
             for i, (p, x, y) in enumerate(zip(points, xs, ys)):
                 if p["knob"] is not None and i in (0, len(points) - 1):  # a curve's two ends
-                    ax.annotate(f"{'λ' if p['knob'] == 'lam' else 's'}={p['value']:g}", (x, y), textcoords="offset points",
+                    label = f"{'λ' if p['knob'] == 'lam' else 's'}={p['value']:g}"
+                    ax.annotate(label, (x, y), textcoords="offset points",
                                 xytext=(3, 3), fontsize=7)
         base = results["base_model"]
         ax.plot([base[x_metric]["mean"]], [base["id_top1"]["mean"]], marker="*", markersize=12, color="black",

@@ -227,7 +227,8 @@ def run_arm(experiment: Experiment, arm: Arm, run: RunConfig, scoring) -> dict:
         path = scores_path(experiment, arm, run, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(scored[seed], indent=2) + "\n")
-        print(f"{arm.name}, seed {seed}: " + ", ".join(f"{m} {scored[seed][experiment.domain][m]:.3f}" for m in METRICS))
+        mine = scored[seed][experiment.domain]
+        print(f"{arm.name}, seed {seed}: " + ", ".join(f"{m} {mine[m]:.3f}" for m in METRICS))
     return scored
 
 
@@ -284,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", metavar="ARM", help="train and score only these arms (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="S",
                         help="evaluation seeds, each other held-out identities and contexts (default: 0 1 2)")
-    parser.add_argument("--identities", type=int, default=20, metavar="N", help="held-out subjects per seed (default: 20)")
+    parser.add_argument("--identities", type=int, default=20, metavar="N",
+                        help="held-out subjects per seed (default: 20)")
     parser.add_argument("--contexts", type=int, default=4, metavar="K", help="prompts per subject (default: 4)")
     parser.add_argument("--steps", type=int, metavar="N", help="training steps of every arm (default: the recipe's)")
     parser.add_argument("--data", metavar="DIR", help="training triplets (default: the recipe's, written by "
