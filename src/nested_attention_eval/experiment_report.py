@@ -85,8 +85,8 @@ def table(results: dict) -> str:
              "", "| arm | knob | " + " | ".join(METRICS) + " |", "| --- | --- |" + " --- |" * len(METRICS)]
     for name, arm in results["arms"].items():
         for point in arm["points"]:
-            name = "λ" if point["knob"] == "lam" else "scale"
-            knob = "as trained" if point["knob"] is None else f"{name} {point['value']:g}"
+            symbol = "λ" if point["knob"] == "lam" else "scale"
+            knob = "as trained" if point["knob"] is None else f"{symbol} {point['value']:g}"
             lines.append(f"| {name} | {knob} | " + " | ".join(_cell(point[m]) for m in METRICS) + " |")
     if "base_model" in results:
         base = results["base_model"]
