@@ -257,7 +257,6 @@ def test_shipped_tokenizer_knows_every_subject_word():
 
 
 def test_generate_command_runs_the_shipped_model_by_name(tmp_path):
-
     out = tmp_path / "base.png"
     assert run_cli("generate", "--model", "toy", "--prompt", "a cartoon of a sad pet in the desert, on the left",
                    "--steps", "4", "--guidance", "5", "--out", str(out), "--device", "cpu") == 0
@@ -265,7 +264,6 @@ def test_generate_command_runs_the_shipped_model_by_name(tmp_path):
 
 
 def test_triplets_are_read_by_the_trainer_and_use_train_identities_only(tmp_path):
-
     from nested_attention_toy.triplets import write_triplets
     from nested_attention_toy.world import identity_from_index
     from nested_attention_train.data import read_metadata
@@ -299,7 +297,6 @@ def test_scene_triplets_pair_the_subject_with_a_train_identity_and_leave_the_oth
     plain = triplets.write_triplets(tmp_path / "plain", domain, 16, seed=2, workers=1)
     drawn = []
     real = triplets.render_scene
-
     rendered = []
 
     def recording(person, pet, context, size, seed, pet_expression):

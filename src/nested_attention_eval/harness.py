@@ -2,8 +2,8 @@
 already there is skipped, so an interrupted run resumes where it stopped.
 
 A *plan* lists the jobs: `Plan` is the grid of (setting, subject, prompt, lambda, strength, seed) of
-`nested-attention evaluate`; any object with ``settings``, ``subjects`` and ``jobs(setting)`` will do (the toy world's evaluation lists
-its jobs one by one). A *setting* is one way of making images: adapters bound to words, the base model
+`nested-attention evaluate`; any object with ``settings``, ``subjects`` and ``jobs(setting)`` will do (the toy
+world's evaluation lists its jobs one by one). A *setting* is one way of making images: adapters bound to words, the base model
 (no adapter), whose images do not depend on the subject and are generated once per (prompt, seed), or a function
 that renders a job's image (ground truth).
 """

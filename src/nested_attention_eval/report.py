@@ -41,8 +41,8 @@ def knob_label(row: dict) -> str:
 
 def write_plot(rows: list[dict], path: Path, y_column: str | None = None) -> bool:
     """One panel per prompt score; x: that score, y: ``y_column`` (default: the identity similarity); a curve per
-    setting, points labelled with lambda (or the strength). Returns False (and writes nothing) when the records have no identity or no
-    prompt score."""
+    setting, points labelled with lambda (or the strength). Returns False (and writes nothing) when the records have
+    no identity or no prompt score."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,7 +90,8 @@ def write_html(records: list[dict], rows: list[dict], path: Path, title: str = "
                  + "".join(f"<th>{html.escape(s)}</th>" for s in scores) + "</tr>")
     for row in rows:
         strength = "" if row.get("scale") is None else f", scale {fmt(row['scale'])}"
-        parts.append(f"<tr><td>{html.escape(row['setting'])}</td><td>{fmt(row['lam'])}{strength}</td><td>{row['images']}</td>"
+        parts.append(f"<tr><td>{html.escape(row['setting'])}</td><td>{fmt(row['lam'])}{strength}</td>"
+                     f"<td>{row['images']}</td>"
                      + "".join(f"<td>{fmt(row.get(s))}</td>" for s in scores) + "</tr>")
     parts.append("</table>")
     for identity in dict.fromkeys(r["identity"] for r in records):

@@ -1,9 +1,10 @@
 """`nested-attention toy eval`: the shipped toy adapters on fresh held-out identities, against ground truth.
 
-For each domain, ``identities`` held-out subjects drawn from ``seed`` (never in any training data) each get
-``views`` input views (one by default) and ``contexts`` random contexts. Three kinds of image per (subject, context): the adapter's generation from the
-input view and the generic prompt, the base model's generation for the same prompt (no adapter: it cannot know the
-subject) and the real render (the oracle). It is a plan for the resumable evaluator (`harness`): every image and
+For each domain (``domains``), ``identities`` held-out subjects drawn from ``seed`` (never in any training data)
+each get ``views`` input views (one by default) and ``contexts`` random contexts. Three kinds of image per (subject,
+context): the adapter's generation from the input views and the generic prompt at each lambda (or strength), the
+base model's generation for the same prompt (no adapter: it cannot know the subject) and the real render (the
+oracle). It is a plan for the resumable evaluator (`harness`): every image and
 its scores land in ``records.jsonl``, and running the same command again goes on where an interrupted run stopped.
 Each image is scored with the toy metric models:
 
@@ -204,8 +205,9 @@ def toy_eval(pipe, adapters: dict[str, object], out: str | Path, config: ToyEval
              progress: bool = True, metrics: str | Path | None = None, pinned: dict | None = None) -> dict:
     """Run the evaluation (resuming what ``out`` already holds); ``adapters`` maps "person" and "pet" to adapter
     folders or loaded adapters. Writes ``records.jsonl``, ``images/``, ``metrics.json`` and ``samples.png`` in
-    ``out`` (with several lambdas, also ``tradeoff.png``: ``id_top1`` against prompt following, a point per lambda;
-    the metrics' top level is the first lambda's, ``by_lambda`` holds each one's); returns the metrics.
+    ``out`` (with several lambdas or strengths, also ``tradeoff.png``: ``id_top1`` against prompt following, a point
+    per value; the metrics' top level is the first value's, ``by_lambda`` or ``by_scale`` holds each one's); returns
+    the metrics.
     ``metrics``: the identity networks' build folder (default: the shipped build's); ``pinned``: what else a resumed
     folder must have been made with (model, adapters; see `Evaluator`)."""
     out = Path(out)
@@ -241,12 +243,14 @@ def _mean(records: list[dict], column: str) -> float:
 
 def check_config(config: ToyEvalConfig) -> None:
     """One sentence for a configuration the plan cannot make."""
-    if not config.domains or any(d not in DOMAINS for d in config.domains) or len(set(config.domains)) < len(config.domains):
+    domains = config.domains
+    if not domains or any(d not in DOMAINS for d in domains) or len(set(domains)) < len(domains):
         raise NestedAttentionError(f"The toy evaluation's domains are {config.domains}; expected distinct names "
                                    f"among {', '.join(DOMAINS)}.")
     if config.scenes and set(config.domains) != set(DOMAINS):
         raise NestedAttentionError(f"{config.scenes} person + pet scenes were asked with the domains "
-                                   f"{', '.join(config.domains)} only; scenes need both, so ask for 0 scenes (--scenes 0).")
+                                   f"{', '.join(config.domains)} only; scenes need both, so ask for 0 scenes "
+                                   f"(--scenes 0).")
     if config.views < 1:
         raise NestedAttentionError(f"The toy evaluation was asked for {config.views} input views per subject; "
                                    f"expected at least 1.")
