@@ -12,7 +12,7 @@ from conftest import make_adapter, subject_image
 from nested_attention.adapter import WEIGHTS_NAME
 from nested_attention.errors import NestedAttentionError
 from nested_attention_cli.main import main
-from nested_attention_eval.experiment_report import METRICS, arm_points, write_results
+from nested_attention_eval.experiment_report import METRICS, SCENE_METRICS, arm_points, write_results
 from nested_attention_eval.harness import Evaluator, Job, Plan, Setting, read_records, summarize
 from nested_attention_eval.toy_eval import ToyEvalConfig, ToyPlan, check_config
 from nested_attention_eval.toy_experiments import EXPERIMENTS, RunConfig, arm_config, knob, trained
@@ -89,6 +89,7 @@ def test_a_one_domain_toy_plan_holds_the_same_subjects_and_prompts_as_both():
     ({"domains": ("person", "person"), "scenes": 0}, "expected distinct names"),
     ({"domains": ("dog",), "scenes": 0}, "expected distinct names"),
     ({"lams": (1.0, 2.0), "scales": (0.5, 1.0)}, "vary one of them"),
+    ({"contexts": 0, "scenes": 0}, "expected at least one image"),
 ])
 def test_toy_eval_configs_it_cannot_make_are_refused(fields, message):
     with pytest.raises(NestedAttentionError, match=message):
@@ -128,9 +129,15 @@ def test_arms_differ_only_in_their_own_fields(tmp_path):
     by_run = {}
     for experiment in EXPERIMENTS.values():
         for arm in experiment.arms:
-            by_run.setdefault(arm.folder, []).append(vars(arm_config(experiment, arm, run)))
-    assert len(by_run["nested"]) == 6 and all(c == by_run["nested"][0] for c in by_run["nested"])
-    assert all(len(configs) == 1 for name, configs in by_run.items() if name != "nested")
+            for domain in experiment.domains:
+                config = vars(arm_config(experiment, arm, run, domain))
+                assert config["word"] == domain and config["output_dir"] == str(tmp_path / arm.folder_of(experiment, domain))
+                by_run.setdefault(arm.folder_of(experiment, domain), []).append(config)
+    assert all(c == configs[0] for configs in by_run.values() for c in configs)
+    assert len(by_run["nested"]) == 7 and len(by_run["decoupled"]) == 2  # the scenes reuse the mechanisms' runs
+    assert sorted(name for name, configs in by_run.items() if len(configs) == 1) == [
+        "16-tokens", "64-tokens", "alpha-1", "alpha-3", "alpha-none", "decoupled-pet", "global_v", "multi_token",
+        "nested-pet", "simple"]
 
 
 def test_more_views_add_views_after_the_same_first_one():
@@ -189,7 +196,7 @@ def test_the_report_is_the_mean_and_spread_over_seeds(tmp_path):
     done = {"nested": {0: _metrics("person", "by_lambda", [1, 2], 0.0), 1: _metrics("person", "by_lambda", [1, 2], 0.2)},
             "decoupled": {0: _metrics("person", "by_scale", [0.5, 1], 0.0), 1: _metrics("person", "by_scale", [0.5, 1], 0.0)},
             "simple": {0: _metrics("person", None, [1], 0.1), 1: _metrics("person", None, [1], 0.3)}}
-    budgets = {name: {"steps": 10, "batch_size": 32} for name in done}
+    budgets = {name: {"steps": 10, "batch_size": 32} for name in done}  # one training run per arm here
     knobs = {"nested": "lam", "decoupled": "scale", "simple": None}
     results = write_results(experiment, RunConfig(tmp_path, seeds=(0, 1)), done, budgets, knobs)
     nested = results["arms"]["nested"]["points"]
@@ -210,12 +217,34 @@ def test_the_report_is_the_mean_and_spread_over_seeds(tmp_path):
     assert [(p["knob"], p["value"]) for p in one] == [("lam", 1.0)]
 
 
+def test_a_scenes_report_scores_both_subjects_and_the_leakage_of_both_runs(tmp_path):
+    experiment = EXPERIMENTS["scenes"]
+    scored = lambda v, leak: {m: v for m in SCENE_METRICS} | {"scene_leakage": leak} | {  # noqa: E731
+        f"baseline_{m}": 0.0 for m in SCENE_METRICS}
+    seed = lambda offset, leak: {"config": {"lams": [1.0, 2.0], "scales": None}} | scored(0.5 + offset, leak) | {  # noqa: E731
+        "by_lambda": {"1": scored(0.5 + offset, leak), "2": scored(0.6 + offset, leak)}}
+    done = {"nested": {0: seed(0.0, 0.1), 1: seed(0.2, None)}}  # no chance to leak at seed 1
+    run = RunConfig(tmp_path, seeds=(0, 1), scenes=12)
+    budgets = {"nested": {"steps": 10, "batch_size": 32}, "nested-pet": {"steps": 10, "batch_size": 32}}
+    results = write_results(experiment, run, done, budgets, {"nested": "lam"})
+    nested = results["arms"]["nested"]
+    assert nested["runs"] == ["nested", "nested-pet"] and results["domains"] == ["person", "pet"]
+    assert nested["points"][1]["scene_pet_top1"]["mean"] == pytest.approx(0.7)
+    assert nested["points"][0]["scene_leakage"] == {"mean": pytest.approx(0.1), "std": 0.0, "values": [0.1, None]}
+    assert results["evaluation"]["images_per_point_and_seed"] == 12 and results["missing"] == ["decoupled"]
+    text = (tmp_path / "scenes.md").read_text()
+    assert "(person + pet images)" in text and "| nested | λ 2 | 0.700 ± 0.100 |" in text
+    assert "| nested-pet | nested | 10 | 32 |" in text and (tmp_path / "scenes.png").stat().st_size > 1000
+
+
 def test_experiment_command_bad_input(tmp_path, capsys):
     for argv, message in (
         (["mechanisms", "--out", str(tmp_path), "--arms", "ipadapter"], "--arms ipadapter: the mechanisms experiment has the arms"),
         (["mechanisms", "--out", str(tmp_path), "--steps", "0"], "--steps is 0; expected at least 1"),
         (["mechanisms", "--out", str(tmp_path), "--seeds", "1", "1"], "repeats a seed"),
         (["mechanisms", "--out", str(tmp_path), "--data", str(tmp_path / "none")], "holds no metadata.jsonl"),
+        (["scenes", "--out", str(tmp_path), "--data", str(tmp_path)], "trains adapters of person and pet"),
+        (["scenes", "--out", str(tmp_path), "--scenes", "0"], "--scenes is 0; expected at least 1"),
     ):
         assert main(["toy", "experiment", *argv]) == 2
         assert message in capsys.readouterr().err
@@ -246,3 +275,22 @@ def test_experiment_end_to_end_and_resumed(tmp_path, capsys):
     # the views experiment scored the shared run at lambda 1 only; the mechanisms experiment keeps its six lambdas
     assert main(argv) == 0
     assert json.loads((tmp_path / "run" / "mechanisms.json").read_text()) == results
+
+
+@pytest.mark.slow
+def test_scenes_experiment_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the scenes experiment reads each recipe's data, data/toy-<domain>
+    for domain in ("person", "pet"):
+        assert main(["toy", "data", "--out", f"data/toy-{domain}", "--domain", domain, "--count", "8",
+                     "--workers", "1"]) == 0
+    argv = ["toy", "experiment", "scenes", "--out", "run", "--steps", "1", "--identities", "2", "--scenes", "3",
+            "--seeds", "0", "--arms", "nested"]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "run" / "scenes.json").read_text())
+    assert results["arms"]["nested"]["runs"] == ["nested", "nested-pet"]
+    assert len(results["arms"]["nested"]["points"]) == 6 and results["missing"] == ["decoupled"]
+    pet = yaml.safe_load((tmp_path / "run" / "nested-pet" / "config.yaml").read_text())
+    assert pet["word"] == "pet" and pet["data"] == "data/toy-pet"
+    records = read_records(tmp_path / "run" / "nested" / "scenes-eval-0" / "records.jsonl")
+    assert {r["labels"]["domain"] for r in records} == {"scene"} and len(records) == 3 * 6 + 3 + 3
+    assert "nested, seed 0: scene_person_top1" in capsys.readouterr().out

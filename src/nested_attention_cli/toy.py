@@ -10,7 +10,7 @@ from pathlib import Path
 
 from nested_attention.errors import NestedAttentionError
 
-from .options import positive_int, resolve_device
+from .options import int_in, positive_int, resolve_device
 
 # rendering is per-job seeded, so the renders do not depend on how many processes make them: use every core
 WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -98,7 +98,8 @@ def add_parser(commands) -> None:
     evaluation.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     evaluation.add_argument("--seed", type=int, default=0, help="which held-out identities and contexts (default: 0)")
     evaluation.add_argument("--identities", type=positive_int, default=20, metavar="N", help="subjects per domain (default: 20)")
-    evaluation.add_argument("--contexts", type=positive_int, default=4, metavar="K", help="prompts per subject (default: 4)")
+    evaluation.add_argument("--contexts", type=int_in(0, sys.maxsize, "0 or a positive integer"), default=4, metavar="K",
+                            help="prompts per subject (default: 4; 0 scores the person + pet scenes alone)")
     evaluation.add_argument("--scenes", type=int, default=20, metavar="M", help="person + pet images (default: 20)")
     evaluation.add_argument("--lam", type=float, nargs="+", default=[1.0], metavar="L",
                             help="lambda (default: 1, the trained model); several (e.g. 1 2 3 4) also plot the "
@@ -207,15 +208,16 @@ def run_eval(args: argparse.Namespace) -> int:
     scorer = ClipTextScorer(str(clip)) if (clip / "config.json").is_file() else prompt_scorer("toy-clip")
     pinned = {"model": model, "adapters": given}  # a resumed --out folder must hold images of these
     metrics = toy_eval(pipe, adapters, args.out, config, scorer, classifier, metrics=metric_models, pinned=pinned)
-    keys = ("id_top1", "id_similarity", "prompt_accuracy", "clip_t")
-    for prefix, label in (("", "adapters"), ("baseline_", "base model"), ("oracle_", "real renders")):
-        print(f"{label:>12}: " + ", ".join(f"{k} {metrics[prefix + k]:.3f}" for k in keys))
+    keys = ("id_top1", "id_similarity", "prompt_accuracy", "clip_t") if args.contexts else ()
     if args.scenes:
-        print(f"person + pet: person top-1 {metrics['scene_person_top1']:.3f}, pet top-1 {metrics['scene_pet_top1']:.3f}, "
-              f"both {metrics['scene_both_top1']:.3f}")
+        keys += ("scene_person_top1", "scene_pet_top1", "scene_both_top1", "scene_leakage")
+    shown = lambda scores, prefix="": ", ".join(  # noqa: E731
+        f"{k} {'n/a' if scores[prefix + k] is None else format(scores[prefix + k], '.3f')}" for k in keys)
+    for prefix, label in (("", "adapters"), ("baseline_", "base model"), ("oracle_", "real renders")):
+        print(f"{label:>12}: " + shown(metrics, prefix))
     for knob, name in (("by_lambda", "lambda"), ("by_scale", "scale")):
         for value, scored in metrics.get(knob, {}).items():
-            print(f"{name} {value:>4}: " + ", ".join(f"{k} {scored[k]:.3f}" for k in keys))
+            print(f"{name} {value:>4}: " + shown(scored))
     plot = f", {args.out / 'tradeoff.png'}" if (args.out / "tradeoff.png").is_file() else ""
     print(f"wrote {args.out / 'metrics.json'}{plot} and {args.out / 'samples.png'}")
     return 0

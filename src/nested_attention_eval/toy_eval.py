@@ -18,7 +18,10 @@ Each image is scored with the toy metric models:
   with ``count_by_<factor>`` images each: in which contexts an identity comes through.
 
 Person + pet scenes (both adapters at once, each bound to its word) are scored per subject with its domain's
-identity network: ``scene_person_top1``, ``scene_pet_top1`` and ``scene_both_top1``.
+identity network: ``scene_person_top1``, ``scene_pet_top1``, ``scene_both_top1``, ``scene_<domain>_attribute_accuracy``;
+``scene_clip_t``; and ``scene_leakage``: how often one subject's colour (hair and fur, shirt and neckwear) is read on
+the other where it could be and is not truly (`toy_scorers.colour_leaks`; leaks over ``scene_leak_chances``).
+``contexts`` 0 scores the scenes alone.
 """
 
 from __future__ import annotations
@@ -49,18 +52,19 @@ from nested_attention_toy.world import (
 
 from .harness import Evaluator, Job, JobScorer, Setting, summarize
 from .report import write_plot
-from .toy_scorers import ToyIdentityEmbedder, to_uint8
+from .toy_scorers import ToyIdentityEmbedder, colour_leaks, to_uint8
 
 KINDS = ("adapter", "baseline", "oracle")
 PREFIX = {"adapter": "", "baseline": "baseline_", "oracle": "oracle_"}
 SCENE = "scene"
+SCENE_COLUMNS = ("scene_person_top1", "scene_pet_top1", "scene_both_top1")
 
 
 @dataclass
 class ToyEvalConfig:
     seed: int = 0
     identities: int = 20
-    contexts: int = 4  # prompts per subject
+    contexts: int = 4  # prompts per subject (0: the scenes alone)
     scenes: int = 20  # person + pet images
     lams: tuple[float, ...] = (1.0,)  # the first is the headline; more make the trade-off curve
     scales: tuple[float, ...] | None = None  # the adapters' strengths (a decoupled adapter's knob); None: as trained
@@ -163,6 +167,7 @@ class ToyScorer(JobScorer):
         columns: dict[str, list] = {}
         rows = {d: [r for r, j in enumerate(jobs) if j.labels["domain"] == d] for d in (*DOMAINS, SCENE)}
         domains = list(self.identities)
+        scene_reads: dict[str, dict[str, torch.Tensor]] = {}
 
         def put(name: str, row: int, value) -> None:
             columns.setdefault(name, [None] * len(jobs))[row] = value
@@ -185,11 +190,19 @@ class ToyScorer(JobScorer):
                 chosen = [images[r] for r in rows[SCENE]]
                 owners = [jobs[r].labels["owners"][domain] for r in rows[SCENE]]
                 hits, _ = retrieval_hits(self.embedders[domain].embed(chosen), self.galleries[domain], torch.tensor(owners))
-                for i, r in enumerate(rows[SCENE]):
+                scene_reads[domain] = self.embedders[domain].attributes(chosen)
+                for i, (r, owner) in enumerate(zip(rows[SCENE], owners)):
                     put(f"scene_{domain}_top1", r, float(hits[i]))
-        if rows[SCENE]:
-            for r in rows[SCENE]:
-                put("scene_both_top1", r, columns["scene_person_top1"][r] * columns["scene_pet_top1"][r])
+                    truth = self.identities[domain][owner].attributes
+                    put(f"scene_{domain}_attribute_accuracy", r, float(np.mean(
+                        [int(scene_reads[domain][a][i]) == truth[k] for k, a in enumerate(attribute_names(domain))])))
+        for i, r in enumerate(rows[SCENE]):
+            put("scene_both_top1", r, columns["scene_person_top1"][r] * columns["scene_pet_top1"][r])
+            subjects = {d: self.identities[d][o] for d, o in jobs[r].labels["owners"].items()}
+            chances, leaks = colour_leaks(subjects, {d: {a: int(v[i]) for a, v in scene_reads[d].items()}
+                                                      for d in DOMAINS})
+            put("scene_leak_chances", r, chances)
+            put("scene_leaks", r, leaks)
         single = [r for d in domains for r in rows[d]]
         if single:
             predicted = self.classifier.predict(to_uint8([images[r] for r in single], 64))
@@ -229,8 +242,9 @@ def toy_eval(pipe, adapters: dict[str, object], out: str | Path, config: ToyEval
         results[knob] = {f"{point[varied]:g}": summarize_toy({"adapter": mine}, config.domains)
                          for point, mine in by_point.items()}
         single = [records[j.key] for s in plan.settings for j in plan.jobs(s) if j.labels["domain"] != SCENE]
-        write_plot(summarize(single), out / "tradeoff.png", y_column="id_top1")
-    else:
+        if single:
+            write_plot(summarize(single), out / "tradeoff.png", y_column="id_top1")
+    if len(points) == 1 or not config.contexts:
         (out / "tradeoff.png").unlink(missing_ok=True)  # an earlier run's curve, of lambdas this run does not score
     _sheet(_sample_rows(plan, made, out)).save(out / "samples.png")
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -251,6 +265,10 @@ def check_config(config: ToyEvalConfig) -> None:
         raise NestedAttentionError(f"{config.scenes} person + pet scenes were asked with the domains "
                                    f"{', '.join(config.domains)} only; scenes need both, so ask for 0 scenes "
                                    f"(--scenes 0).")
+    if config.contexts < 0 or config.scenes < 0 or not (config.contexts or config.scenes):
+        raise NestedAttentionError(f"The toy evaluation was asked for {config.contexts} prompts per subject and "
+                                   f"{config.scenes} person + pet scenes; expected at least one image (0 prompts per "
+                                   f"subject scores the scenes alone).")
     if config.views < 1:
         raise NestedAttentionError(f"The toy evaluation was asked for {config.views} input views per subject; "
                                    f"expected at least 1.")
@@ -261,28 +279,39 @@ def check_config(config: ToyEvalConfig) -> None:
 
 def summarize_toy(made: dict[str, list[dict]], domains: tuple[str, ...] = DOMAINS) -> dict:
     """The metrics of ``made`` (kind -> its records in plan order): per kind overall and per domain, per context
-    factor value, and for the scenes."""
+    factor value, and for the scenes: each subject's identity and attributes, CLIP-T, and the colour leakage (leaks
+    over chances, `colour_leaks`; None where no scene had a chance)."""
     results: dict = {}
     overall = ("id_top1", "id_similarity", "prompt_accuracy", "clip_t", *(f"factor_{f}" for f in FACTOR_NAMES))
     for kind, records in made.items():
         prefix = PREFIX[kind]
         single = [r for r in records if r["labels"]["domain"] != SCENE]
-        for column in overall:
-            results[prefix + column] = _mean(single, column)
-        for domain in domains:
-            mine = [r for r in single if r["labels"]["domain"] == domain]
-            names = (*overall, "attribute_accuracy", *(f"attribute_{a}" for a in attribute_names(domain)))
-            results.setdefault(domain, {}).update({prefix + c: _mean(mine, c) for c in names})
-        labels = torch.tensor([r["labels"]["context"] for r in single])
-        hits = torch.tensor([r["id_top1"] for r in single])
-        for i, factor in enumerate(FACTOR_NAMES):
-            present = [(v, labels[:, i] == j) for j, v in enumerate(CONTEXT_FACTORS[factor]) if bool((labels[:, i] == j).any())]
-            results[f"count_by_{factor}"] = {v: int(mask.sum()) for v, mask in present}
-            results[f"{prefix}id_top1_by_{factor}"] = {v: float(hits[mask].mean()) for v, mask in present}
+        if single:
+            for column in overall:
+                results[prefix + column] = _mean(single, column)
+            for domain in domains:
+                mine = [r for r in single if r["labels"]["domain"] == domain]
+                names = (*overall, "attribute_accuracy", *(f"attribute_{a}" for a in attribute_names(domain)))
+                results.setdefault(domain, {}).update({prefix + c: _mean(mine, c) for c in names})
+            labels = torch.tensor([r["labels"]["context"] for r in single])
+            hits = torch.tensor([r["id_top1"] for r in single])
+            for i, factor in enumerate(FACTOR_NAMES):
+                present = [(v, labels[:, i] == j) for j, v in enumerate(CONTEXT_FACTORS[factor])
+                           if bool((labels[:, i] == j).any())]
+                results[f"count_by_{factor}"] = {v: int(mask.sum()) for v, mask in present}
+                results[f"{prefix}id_top1_by_{factor}"] = {v: float(hits[mask].mean()) for v, mask in present}
         scenes = [r for r in records if r["labels"]["domain"] == SCENE]
         if scenes:
-            for column in ("scene_person_top1", "scene_pet_top1", "scene_both_top1"):
+            for column in SCENE_COLUMNS:
                 results[prefix + column] = _mean(scenes, column)
+            results[prefix + "scene_clip_t"] = _mean(scenes, "clip_t")
+            if all("scene_leaks" in r for r in scenes):  # records scored before attributes were read in scenes lack it
+                for domain in DOMAINS:
+                    results[f"{prefix}scene_{domain}_attribute_accuracy"] = _mean(
+                        scenes, f"scene_{domain}_attribute_accuracy")
+                chances = sum(r["scene_leak_chances"] for r in scenes)
+                results[prefix + "scene_leakage"] = sum(r["scene_leaks"] for r in scenes) / chances if chances else None
+                results["scene_leak_chances"] = chances
     return results
 
 

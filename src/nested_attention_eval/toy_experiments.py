@@ -8,13 +8,17 @@ decoupled adapter) and for each evaluation seed (other held-out identities and c
 ``--out``:
 
 - ``<run>/``: a training run (``adapter/``, checkpoints, ``timing.json``) and its evaluations' images and records,
-  ``eval-<seed>/`` (and ``eval-<seed>-<k>-views/``). Arms of one training config share one run, across experiments
-  too: the mechanisms experiment's ``nested`` arm is the alpha experiment's ``alpha-2``, the queries experiment's
-  ``4-tokens`` and the views experiment's ``1-view``;
+  ``eval-<seed>/`` (and ``eval-<seed>-<k>-views/``, ``scenes-eval-<seed>/``). Arms of one training config share one
+  run, across experiments too: the mechanisms experiment's ``nested`` arm is the alpha experiment's ``alpha-2``, the
+  queries experiment's ``4-tokens``, the views experiment's ``1-view`` and the scenes experiment's person adapter;
 - ``scores/<experiment>/``: each arm's metrics per seed, as that experiment scored them;
 - ``<experiment>.json``: per arm and knob point, the mean, spread and values over the seeds of ``id_top1``,
   ``id_similarity``, ``prompt_accuracy`` and ``clip_t``; the base model's; each arm's training budget;
 - ``<experiment>.md``: the same as tables; ``<experiment>.png``: identity against prompt following, a curve per arm.
+
+The scenes experiment (Fig. 12) trains each arm once per domain (``<run>/`` for persons, ``<run>-pet/`` for pets,
+each on its own domain alone) and scores both adapters together, each bound to its word, on person + pet images
+only: each subject's identity, both, the colour leakage between them and CLIP-T (`toy_eval.summarize_toy`).
 
 Everything is resumable: a finished training run or evaluation is reused (only with the same config), an interrupted
 one goes on. Arms can be split between processes (``--arms``), e.g. two trainings side by side at one thread each on
@@ -41,10 +45,11 @@ from nested_attention.config import MECHANISMS
 from nested_attention.errors import NestedAttentionError
 from nested_attention.mechanisms import mechanism
 from nested_attention_toy.assets import shipped_path
+from nested_attention_toy.world import DOMAINS
 from nested_attention_train.config import load_config
 from nested_attention_train.trainer import train
 
-from .experiment_report import METRICS, write_results
+from .experiment_report import METRICS, SCENE_METRICS, write_results
 from .toy_eval import ToyEvalConfig, toy_eval
 from .toy_scorers import load_toy_scoring
 
@@ -63,6 +68,11 @@ class Arm:
     def folder(self) -> str:
         return self.run or self.name
 
+    def folder_of(self, experiment: Experiment, domain: str) -> str:
+        """The training run of the arm's adapter for ``domain``: its folder for the experiment's first domain, with
+        the domain appended for the others (a scenes arm's pet adapter)."""
+        return self.folder if domain == experiment.domains[0] else f"{self.folder}-{domain}"
+
     def evaluation(self, seed: int) -> str:
         return f"eval-{seed}" if self.views == 1 else f"eval-{seed}-{self.views}-views"
 
@@ -73,8 +83,16 @@ class Experiment:
     figure: str  # the paper's figure it reproduces
     claim: str  # what the paper claims, which the experiment tests
     arms: tuple[Arm, ...]
-    domain: str = "person"
+    domains: tuple[str, ...] = ("person",)  # one: its subjects alone; person and pet: person + pet scenes alone
     lams: tuple[float, ...] = LAMS  # an arm's lambdas, where its mechanism has lambda
+
+    @property
+    def scenes(self) -> bool:
+        return len(self.domains) > 1
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return SCENE_METRICS if self.scenes else METRICS
 
 
 EXPERIMENTS = {e.name: e for e in (
@@ -101,6 +119,13 @@ EXPERIMENTS = {e.name: e for e in (
         "than one.",
         tuple(Arm(f"{k}-view{'s' if k > 1 else ''}", ("mechanism=nested",), run="nested", views=k) for k in (1, 2, 4)),
         lams=(1.0,)),
+    Experiment(
+        "scenes", "Fig. 12",
+        "With a person and a pet in one image, each adapter bound to its word and trained on its domain alone, "
+        "nested attention keeps both identities better than decoupled cross-attention (IP-Adapter), whose injected "
+        "features reach the whole image rather than its subject's region: so the subjects' looks mix.",
+        (Arm("nested", ("mechanism=nested",)), Arm("decoupled", ("mechanism=decoupled",))),
+        domains=DOMAINS),
 )}
 
 
@@ -110,14 +135,17 @@ class RunConfig:
     seeds: tuple[int, ...] = (0, 1, 2)  # evaluation seeds: other held-out identities and contexts each
     identities: int = 20
     contexts: int = 4
+    scenes: int = 40  # person + pet images per seed, in an experiment of scenes
     steps: int | None = None  # training steps (None: the recipe's)
     data: str | None = None  # training triplets (None: the recipe's)
     model: str | None = None  # a toy build (None: the shipped one, which the recipe names)
 
 
-def arm_config(experiment: Experiment, arm: Arm, run: RunConfig):
-    """The arm's training config: the domain's recipe, the arm's fields, and the run's shared ones."""
-    overrides = [*arm.overrides, f"output_dir={run.out / arm.folder}"]
+def arm_config(experiment: Experiment, arm: Arm, run: RunConfig, domain: str | None = None):
+    """The arm's training config for ``domain`` (default: the experiment's first): the domain's recipe, the arm's
+    fields, and the run's shared ones."""
+    domain = domain or experiment.domains[0]
+    overrides = [*arm.overrides, f"output_dir={run.out / arm.folder_of(experiment, domain)}"]
     if run.steps is not None:
         overrides.append(f"max_steps={run.steps}")
     if run.data is not None:
@@ -125,7 +153,7 @@ def arm_config(experiment: Experiment, arm: Arm, run: RunConfig):
     if run.model is not None:
         build = Path(run.model)
         overrides += [f"pretrained_model={build / 'pipeline'}", f"image_encoder={build / 'clip'}"]
-    return load_config(f"toy-{experiment.domain}", overrides)
+    return load_config(f"toy-{domain}", overrides)
 
 
 def knob(config, lams: tuple[float, ...] = LAMS) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
@@ -203,8 +231,26 @@ def _running(pid: int) -> bool:
 
 def eval_config(experiment: Experiment, arm: Arm, run: RunConfig, seed: int) -> ToyEvalConfig:
     lams, scales = knob(arm_config(experiment, arm, run), experiment.lams)
-    return ToyEvalConfig(seed=seed, identities=run.identities, contexts=run.contexts, scenes=0, lams=lams,
-                         scales=scales, domains=(experiment.domain,), views=arm.views)
+    contexts, scenes = (0, run.scenes) if experiment.scenes else (run.contexts, 0)
+    return ToyEvalConfig(seed=seed, identities=run.identities, contexts=contexts, scenes=scenes, lams=lams,
+                         scales=scales, domains=experiment.domains, views=arm.views)
+
+
+def evaluation_folder(experiment: Experiment, arm: Arm, run: RunConfig, seed: int) -> Path:
+    """Where an arm is evaluated at ``seed``: in its (first) training run's folder; scenes in folders of their own,
+    since the run's other evaluations hold its subjects alone."""
+    name = arm.evaluation(seed)
+    return run.out / arm.folder / (f"scenes-{name}" if experiment.scenes else name)
+
+
+def section(experiment: Experiment, metrics: dict) -> dict:
+    """Where toy eval's ``metrics`` (or one of their ``by_lambda`` entries) hold the experiment's scores: under its
+    domain for subjects alone, at the top for scenes."""
+    return metrics if experiment.scenes else metrics[experiment.domains[0]]
+
+
+def _shown(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def scores_path(experiment: Experiment, arm: Arm, run: RunConfig, seed: int) -> Path:
@@ -215,20 +261,22 @@ def scores_path(experiment: Experiment, arm: Arm, run: RunConfig, seed: int) -> 
 
 def run_arm(experiment: Experiment, arm: Arm, run: RunConfig, scoring) -> dict:
     """Train and score one arm; returns its per-seed metrics (seed -> toy eval's metrics)."""
-    config = arm_config(experiment, arm, run)
-    adapter = NestedAdapter.from_pretrained(trained(config))
+    configs = {domain: arm_config(experiment, arm, run, domain) for domain in experiment.domains}
+    adapters = {domain: NestedAdapter.from_pretrained(trained(config)) for domain, config in configs.items()}
     pipe, metrics, classifier, clip_scorer = scoring
     scored = {}
+    adapter_folders = [str(config.output_dir) for config in configs.values()]
     for seed in run.seeds:
-        pinned = {"model": str(run.model or shipped_path()), "adapter": str(config.output_dir)}
-        scored[seed] = toy_eval(pipe, {experiment.domain: adapter}, run.out / arm.folder / arm.evaluation(seed),
+        pinned = {"model": str(run.model or shipped_path()),
+                  "adapter": adapter_folders[0] if len(adapter_folders) == 1 else adapter_folders}
+        scored[seed] = toy_eval(pipe, adapters, evaluation_folder(experiment, arm, run, seed),
                                 eval_config(experiment, arm, run, seed), clip_scorer, classifier, progress=False,
                                 metrics=metrics, pinned=pinned)
         path = scores_path(experiment, arm, run, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(scored[seed], indent=2) + "\n")
-        mine = scored[seed][experiment.domain]
-        print(f"{arm.name}, seed {seed}: " + ", ".join(f"{m} {mine[m]:.3f}" for m in METRICS))
+        mine = section(experiment, scored[seed])
+        print(f"{arm.name}, seed {seed}: " + ", ".join(f"{m} {_shown(mine[m])}" for m in experiment.metrics))
     return scored
 
 
@@ -248,13 +296,15 @@ def finished(experiment: Experiment, run: RunConfig) -> dict[str, dict]:
 
 
 def budgets(experiment: Experiment, run: RunConfig) -> dict[str, dict]:
-    """Each finished arm's training budget: steps, batch, wall time where this runner timed it, threads."""
+    """Each training run's budget (run folder -> steps, batch, wall time where this runner timed it, threads)."""
     table = {}
     for arm in experiment.arms:
-        config = arm_config(experiment, arm, run)
-        timing = run.out / arm.folder / "timing.json"
-        table[arm.name] = {"steps": config.max_steps, "batch_size": config.train_batch_size, "seed": config.seed,
-                           "data": config.data} | (json.loads(timing.read_text()) if timing.is_file() else {})
+        for domain in experiment.domains:
+            config = arm_config(experiment, arm, run, domain)
+            timing = Path(config.output_dir) / "timing.json"
+            table[arm.folder_of(experiment, domain)] = {
+                "steps": config.max_steps, "batch_size": config.train_batch_size, "seed": config.seed,
+                "data": config.data} | (json.loads(timing.read_text()) if timing.is_file() else {})
     return table
 
 
@@ -288,9 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--identities", type=int, default=20, metavar="N",
                         help="held-out subjects per seed (default: 20)")
     parser.add_argument("--contexts", type=int, default=4, metavar="K", help="prompts per subject (default: 4)")
+    parser.add_argument("--scenes", type=int, default=40, metavar="M",
+                        help="person + pet images per seed, in the scenes experiment (default: 40)")
     parser.add_argument("--steps", type=int, metavar="N", help="training steps of every arm (default: the recipe's)")
-    parser.add_argument("--data", metavar="DIR", help="training triplets (default: the recipe's, written by "
-                        "nested-attention toy data --out data/toy-person --domain person --count 40000)")
+    parser.add_argument("--data", metavar="DIR", help="training triplets of a one-domain experiment (default: the "
+                        "recipe's, written by nested-attention toy data --out data/toy-person --domain person "
+                        "--count 40000; the scenes experiment reads each domain's recipe's)")
     parser.add_argument("--model", metavar="DIR", help="a toy build folder (default: the shipped one)")
     args = parser.parse_args(argv)
     experiment = EXPERIMENTS[args.name]
@@ -299,17 +352,23 @@ def main(argv: list[str] | None = None) -> int:
         unknown = ", ".join(a for a in args.arms if a not in names)
         raise NestedAttentionError(f"--arms {unknown}: the {args.name} experiment has the arms {', '.join(names)}.")
     for option, value, least in (("--steps", args.steps, 1), ("--identities", args.identities, 2),
-                                 ("--contexts", args.contexts, 1)):
+                                 ("--contexts", args.contexts, 1), ("--scenes", args.scenes, 1)):
         if value is not None and value < least:
             raise NestedAttentionError(f"{option} is {value}; expected at least {least}.")
     if len(set(args.seeds)) < len(args.seeds):
         raise NestedAttentionError(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed; give distinct seeds.")
-    run = RunConfig(args.out, tuple(args.seeds), args.identities, args.contexts, args.steps, args.data, args.model)
-    data = Path(arm_config(experiment, experiment.arms[0], run).data)
-    if not (data / "metadata.jsonl").is_file():
-        raise NestedAttentionError(
-            f"The training data {data} holds no metadata.jsonl; write it with nested-attention toy data --out {data} "
-            f"--domain {experiment.domain} --count 40000 (or give --data).")
+    if args.data and experiment.scenes:
+        raise NestedAttentionError(f"--data gives one domain's triplets, and the {args.name} experiment trains "
+                                   f"adapters of {' and '.join(experiment.domains)}; leave it out to read each "
+                                   f"domain's recipe's data.")
+    run = RunConfig(args.out, tuple(args.seeds), args.identities, args.contexts, args.scenes, args.steps, args.data,
+                    args.model)
+    for domain in experiment.domains:
+        data = Path(arm_config(experiment, experiment.arms[0], run, domain).data)
+        if not (data / "metadata.jsonl").is_file():
+            raise NestedAttentionError(
+                f"The training data {data} holds no metadata.jsonl; write it with nested-attention toy data --out "
+                f"{data} --domain {domain} --count 40000" + (" (or give --data)." if not experiment.scenes else "."))
     results = run_experiment(experiment, run, args.arms)
     written = ", ".join(str(args.out / f"{args.name}.{suffix}") for suffix in ("md", "json", "png"))
     print(f"wrote {written} ({len(results['arms'])} of {len(names)} arms done)")

@@ -12,7 +12,17 @@ from PIL import Image
 from nested_attention.errors import NestedAttentionError
 from nested_attention_toy.assets import build_part, shipped_path
 from nested_attention_toy.metric_models import FactorClassifier, IdentityNet
-from nested_attention_toy.world import CONTEXT_FACTORS, DOMAINS, SUBJECT_WORDS, prompt_factors
+from nested_attention_toy.world import (
+    COLOUR_COUNTERPARTS,
+    CONTEXT_FACTORS,
+    DOMAINS,
+    SUBJECT_WORDS,
+    Identity,
+    attribute_names,
+    attribute_values,
+    colour_of,
+    prompt_factors,
+)
 
 from .scorers import ClipTextScorer, IdentityEmbedder, PromptScorer, prompt_scorer
 
@@ -66,6 +76,24 @@ def load_toy_scoring(model: str | Path | None = None):
     clip = build_part(model or shipped_path(), "pipeline", "model_index.json").parent / "clip"
     scorer = ClipTextScorer(str(clip)) if (clip / "config.json").is_file() else prompt_scorer("toy-clip")
     return pipe, metrics, FactorClassifier.from_pretrained(metrics / "factor_classifier"), scorer
+
+
+def colour_leaks(subjects: dict[str, Identity], read: dict[str, dict[str, int]]) -> tuple[int, int]:
+    """(chances, leaks) of one person + pet image. For each pair of `COLOUR_COUNTERPARTS` (hair and fur, shirt and
+    neckwear), in each direction, the source subject's colour is a *chance* to leak when the other subject's attribute
+    can take that colour but truly has another; a *leak* is that attribute read in the image (``read``: domain ->
+    attribute -> the value index its identity network reads) as the source's colour."""
+    chances = leaks = 0
+    for pair in COLOUR_COUNTERPARTS:
+        for source, target in ((0, 1), (1, 0)):
+            (domain, name), (other, mine) = (DOMAINS[source], pair[source]), (DOMAINS[target], pair[target])
+            colour = colour_of(domain, name, subjects[domain].attributes[attribute_names(domain).index(name)])
+            truth = colour_of(other, mine, subjects[other].attributes[attribute_names(other).index(mine)])
+            palette = {colour_of(other, mine, i) for i in range(len(attribute_values(other, mine)))}
+            if colour in palette and colour != truth:
+                chances += 1
+                leaks += colour_of(other, mine, read[other][mine]) == colour
+    return chances, leaks
 
 
 class ToyIdentityEmbedder(IdentityEmbedder):

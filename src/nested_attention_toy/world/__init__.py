@@ -13,6 +13,7 @@ from .captions import (
 )
 from .contexts import CONTEXT_FACTORS, FACTOR_NAMES, Context, context_count, example_context, sample_context
 from .identities import (
+    COLOUR_COUNTERPARTS,
     DOMAINS,
     HELD_OUT_FRACTION,
     MAX_DESCRIBED,
@@ -20,6 +21,7 @@ from .identities import (
     attribute_names,
     attribute_phrase,
     attribute_values,
+    colour_of,
     describe_attributes,
     identity_count,
     identity_from_index,
@@ -30,8 +32,8 @@ from .identities import (
 )
 
 __all__ = [
-    "CONTEXT_FACTORS", "DOMAINS", "FACTOR_NAMES", "HELD_OUT_FRACTION", "MAX_DESCRIBED", "SUBJECT_WORDS", "Context",
-    "Identity", "attribute_names", "attribute_phrase", "attribute_values", "context_count", "describe_attributes",
+    "COLOUR_COUNTERPARTS", "CONTEXT_FACTORS", "DOMAINS", "FACTOR_NAMES", "HELD_OUT_FRACTION", "MAX_DESCRIBED", "SUBJECT_WORDS", "Context",
+    "Identity", "attribute_names", "attribute_phrase", "attribute_values", "colour_of", "context_count", "describe_attributes",
     "described_caption", "example_context", "generic_caption", "identity_count", "identity_from_index",
     "identity_from_names", "input_caption", "is_held_out", "prompt", "prompt_factors", "sample_context",
     "sample_identities", "scene_prompt", "side_size", "vocabulary",

@@ -35,6 +35,10 @@ _ATTRIBUTES: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 
+# Attributes of the two domains that colour the same part of the look (hair and fur, shirt and neckwear): where one
+# subject's colour can leak onto the other in a person + pet image. Their values' first words are colour names.
+COLOUR_COUNTERPARTS = (("hair_color", "fur_color"), ("shirt_color", "neckwear"))
+
 # How a caption names an attribute value: a phrase template per attribute ("{v} hair"). "none" and "plain" values
 # are never named.
 _DESCRIPTORS: dict[str, dict[str, str]] = {
@@ -122,6 +126,11 @@ class Identity:
         parts = ", ".join(f"{name}={value}" for name, value in self.as_dict().items())
         split = "held out" if self.held_out else "train"
         return f"{self.domain} #{self.index} ({split}): {parts}"
+
+
+def colour_of(domain: str, name: str, index: int) -> str:
+    """The colour word of value ``index`` of attribute ``name``: ``"red"`` for the neckwear ``"red collar"``."""
+    return attribute_values(domain, name)[index].split()[0]
 
 
 def attribute_phrase(domain: str, name: str, value: str) -> str | None:
