@@ -210,6 +210,7 @@ def test_the_report_is_the_mean_and_spread_over_seeds(tmp_path):
     text = (tmp_path / "mechanisms.md").read_text()
     assert "| nested | λ 2 | 0.300 ± 0.100 |" in text and "| simple | as trained |" in text
     assert "| nested | nested | 10 | 32 | not timed by the runner |" in text  # a row per training run
+    assert "| decoupled | scale 0.5 | +0.050 / +0.250 |" in text  # nested at λ 1 minus it, seed by seed
     assert "Not finished yet: global_v, multi_token." in text and (tmp_path / "mechanisms.png").stat().st_size > 1000
     assert json.loads((tmp_path / "mechanisms.json").read_text()) == results
     assert arm_points("person", done["nested"], "lam") == nested

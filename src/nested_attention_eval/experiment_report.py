@@ -92,6 +92,36 @@ def _cell(score: dict) -> str:
     return "n/a" if score["mean"] is None else f"{score['mean']:.3f} ± {score['std']:.3f}"
 
 
+def _knob(point: dict) -> str:
+    return "as trained" if point["knob"] is None else f"{'λ' if point['knob'] == 'lam' else 'scale'} {point['value']:g}"
+
+
+def _difference(a: float | None, b: float | None) -> str:
+    if a is None or b is None:
+        return "n/a"
+    return "0.000" if abs(a - b) < 5e-4 else f"{a - b:+.3f}"
+
+
+def paired(results: dict) -> list[str]:
+    """Markdown lines: seed by seed, the first arm's first point (its headline: lambda 1) minus every point of every
+    other arm. At one seed all arms saw the same subjects and prompts, so these differences are paired, and tell a
+    lead the seeds' spread hides from one that changes sign."""
+    arms = list(results["arms"].items())
+    if len(arms) < 2:
+        return []
+    (first, mine), seeds, metrics = arms[0], results["evaluation"]["seeds"], results["metrics"]
+    reference = mine["points"][0]
+    lines = ["", f"Seed by seed ({' / '.join(map(str, seeds))}), {first} at {_knob(reference)} minus each other "
+                 f"arm's point:", "", "| minus | knob | " + " | ".join(metrics) + " |",
+             "| --- | --- |" + " --- |" * len(metrics)]
+    for name, arm in arms[1:]:
+        for point in arm["points"]:
+            cells = [" / ".join(_difference(a, b) for a, b in zip(reference[m]["values"], point[m]["values"]))
+                     for m in metrics]
+            lines.append(f"| {name} | {_knob(point)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def table(results: dict) -> str:
     """Markdown: a row per arm and knob point (mean ± standard deviation over the evaluation seeds), then budgets."""
     seeds, metrics = results["evaluation"]["seeds"], results["metrics"]
@@ -103,12 +133,11 @@ def table(results: dict) -> str:
              "", "| arm | knob | " + " | ".join(metrics) + " |", "| --- | --- |" + " --- |" * len(metrics)]
     for name, arm in results["arms"].items():
         for point in arm["points"]:
-            symbol = "λ" if point["knob"] == "lam" else "scale"
-            knob = "as trained" if point["knob"] is None else f"{symbol} {point['value']:g}"
-            lines.append(f"| {name} | {knob} | " + " | ".join(_cell(point[m]) for m in metrics) + " |")
+            lines.append(f"| {name} | {_knob(point)} | " + " | ".join(_cell(point[m]) for m in metrics) + " |")
     if "base_model" in results:
         base = results["base_model"]
         lines.append("| base model | no adapter | " + " | ".join(_cell(base[m]) for m in metrics) + " |")
+    lines += paired(results)
     lines += ["", "| training run | arms | steps | batch | wall time | threads |",
               "| --- | --- | --- | --- | --- | --- |"]
     runs: dict[str, list[str]] = {}
