@@ -139,7 +139,8 @@ def add_parser(commands) -> None:
 # name -> (module with main(argv) -> exit code, what it measures)
 DIAGNOSTICS = {
     "bound": ("nested_attention_eval.toy_upper_bound",
-              "identity of a UNet fine-tuned on one held-out subject: the bound of every frozen-UNet method"),
+              "identity of a UNet fine-tuned on one held-out subject (or a person + pet pair): the bound of every "
+              "frozen-UNet method"),
     "named": ("nested_attention_eval.toy_named", "how often the base model draws an attribute its prompt names"),
     "encoder-oracle": ("nested_attention_eval.toy_oracle_encoder",
                        "the adapter's recipe with a perfect encoder (the subject's true attributes): the encoder's bound"),
