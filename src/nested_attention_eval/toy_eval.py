@@ -246,7 +246,7 @@ def toy_eval(pipe, adapters: dict[str, object], out: str | Path, config: ToyEval
             write_plot(summarize(single), out / "tradeoff.png", y_column="id_top1")
     if len(points) == 1 or not config.contexts:
         (out / "tradeoff.png").unlink(missing_ok=True)  # an earlier run's curve, of lambdas this run does not score
-    _sheet(_sample_rows(plan, made, out)).save(out / "samples.png")
+    image_sheet(_sample_rows(plan, made, out)).save(out / "samples.png")
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
@@ -336,7 +336,8 @@ def _sample_rows(plan: ToyPlan, made: dict[str, list[dict]], out: Path) -> list[
     return rows
 
 
-def _sheet(rows: list[list[Image.Image]], size: int = 64, pad: int = 2) -> Image.Image:
+def image_sheet(rows: list[list[Image.Image]], size: int = 64, pad: int = 2) -> Image.Image:
+    """The images in a grid, a row per list, each tile ``size`` pixels on a white ground."""
     columns = max(len(r) for r in rows)
     sheet = Image.new("RGB", (pad + (size + pad) * columns, pad + (size + pad) * len(rows)), "white")
     for r, row in enumerate(rows):

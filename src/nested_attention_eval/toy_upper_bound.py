@@ -16,8 +16,9 @@ scored as ``toy eval`` scores ``scene_both_top1``: each subject retrieved among 
 ``nested-attention toy diagnose bound [--tune tokens] [--domain pet|scene] [--steps 400] [--subjects 3]`` prints, per
 tuned subject, top-1 among ``--identities`` held-out input views (chance 1/20) for the real renders of the fresh
 contexts, their VAE round trip, the base and the tuned model, and which attributes the tuned model's generations
-carry (how often the identity network reads the subject's true value). The identity networks are the build's own
-(``metrics/`` beside its pipeline), or the shipped ones.
+carry (how often the identity network reads the subject's true value); with ``--out DIR`` also
+``DIR/subject-<k>.png``: the subject's input view(s), then a row per kind (real, VAE, base, tuned) of the first 8 fresh
+contexts. The identity networks are the build's own (``metrics/`` beside its pipeline), or the shipped ones.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,6 +54,7 @@ from nested_attention_toy.world import (
 )
 from nested_attention_train.timesteps import snr_loss_weights
 
+from .toy_eval import image_sheet
 from .toy_scorers import ToyIdentityEmbedder, load_build_pipeline, to_uint8
 
 NAME = "bound"  # nested-attention toy diagnose NAME
@@ -196,11 +199,12 @@ def _line(result: dict, kind: str, words: tuple[str, ...]) -> str:
     return f"{kind} {result[f'{kind}_top1']:.2f} (" + " / ".join(f"{result[f'{kind}_{w}_top1']:.2f}" for w in words) + ")"
 
 
-def upper_bound(pipe, config: UpperBound, log=print, metrics=None) -> list[dict]:
+def upper_bound(pipe, config: UpperBound, log=print, metrics=None, out: Path | None = None) -> list[dict]:
     """Per tuned subject: ``<kind>_top1`` and ``<kind>_attributes`` (name -> rate) for every kind of `KINDS` (in
     scenes also ``<kind>_person_top1`` and ``<kind>_pet_top1``; ``<kind>_top1`` is then both at once). ``pipe`` is
     a toy `StableDiffusionPipeline` (fp32); its UNet (and, for ``tune="tokens"``, its attention processors) is
-    restored afterwards. ``metrics``: the build's metric-model folder (default: the shipped build's)."""
+    restored afterwards. ``metrics``: the build's metric-model folder (default: the shipped build's); ``out``: a
+    folder for each subject's sample sheet."""
     if config.tune not in ("unet", "tokens"):
         raise NestedAttentionError(f"The bound tunes 'unet' or 'tokens'; got {config.tune!r}.")
     if config.domain not in (*DOMAINS, SCENE):
@@ -208,8 +212,8 @@ def upper_bound(pipe, config: UpperBound, log=print, metrics=None) -> list[dict]
     rng = np.random.default_rng(config.seed)
     identities = {word: sample_identities(word, config.identities, rng, held_out=True) for word in config.words}
     embedders = {word: ToyIdentityEmbedder(word, metrics) for word in config.words}
-    galleries = {word: embedders[word].embed([render_input(i, 64, int(rng.integers(2**31))) for i in identities[word]])
-                 for word in config.words}
+    views = {word: [render_input(i, 64, int(rng.integers(2**31))) for i in identities[word]] for word in config.words}
+    galleries = {word: embedders[word].embed(views[word]) for word in config.words}
     base = pipe.unet
     trainable = [p.requires_grad for p in base.parameters()]
     controller = install(base.requires_grad_(False)) if config.tune == "tokens" else None
@@ -250,6 +254,10 @@ def upper_bound(pipe, config: UpperBound, log=print, metrics=None) -> list[dict]
                 + f" (loss {losses[0]:.3f} -> {losses[-1]:.3f}); tuned attributes "
                 + ", ".join(f"{k} {v:.2f}" for k, v in result["tuned_attributes"].items()))
             results.append(result)
+            if out is not None:
+                out.mkdir(parents=True, exist_ok=True)
+                image_sheet([[views[word][who] for word in config.words]]
+                            + [made[kind][:8] for kind in KINDS]).save(out / f"subject-{who}.png")
     finally:
         pipe.unet = base
         if controller is not None:
@@ -273,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subjects", type=int, default=UpperBound.subjects)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=str(shipped_path("pipeline")), help="toy build or pipeline folder (default: the shipped one)")
+    parser.add_argument("--out", type=Path, help="a folder for each subject's sample sheet (real, VAE, base, tuned)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         raise NestedAttentionError(f"--steps is {args.steps}; expected at least 1 training step.")
@@ -281,10 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.subjects <= UpperBound.identities:
         raise NestedAttentionError(f"--subjects is {args.subjects}; expected 1 to {UpperBound.identities} (the "
                                    f"subjects are drawn from the {UpperBound.identities} held-out identities scored).")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise NestedAttentionError(f"--out {args.out} is a file; expected a folder for the sample sheets.")
     pipe, metrics = load_build_pipeline(args.model)
     config = UpperBound(domain=args.domain, tune=args.tune, steps=args.steps, subjects=args.subjects, seed=args.seed,
                         tokens=args.tokens)
-    results = upper_bound(pipe, config, metrics=metrics)
+    results = upper_bound(pipe, config, metrics=metrics, out=args.out)
     print("mean top-1: " + ", ".join(f"{kind} {np.mean([r[f'{kind}_top1'] for r in results]):.3f}" for kind in KINDS)
           + ("" if config.domain != SCENE else " (both subjects at once)"))
     return 0
