@@ -106,11 +106,9 @@ def _render(subjects: tuple[Identity, ...], context: Context, expression: int | 
     return render_target(subjects[0], context, 64, seed).image
 
 
-def _mask(tokenizer, prompts: list[str], word: str) -> torch.Tensor:
-    positions = word_positions(tokenizer, prompts, [word] * len(prompts))
-    mask = torch.zeros(len(prompts), tokenizer.model_max_length, dtype=torch.bool)
-    mask[torch.arange(len(prompts)), positions] = True
-    return mask
+def _word_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
+    """(N, length) bool: each row True at its word's token index alone (a `BoundSubject`'s ``token_mask``)."""
+    return torch.nn.functional.one_hot(positions, length).bool()
 
 
 def _generate(pipe, unet, prompts: list[str], seeds: list[int], config: UpperBound, tokens=None, controller=None):
@@ -120,7 +118,8 @@ def _generate(pipe, unet, prompts: list[str], seeds: list[int], config: UpperBou
         return pipe(prompts, num_inference_steps=config.sample_steps, guidance_scale=config.guidance,
                     generator=generators).images
     slots = torch.zeros(len(prompts), dtype=torch.long)
-    subjects = [BoundSubject(_mask(pipe.tokenizer, prompts, word), slots,
+    length = pipe.tokenizer.model_max_length
+    subjects = [BoundSubject(_word_mask(word_positions(pipe.tokenizer, prompts, [word] * len(prompts)), length), slots,
                              {path: (key.detach(), value.detach()) for path, (key, value) in mine.items()},
                              alpha=config.alpha)
                 for word, mine in zip(config.words, tokens)]
@@ -148,18 +147,14 @@ def tune_tokens(unet, controller, means, stds, scaling_factor: float, states: to
     optimizer = torch.optim.Adam([p for mine in tokens for pair in mine.values() for p in pair], lr=config.token_lr)
     scheduler = training_scheduler()
     slots = torch.zeros(config.batch_size, dtype=torch.long)
-    rows = torch.arange(config.batch_size)
+    masks = [_word_mask(where, states.shape[1]) for where in positions]  # every caption's, once
     losses = []
     for _ in range(config.steps):
         index = torch.randint(len(means), (config.batch_size,), generator=generator)
         latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scaling_factor
         noise = torch.randn(latents.shape, generator=generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
-        subjects = []
-        for mine, where in zip(tokens, positions):
-            mask = torch.zeros(config.batch_size, states.shape[1], dtype=torch.bool)
-            mask[rows, where[index]] = True
-            subjects.append(BoundSubject(mask, slots, dict(mine), alpha=config.alpha))
+        subjects = [BoundSubject(mask[index], slots, dict(mine), alpha=config.alpha) for mine, mask in zip(tokens, masks)]
         with controller.bound(subjects):
             pred = unet(scheduler.add_noise(latents, noise, t), t, states[index]).sample
         loss = (snr_loss_weights(scheduler, t, 5.0) * (pred - noise).pow(2).flatten(1).mean(1)).mean()
