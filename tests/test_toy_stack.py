@@ -68,7 +68,7 @@ def test_corpus_is_deterministic_and_respects_the_split():
     b = make_corpus(40, seed=5, workers=1)
     assert torch.equal(a.images, b.images) and a.captions == b.captions
     assert set(a.kinds) <= {"target", "input", "scene"}
-    held = make_corpus(20, seed=5, held_out=True, workers=1, input_fraction=0, scene_fraction=0)
+    held = make_corpus(20, seed=5, held_out=True, workers=1, input_fraction=0)
     assert (held.factors >= 0).all() and held.kinds == ["target"] * 20
 
 
@@ -218,7 +218,7 @@ def test_shipped_metric_models_reach_their_bars_on_fresh_held_out_renders():
     """Fresh held-out identities and contexts (seed 2026, never used by the build): factor accuracy >= 0.95 per
     factor on 2,000 renders; identity retrieval top-1 among 50 held-out identities >= 0.9 (4 queries each)."""
     classifier = FactorClassifier.from_pretrained(shipped_path("metrics/factor_classifier"))
-    renders = make_corpus(2000, seed=2026, held_out=True, workers=1, input_fraction=0, scene_fraction=0)
+    renders = make_corpus(2000, seed=2026, held_out=True, workers=1, input_fraction=0)
     accuracy = head_accuracy(classifier, renders.images, renders.factor_labels())
     assert min(accuracy.values()) >= 0.95, accuracy
     for d, domain in enumerate(DOMAINS):
@@ -283,51 +283,6 @@ def test_triplets_are_read_by_the_trainer_and_use_train_identities_only(tmp_path
     assert run_cli("toy", "data", "--out", str(tmp_path / "c"), "--domain", "person", "--count", "3", "--workers", "1") == 0
     assert len(read_metadata(tmp_path / "c")[0]) == 3
     assert run_cli("toy", "data", "--out", str(tmp_path / "c"), "--domain", "person", "--count", "3") == 2  # not empty
-
-
-@pytest.mark.parametrize("domain", ["person", "pet"])
-def test_scene_triplets_pair_the_subject_with_a_train_identity_and_leave_the_other_rows_alone(tmp_path, monkeypatch,
-                                                                                          capsys, domain):
-    """With ``scenes``, some targets are person + pet scenes naming both words (the row's word still the domain's):
-    render_scene draws the row's subject, its recorded partner and context; every other row is byte for byte the row
-    of the same seed without scenes."""
-    from nested_attention_toy import triplets
-    from nested_attention_toy.world import identity_from_index
-
-    plain = triplets.write_triplets(tmp_path / "plain", domain, 16, seed=2, workers=1)
-    drawn = []
-    real = triplets.render_scene
-    rendered = []
-
-    def recording(person, pet, context, size, seed, pet_expression):
-        drawn.append((person.index, pet.index, context.values, pet_expression))
-        rendered.append(real(person, pet, context, size=size, seed=seed, pet_expression=pet_expression))
-        return rendered[-1]
-
-    monkeypatch.setattr(triplets, "render_scene", recording)
-    mixed = triplets.write_triplets(tmp_path / "mixed", domain, 16, seed=2, scenes=0.5, workers=1)
-    plain_lines = [json.loads(line) for line in plain.read_text().splitlines()]
-    mixed_lines = [json.loads(line) for line in mixed.read_text().splitlines()]
-    scenes = [i for i, line in enumerate(mixed_lines) if "scene" in line]
-    assert 0 < len(scenes) < 16 and len(drawn) == len(scenes)
-    other = "pet" if domain == "person" else "person"
-    for i, (a, b) in enumerate(zip(plain_lines, mixed_lines)):
-        name = f"targets/{i:07d}.png"
-        same_target = (tmp_path / "mixed" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
-        if i not in scenes:
-            assert b == a and same_target
-            continue
-        assert b["word"] == domain and b["identity"] == a["identity"] and b["context"] == a["context"]
-        assert b["prompt"].split().count("person") == 1 and b["prompt"].split().count("pet") == 1
-        assert not identity_from_index(other, b["scene"]["partner"]).held_out and not same_target
-        pair = (b["identity"], b["scene"]["partner"]) if domain == "person" else (b["scene"]["partner"], b["identity"])
-        assert drawn[scenes.index(i)] == (*pair, tuple(b["context"].values()), b["scene"]["pet_expression"])
-        mask = np.asarray(Image.open(tmp_path / "mixed" / b["target_mask"])) / 255  # the triplet's own subject
-        scene = rendered[scenes.index(i)]
-        own = scene.pet if domain == "pet" else scene.subject
-        assert own.mean() > 0.03 and np.abs(mask - own).max() <= 0.5 / 255 + 1e-6  # stored as 8-bit
-    assert run_cli("toy", "data", "--out", str(tmp_path / "c"), "--domain", domain, "--count", "3", "--scenes", "1.5") == 2
-    assert "expected a fraction" in capsys.readouterr().err
 
 
 def test_more_triplets_than_training_identities_reuse_them(tmp_path, monkeypatch, capsys):

@@ -59,7 +59,7 @@ def evaluate_stack(root: str | Path, size, seed: int, workers: int = 2, device: 
     pipe.to(device)
     results: dict = {}
     held_out = make_corpus(size.eval_renders, seed=seed, held_out=True, workers=workers, input_fraction=0.0,
-                           scene_fraction=0.0, desc="held-out renders")
+                           desc="held-out renders")
     results["vae_psnr_db"] = reconstruction_psnr(pipe.vae.to("cpu"), held_out.images)
     pipe.vae.to(device)
     log(f"VAE reconstruction PSNR on {len(held_out)} held-out renders: {results['vae_psnr_db']:.2f} dB")
