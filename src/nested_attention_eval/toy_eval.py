@@ -36,7 +36,7 @@ from PIL import Image
 
 from nested_attention.errors import NestedAttentionError
 from nested_attention_toy.metric_models import retrieval_hits
-from nested_attention_toy.render import render_input, render_scene, render_target, split_scene
+from nested_attention_toy.render import SCENE_SIZE, render_input, render_scene, render_target, split_scene
 from nested_attention_toy.world import (
     CONTEXT_FACTORS,
     DOMAINS,
@@ -57,7 +57,6 @@ from .toy_scorers import ToyIdentityEmbedder, colour_leaks, to_uint8
 
 KINDS = ("adapter", "baseline", "oracle")
 PREFIX = {"adapter": "", "baseline": "baseline_", "oracle": "oracle_"}
-SCENE_SIZE = (128, 64)  # (width, height) of a person + pet image: each subject in its own 64 x 64 half
 SCENE_COLUMNS = ("scene_person_top1", "scene_pet_top1", "scene_both_top1")
 
 

@@ -39,7 +39,7 @@ from nested_attention_toy.autoencoder import encode_latents, round_trip
 from nested_attention_toy.diffusion import train_unet, training_scheduler
 from nested_attention_toy.grounding import word_positions
 from nested_attention_toy.metric_models import retrieval_hits
-from nested_attention_toy.render import render_input, render_scene, render_target, split_scene
+from nested_attention_toy.render import SCENE_SIZE, render_input, render_scene, render_target, split_scene
 from nested_attention_toy.text_image import tokenize
 from nested_attention_toy.world import (
     CONTEXT_FACTORS,
@@ -55,7 +55,7 @@ from nested_attention_toy.world import (
 )
 from nested_attention_train.timesteps import snr_loss_weights
 
-from .toy_eval import SCENE_SIZE, image_sheet
+from .toy_eval import image_sheet
 from .toy_scorers import ToyIdentityEmbedder, load_build_pipeline
 
 NAME = "bound"  # nested-attention toy diagnose NAME

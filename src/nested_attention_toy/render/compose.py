@@ -24,6 +24,7 @@ POSITION_X = {"left": 0.3, "center": 0.5, "right": 0.7}
 PERSON_UNIT = 0.165  # a person's head radius as a fraction of the frame height, in a target view
 PET_HEIGHT = 0.8  # a pet's height (ears to paws) as a fraction of the frame height, in a target view
 SYMBOL_RADIUS = 0.6  # the emotion symbol's half-size in the subject's units
+SCENE_SIZE = (128, 64)  # (width, height) of a person + pet scene at the toy model's 64 pixels
 
 
 @dataclass
