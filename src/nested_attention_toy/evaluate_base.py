@@ -12,8 +12,17 @@ from PIL import Image
 from .corpus import make_corpus
 from .latent_check import vae_identity
 from .metric_models import FactorClassifier, head_accuracy
-from .render import render_target
-from .world import DOMAINS, FACTOR_NAMES, example_context, generic_caption, sample_context, sample_identities
+from .render import SCENE_SIZE, render_scene, render_target
+from .world import (
+    DOMAINS,
+    FACTOR_NAMES,
+    SCENE_POSITIONS,
+    example_context,
+    generic_caption,
+    sample_context,
+    sample_identities,
+    scene_prompt,
+)
 
 VAE_IDENTITIES = 20  # the gallery of the VAE round-trip retrieval, as `toy eval` scores identity
 
@@ -34,13 +43,15 @@ def load_stack(root: str | Path):
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, batch_size: int = 50,
-             progress=None) -> torch.Tensor:
-    """Base-model images for ``prompts`` (one seed each) -> (N, 3, S, S) uint8."""
+             progress=None, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Base-model images for ``prompts`` (one seed each) -> (N, 3, H, W) uint8; ``size`` (width, height), default the
+    model's square."""
     out = []
+    width, height = size or (None, None)
     for i in range(0, len(prompts), batch_size):
         generators = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch_size]]
         images = pipe(prompts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance_scale,
-                      generator=generators, output_type="np").images
+                      generator=generators, output_type="np", width=width, height=height).images
         out.append(torch.from_numpy(np.round(images * 255).astype(np.uint8)).permute(0, 3, 1, 2))  # on the CPU
         if progress is not None:
             progress.update(len(generators))
@@ -96,7 +107,8 @@ def evaluate_stack(root: str | Path, size, seed: int, workers: int = 2, device: 
 
 def sample_sheet(pipe, size, seed: int, columns: int = 8, rows_per_domain: int = 2) -> Image.Image:
     """Pairs of rows: a held-out identity's render in 8 contexts (``example_context``), then the base model's
-    generation for the same prompts (it knows no identity: only the context should match)."""
+    generation for the same prompts (it knows no identity: only the context should match); last, person + pet scenes
+    of a held-out pair (twice as wide) and the base model's for their prompts."""
     rng = np.random.default_rng(seed + 2)
     tiles: list[list[Image.Image]] = []
     for d, domain in enumerate(DOMAINS):
@@ -109,11 +121,21 @@ def sample_sheet(pipe, size, seed: int, columns: int = 8, rows_per_domain: int =
                               size.guidance_scale)
             tiles.append(renders)
             tiles.append([Image.fromarray(x.permute(1, 2, 0).numpy()) for x in images])
+    person, pet = (sample_identities(domain, 1, rng, held_out=True)[0] for domain in DOMAINS)
+    contexts = [example_context(2 * rows_per_domain, c).replace(position=SCENE_POSITIONS[c % 2])
+                for c in range(columns // 2)]
+    tiles.append([render_scene(person, pet, c, 64, seed).image for c in contexts])
+    images = generate(pipe, [scene_prompt("person", "pet", c) for c in contexts],
+                      [seed + 5000 + c for c in range(len(contexts))], size.sample_steps, size.guidance_scale,
+                      size=SCENE_SIZE)
+    tiles.append([Image.fromarray(x.permute(1, 2, 0).numpy()) for x in images])
     pad, s = 2, 64
     sheet = Image.new("RGB", (pad + (s + pad) * columns, pad + (s + pad) * len(tiles) + pad * (len(tiles) // 2)), "white")
     for r, row in enumerate(tiles):
-        for c, tile in enumerate(row):
-            sheet.paste(tile, (pad + c * (s + pad), pad + r * (s + pad) + pad * (r // 2)))
+        x = pad
+        for tile in row:  # a scene takes two columns
+            sheet.paste(tile, (x, pad + r * (s + pad) + pad * (r // 2)))
+            x += (tile.width // s) * (s + pad)
     return sheet
 
 
