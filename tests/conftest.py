@@ -11,6 +11,7 @@ from PIL import Image
 
 from nested_attention import NestedAdapter
 from nested_attention.tiny import TINY_ADAPTER_CONFIG, tiny_image_encoder, tiny_sd_pipeline, tiny_sdxl_pipeline
+from test_cli import run_cli
 
 
 def make_adapter(unet, seed=0, word="person", **overrides):
@@ -48,6 +49,15 @@ def na(pipe):
     handle = NestedAttention(pipe)
     yield handle
     handle.uninstall()
+
+
+@pytest.fixture(scope="session")
+def smoke_build(tmp_path_factory):
+    """One smoke-size toy build, as the command line runs it (one worker: the adapters one after the other, as an
+    interrupted build resumes them), shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("smoke") / "build"
+    assert run_cli("toy", "build", "--out", str(out), "--smoke", "--workers", "1", "--device", "cpu") == 0
+    return out
 
 
 def latents(call, prompt, steps=2, **kwargs):

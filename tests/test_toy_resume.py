@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 
 import nested_attention_toy.stages as stages_module
 import nested_attention_train.trainer as trainer_module
-from nested_attention_eval.toy_build_stage import ADAPTER_EVAL_STAGE
 from nested_attention_toy.build import CHECKPOINT, PARTIAL, SMOKE, build
 from nested_attention_toy.diffusion import TextTraining, make_unet, train_unet
 from nested_attention_toy.resume import saved_progress
@@ -65,9 +64,8 @@ MODEL_FILES = ("pipeline/unet/diffusion_pytorch_model.safetensors", "pipeline/te
                "adapters/person/nested_adapter.safetensors", "adapters/pet/nested_adapter.safetensors")
 
 
-def test_an_interrupted_build_resumes_to_the_files_of_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
-    build(tmp_path / "reference", SMOKE, workers=1, extra_stages=(ADAPTER_EVAL_STAGE,))  # as the command line runs it
-    reference = json.loads((tmp_path / "reference" / "build.json").read_text())
+def test_an_interrupted_build_resumes_to_the_files_of_an_uninterrupted_one(smoke_build, tmp_path, monkeypatch, capsys):
+    reference = json.loads((smoke_build / "build.json").read_text())  # uninterrupted, from the command line
 
     out = tmp_path / "interrupted"
     _interrupt(monkeypatch, "clip", 3)  # mid-stage: the CLIP stage runs again
@@ -92,7 +90,7 @@ def test_an_interrupted_build_resumes_to_the_files_of_an_uninterrupted_one(tmp_p
 
     assert run_cli("toy", "build", "--out", str(out), "--resume", "--workers", "1") == 0
     for name in MODEL_FILES:
-        assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+        assert (out / name).read_bytes() == (smoke_build / name).read_bytes(), name
     record = json.loads((out / "build.json").read_text())
     for measured in (record, reference):
         del measured["measurements"]["metric_models"]["seconds"]  # a wall time, the only thing that may differ

@@ -10,10 +10,12 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer, CLIPVisionModel
 
+import nested_attention_toy.stages as stages_module
 from nested_attention import NestedAdapter
 from nested_attention.tiny import write_clip_tokenizer
 from nested_attention_toy.assets import is_shipped, model_path, shipped_path
 from nested_attention_toy.autoencoder import make_vae, reconstruction_psnr, reconstructions, train_vae
+from nested_attention_toy.build import PARTIAL, SMOKE, build
 from nested_attention_toy.build_metrics import retrieval_sets
 from nested_attention_toy.corpus import make_corpus
 from nested_attention_toy.metric_models import FactorClassifier, IdentityNet, head_accuracy, retrieval_top1
@@ -119,13 +121,11 @@ def test_vae_loss_weights_are_normalized_and_focus_on_covered_pixels():
         train_vae(make_vae(width=16), images, steps=1, weights=((patch[:3], 1.0),))
 
 
-def test_smoke_build_runs_end_to_end_and_loads_with_plain_diffusers(tmp_path):
-    out = tmp_path / "build"
-    assert run_cli("toy", "build", "--out", str(out), "--smoke", "--workers", "2", "--device", "cpu") == 0
+def test_smoke_build_runs_end_to_end_and_loads_with_plain_diffusers(smoke_build):
+    out = smoke_build
     record = json.loads((out / "build.json").read_text())
     assert list(record["stages"]) == ["tokenizer", "corpus", "metrics", "clip", "vae", "unet", "pipeline", "evaluate",
                                       "person_triplets", "pet_triplets", "adapters", "adapter_evaluate"]
-    assert record["stages"]["adapters"]["side_by_side"] and record["stages"]["adapters"]["threads_each"] == 1
     adapters = record["measurements"]["adapters"]  # toy eval's metrics.json, scored by the build's own metric models
     assert adapters == json.loads((out / "adapter-eval" / "metrics.json").read_text())
     assert {"id_top1", "baseline_id_top1", "prompt_accuracy", "scene_both_top1"} <= set(adapters)
@@ -144,28 +144,46 @@ def test_smoke_build_runs_end_to_end_and_loads_with_plain_diffusers(tmp_path):
     image = pipe("a photo of a pet on the beach", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 64, 64, 3)
     # a second build never overwrites
+    before = (out / "build.json").read_bytes()
     assert run_cli("toy", "build", "--out", str(out), "--smoke") == 2
+    assert (out / "build.json").read_bytes() == before
 
-    # --reuse: the caption-free stages are copied (not retrained: the log says so), byte for byte
+
+def test_reuse_copies_the_caption_free_parts_of_an_earlier_build(smoke_build, tmp_path, monkeypatch):
+    out = smoke_build
+    # --reuse with a changed recipe: the metric models and the VAE are copied (not retrained: the log says so), byte
+    # for byte, and the recipe's changes apply to the rest; with two workers the two adapters train side by side
     again = tmp_path / "again"
-    assert run_cli("toy", "build", "--out", str(again), "--smoke", "--workers", "1", "--reuse", str(out)) == 0
+    assert run_cli("toy", "build", "--out", str(again), "clip_steps=4", "unet_widths=[16, 16]",
+                   "--smoke", "--workers", "2", "--reuse", str(out)) == 0
     for part in ("metrics/identity_person/model.safetensors", "metrics/factor_classifier/model.safetensors",
                  "pipeline/vae/diffusion_pytorch_model.safetensors"):
         assert (again / part).read_bytes() == (out / part).read_bytes(), part
     assert (again / "pipeline/vae/config.json").read_text() == (out / "pipeline/vae/config.json").read_text()  # no path
     record = json.loads((again / "build.json").read_text())
     assert record["reused"]["from"] == str(out) and record["stages"]["vae"]["copied_from"] == str(out)
+    assert record["stages"]["adapters"]["side_by_side"] and record["stages"]["adapters"]["threads_each"] == 1
+    assert record["size"]["clip_steps"] == 4 and record["size"]["unet_widths"] == [16, 16]
+    assert json.loads((again / "pipeline/unet/config.json").read_text())["block_out_channels"] == [16, 16]
     assert f"metrics: copied from {out}" in (again / "build.log").read_text()
     assert run_cli("toy", "build", "--out", str(tmp_path / "x"), "--smoke", "--reuse", str(tmp_path)) == 2
     assert not (tmp_path / "x").exists()
 
-    # --reuse-parts metrics: the VAE is trained again, the metric models still copied
+    # --reuse-parts metrics: the VAE is trained again, the metric models still copied (stopped once the VAE is done)
+    class Stop(Exception):
+        pass
+
+    def bar(total, desc):
+        if desc == "unet":
+            raise Stop
+        return real_bar(total, desc)
+
+    real_bar = stages_module._bar
+    monkeypatch.setattr(stages_module, "_bar", bar)
     third = tmp_path / "third"
-    assert run_cli("toy", "build", "--out", str(third), "clip_steps=4", "unet_widths=[16, 16]",  # a changed recipe
-                   "--smoke", "--workers", "1", "--reuse", str(out), "--reuse-parts", "metrics") == 0
-    record = json.loads((third / "build.json").read_text())
-    assert record["size"]["clip_steps"] == 4 and record["size"]["unet_widths"] == [16, 16]
-    assert json.loads((third / "pipeline/unet/config.json").read_text())["block_out_channels"] == [16, 16]
+    with pytest.raises(Stop):
+        build(third, SMOKE, workers=1, reuse=out, reuse_parts=("metrics",))
+    record = json.loads((third / PARTIAL).read_text())
     assert record["reused"]["parts"] == ["metrics"] and "loss_first" in record["stages"]["vae"]
     assert "copied_from" not in record["stages"]["vae"]
     assert (third / "metrics/factor_classifier/model.safetensors").read_bytes() == (out / "metrics/factor_classifier/model.safetensors").read_bytes()
