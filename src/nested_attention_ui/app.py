@@ -14,6 +14,7 @@ from nested_attention.errors import NestedAttentionError
 from .session import COMPARE_LAMBDAS, MAX_COUNT, MAX_STEPS, MAX_UPLOAD_BYTES, Settings, SubjectInput, UISession
 
 DISPLAY_SIDE = 256
+SQUARE, WIDE = "square", "twice as wide (a person and a pet side by side)"  # the shape setting's choices
 FIELDS = 6  # per subject: enabled, uploads, example, weights, word, lambda
 HEADER = """# Nested Attention
 Put a subject from one or a few images into a generated scene, bound to one word of the prompt
@@ -44,9 +45,9 @@ def for_display(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
     return image.resize((image.width * factor, image.height * factor), Image.NEAREST) if factor > 1 else image
 
 
-def settings_of(negative: str, seed, steps, guidance, count) -> Settings:
+def settings_of(negative: str, seed, steps, guidance, count, shape: str = SQUARE) -> Settings:
     return Settings(negative_prompt=negative or "", seed=int(seed), steps=int(steps), guidance=float(guidance),
-                    count=int(count))
+                    count=int(count), wide=shape == WIDE)
 
 
 def shown(call: Callable):
@@ -89,7 +90,8 @@ def build_app(session: UISession, examples: dict[str, str], toy: bool = False, p
                 steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="steps")
                 guidance = gr.Slider(0.0, 15.0, value=5.0, step=0.5, label="guidance")
                 count = gr.Slider(1, MAX_COUNT, value=2, step=1, label="images")
-        settings = [negative, seed, steps, guidance, count]
+                shape = gr.Radio([SQUARE, WIDE], value=SQUARE, label="shape", elem_id="shape")
+        settings = [negative, seed, steps, guidance, count, shape]
 
         def request(values):
             """The values after the prompt: FIELDS per subject, then the settings."""
