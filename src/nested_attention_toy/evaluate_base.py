@@ -74,10 +74,11 @@ def evaluate_stack(root: str | Path, size, seed: int, workers: int = 2, device: 
     results["vae_psnr_db"] = reconstruction_psnr(pipe.vae.to("cpu"), held_out.images)
     pipe.vae.to(device)
     log(f"VAE reconstruction PSNR on {len(held_out)} held-out renders: {results['vae_psnr_db']:.2f} dB")
-    results["vae_identity_top1"] = vae_identity(pipe.vae.to("cpu"), Path(root) / "metrics", VAE_IDENTITIES, 8,
+    gallery = min(VAE_IDENTITIES, size.eval_identities)
+    results["vae_identity_top1"] = vae_identity(pipe.vae.to("cpu"), Path(root) / "metrics", gallery, 8,
                                                 seed=seed + 40, workers=workers)
     pipe.vae.to(device)
-    log(f"identity top-1 among {VAE_IDENTITIES} held-out identities after a VAE round trip: "
+    log(f"identity top-1 among {gallery} held-out identities after a VAE round trip: "
         f"{_fmt(results['vae_identity_top1'])}")
     results["clip_zero_shot_accuracy"] = zero_shot_accuracy(clip, tokenizer, held_out.images, held_out.factors,
                                                             held_out.domains, seed=seed)

@@ -129,7 +129,7 @@ def clip_stage(parts: Parts) -> dict:
     clip = CLIPModel(clip_config(parts.tokenizer, width=size.clip_width))
     with _bar(size.clip_steps, "clip") as bar:
         losses = train_clip(clip, parts.tokenizer, parts.corpus.images, parts.corpus.captions, size.clip_steps,
-                            seed=parts.seed + 200, device=parts.device, progress=bar)
+                            batch_size=size.clip_batch, seed=parts.seed + 200, device=parts.device, progress=bar)
     clip.half().save_pretrained(out / "clip")
     parts.tokenizer.save_pretrained(out / "clip")
     clip_processor().save_pretrained(out / "clip")
