@@ -15,7 +15,7 @@ from .metric_models import FactorClassifier, head_accuracy
 from .render import render_target
 from .world import DOMAINS, FACTOR_NAMES, example_context, generic_caption, sample_context, sample_identities
 
-VAE_IDENTITIES = 20  # the gallery of the VAE round-trip retrieval, as `toy eval` scores identity
+VAE_IDENTITIES = 20  # the gallery of the VAE round-trip retrieval, as `toy eval` scores identity (fewer at smoke size)
 
 
 def load_stack(root: str | Path):
