@@ -24,7 +24,7 @@ from .world import (
     scene_prompt,
 )
 
-VAE_IDENTITIES = 20  # the gallery of the VAE round-trip retrieval, as `toy eval` scores identity
+VAE_IDENTITIES = 20  # the gallery of the VAE round-trip retrieval, as `toy eval` scores identity (fewer at smoke size)
 
 
 def load_stack(root: str | Path):
