@@ -162,7 +162,8 @@ def test_reuse_copies_the_caption_free_parts_of_an_earlier_build(smoke_build, tm
     assert (again / "pipeline/vae/config.json").read_text() == (out / "pipeline/vae/config.json").read_text()  # no path
     record = json.loads((again / "build.json").read_text())
     assert record["reused"]["from"] == str(out) and record["stages"]["vae"]["copied_from"] == str(out)
-    assert record["stages"]["adapters"]["side_by_side"] and record["stages"]["adapters"]["threads_each"] == 1
+    adapters = record["stages"]["adapters"]
+    assert adapters["side_by_side"] and adapters["threads_each"] == 1 and adapters["loader_workers"] == 0
     assert record["size"]["clip_steps"] == 4 and record["size"]["unet_widths"] == [16, 16]
     assert json.loads((again / "pipeline/unet/config.json").read_text())["block_out_channels"] == [16, 16]
     assert f"metrics: copied from {out}" in (again / "build.log").read_text()
