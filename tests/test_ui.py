@@ -109,6 +109,13 @@ def test_the_app_builds_and_shows_errors_as_messages(session):
         shown(refuse)()
 
 
+def test_using_two_subjects_switches_the_shape_to_wide():
+    from nested_attention_ui.app import SQUARE, WIDE, shape_for
+
+    assert shape_for(True, False) == SQUARE and shape_for(False, False) == SQUARE
+    assert shape_for(True, True) == WIDE and shape_for(True, True, False) == WIDE
+
+
 def test_the_ui_command_refuses_before_loading(capsys, tmp_path):
     assert main(["ui", "--model", "tiny-sd"]) == 2
     assert "needs at least one --adapter" in capsys.readouterr().err

@@ -50,6 +50,12 @@ def settings_of(negative: str, seed, steps, guidance, count, shape: str = SQUARE
                     count=int(count), wide=shape == WIDE)
 
 
+def shape_for(*enabled: bool) -> str:
+    """The shape a change of the subjects in use picks: twice as wide for two or more (each gets its own half, as
+    the toy world's scenes do), square for one; the setting stays the user's to change afterwards."""
+    return WIDE if sum(map(bool, enabled)) >= 2 else SQUARE
+
+
 def shown(call: Callable):
     """A handler whose NestedAttentionError becomes the one-sentence message Gradio shows (never a traceback)."""
 
@@ -92,6 +98,9 @@ def build_app(session: UISession, examples: dict[str, str], toy: bool = False, p
                 count = gr.Slider(1, MAX_COUNT, value=2, step=1, label="images")
                 shape = gr.Radio([SQUARE, WIDE], value=SQUARE, label="shape", elem_id="shape")
         settings = [negative, seed, steps, guidance, count, shape]
+        enabled = components[::FIELDS]
+        for box in enabled:
+            box.input(shape_for, enabled, shape, queue=False, show_progress="hidden")
 
         def request(values):
             """The values after the prompt: FIELDS per subject, then the settings."""
