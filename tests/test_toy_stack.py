@@ -1,6 +1,7 @@
 """The toy world's model stack: tokenizer, build path, and the shipped models (plain diffusers / transformers loads,
 metric models at their bars on fresh held-out renders)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -154,7 +155,8 @@ def test_reuse_copies_the_caption_free_parts_of_an_earlier_build(smoke_build, tm
     # --reuse with a changed recipe: the metric models and the VAE are copied (not retrained: the log says so), byte
     # for byte, and the recipe's changes apply to the rest; with two workers the two adapters train side by side
     again = tmp_path / "again"
-    assert run_cli("toy", "build", "--out", str(again), "clip_steps=4", "unet_widths=[16, 16]",
+    assert run_cli("toy", "build", "--out", str(again), "clip_steps=4", "unet_widths=[16, 16]", "unet_steps=4",
+                   "sample_steps=2", "eval_generations=2", "adapter_steps=2", "adapter_eval_scenes=1",
                    "--smoke", "--workers", "2", "--reuse", str(out)) == 0
     for part in ("metrics/identity_person/model.safetensors", "metrics/factor_classifier/model.safetensors",
                  "pipeline/vae/diffusion_pytorch_model.safetensors"):
@@ -165,6 +167,7 @@ def test_reuse_copies_the_caption_free_parts_of_an_earlier_build(smoke_build, tm
     adapters = record["stages"]["adapters"]
     assert adapters["side_by_side"] and adapters["threads_each"] == 1 and adapters["loader_workers"] == 0
     assert record["size"]["clip_steps"] == 4 and record["size"]["unet_widths"] == [16, 16]
+    assert record["size"]["unet_steps"] == 4 and adapters["steps"] == 2
     assert json.loads((again / "pipeline/unet/config.json").read_text())["block_out_channels"] == [16, 16]
     assert f"metrics: copied from {out}" in (again / "build.log").read_text()
     assert run_cli("toy", "build", "--out", str(tmp_path / "x"), "--smoke", "--reuse", str(tmp_path)) == 2
@@ -183,7 +186,8 @@ def test_reuse_copies_the_caption_free_parts_of_an_earlier_build(smoke_build, tm
     monkeypatch.setattr(stages_module, "_bar", bar)
     third = tmp_path / "third"
     with pytest.raises(Stop):
-        build(third, SMOKE, workers=1, reuse=out, reuse_parts=("metrics",))
+        build(third, dataclasses.replace(SMOKE, corpus=200, scenes=16, clip_steps=2, vae_steps=2), workers=1, reuse=out,
+              reuse_parts=("metrics",))
     record = json.loads((third / PARTIAL).read_text())
     assert record["reused"]["parts"] == ["metrics"] and "loss_first" in record["stages"]["vae"]
     assert "copied_from" not in record["stages"]["vae"]
@@ -235,9 +239,9 @@ def test_shipped_pipeline_loads_with_plain_diffusers_and_generates(shipped_pipe)
 
 def test_shipped_metric_models_reach_their_bars_on_fresh_held_out_renders():
     """Fresh held-out identities and contexts (seed 2026, never used by the build): factor accuracy >= 0.95 per
-    factor on 2,000 renders; identity retrieval top-1 among 50 held-out identities >= 0.9 (4 queries each)."""
+    factor on 1,000 renders; identity retrieval top-1 among 50 held-out identities >= 0.9 (4 queries each)."""
     classifier = FactorClassifier.from_pretrained(shipped_path("metrics/factor_classifier"))
-    renders = make_corpus(2000, seed=2026, held_out=True, workers=1, input_fraction=0)
+    renders = make_corpus(1000, seed=2026, held_out=True, workers=1, input_fraction=0)
     accuracy = head_accuracy(classifier, renders.images, renders.factor_labels())
     assert min(accuracy.values()) >= 0.95, accuracy
     for d, domain in enumerate(DOMAINS):

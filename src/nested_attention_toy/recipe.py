@@ -63,8 +63,8 @@ class BuildSize:
 
 FULL = BuildSize(corpus=30000, metric_train=12000, metric_epochs=4, identity_train=12000, identity_epochs=5,
                  clip_steps=160, vae_steps=4000, unet_steps=7000, eval_renders=500, eval_generations=100, eval_identities=50)
-SMOKE = BuildSize(corpus=600, metric_train=400, metric_epochs=1, identity_train=200, identity_epochs=1,
-                  clip_steps=10, clip_batch=32, vae_steps=10, unet_steps=10, eval_renders=64, eval_generations=8,
-                  eval_identities=10, sample_steps=4, unet_checkpoint_every=4, unet_widths=(16, 32), scenes=64,
+SMOKE = BuildSize(corpus=300, metric_train=200, metric_epochs=1, identity_train=100, identity_epochs=1,
+                  clip_steps=10, clip_batch=32, vae_steps=10, unet_steps=10, eval_renders=32, eval_generations=8,
+                  eval_identities=10, sample_steps=4, unet_batch=8, unet_checkpoint_every=4, unet_widths=(16, 32), scenes=32,
                   clip_width=64, vae_width=16, identity_width=16, adapter_triplets=8, adapter_steps=4, adapter_batch=4,
                   adapter_eval_identities=2, adapter_eval_scenes=2)
