@@ -7,12 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import StableDiffusionPipeline
 from PIL import Image
+from tqdm.auto import tqdm
+from transformers import CLIPModel, CLIPTokenizer
 
+from .autoencoder import reconstruction_psnr
 from .corpus import make_corpus
 from .latent_check import vae_identity
 from .metric_models import FactorClassifier, head_accuracy
 from .render import SCENE_SIZE, render_scene, render_target
+from .text_image import clip_similarity, zero_shot_accuracy
 from .world import (
     DOMAINS,
     FACTOR_NAMES,
@@ -29,9 +34,6 @@ VAE_IDENTITIES = 20  # the gallery of the VAE round-trip retrieval, as `toy eval
 
 def load_stack(root: str | Path):
     """(pipeline, clip, tokenizer, factor classifier) of a built stack, loaded the way a user loads them."""
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPModel, CLIPTokenizer
-
     root = Path(root)
     pipe = StableDiffusionPipeline.from_pretrained(root / "pipeline", torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -61,11 +63,6 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_sc
 def evaluate_stack(root: str | Path, size, seed: int, workers: int = 2, device: str = "cpu", log=print) -> dict:
     """Every quality measurement of the issue on held-out identities; writes ``root/samples.png``. Generation runs
     on ``device``; the measurements on the CPU."""
-    from tqdm.auto import tqdm
-
-    from .autoencoder import reconstruction_psnr
-    from .text_image import clip_similarity, zero_shot_accuracy
-
     pipe, clip, tokenizer, classifier = load_stack(root)
     pipe.to(device)
     results: dict = {}

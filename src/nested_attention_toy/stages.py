@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
+from transformers import CLIPTextModel
 
 from nested_attention.tiny import write_clip_tokenizer
 
@@ -81,8 +83,6 @@ class Parts:
 
     def vae(self):
         """The VAE as shipped (fp16 weights), in fp32."""
-        from diffusers import AutoencoderKL
-
         return _fresh(AutoencoderKL, self.out / "pipeline" / "vae")
 
     @functools.cached_property
@@ -162,8 +162,6 @@ def vae_stage(parts: Parts) -> dict:
 
 
 def unet_stage(parts: Parts) -> dict:
-    from transformers import CLIPTextModel
-
     size, out = parts.size, parts.out
     step_before, seconds_before = saved_progress(out / CHECKPOINT)
     if step_before:
