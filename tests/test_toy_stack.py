@@ -353,6 +353,7 @@ def test_report_reads_a_build_folder_and_refuses_a_missing_one(tmp_path, capsys)
 
     (tmp_path / "build.json").write_text(shipped_path("build.json").read_text())
     report_main([str(tmp_path)])
-    assert "| stage | wall time |" in capsys.readouterr().out
+    out, processor = capsys.readouterr().out, json.loads(shipped_path("build.json").read_text())["versions"]["processor"]
+    assert "| stage | wall time |" in out and f"torch threads on {processor}." in out
     assert report_main([str(tmp_path / "missing")]) == 2
     assert "expected a build folder or its build.json" in capsys.readouterr().err
