@@ -10,13 +10,14 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from nested_attention.tiny import write_clip_tokenizer
-from nested_attention_toy.corpus import make_corpus
-from nested_attention_toy.diffusion import Grounding, make_unet, train_unet
+from nested_attention_toy.corpus import make_corpus, make_scenes
+from nested_attention_toy.diffusion import Grounding, SceneBatches, make_unet, train_unet
 from nested_attention_toy.grounding import grounding_loss, install_recorder, word_positions
 from nested_attention_toy.world import (
     CONTEXT_FACTORS,
     DOMAINS,
     FACTOR_NAMES,
+    Context,
     generic_caption,
     sample_context,
     vocabulary,
@@ -56,6 +57,42 @@ def test_grounding_of_the_expression_word(tmp_path):
     for i in targets.nonzero().flatten().tolist():
         token = tokenizer.convert_ids_to_tokens(int(ids[i, both.positions[i, 1]])).removesuffix("</w>")
         assert token == CONTEXT_FACTORS["expression"][int(corpus.factors[i, named])]
+
+
+def test_scenes_ground_both_words_on_their_own_subject(tmp_path):
+    tokenizer = write_clip_tokenizer(tmp_path / "tok", vocabulary(), max_length=32)
+    scenes = make_scenes(12, seed=4, workers=1, masks=True)
+    assert scenes.images.shape == (12, 3, 64, 128) and scenes.masks.shape == scenes.pets.shape == (12, 64, 128)
+    assert scenes.kinds == ["scene"] * 12 and bool((scenes.domains == 2).all())
+    assert torch.equal(make_scenes(12, seed=4, workers=1).images, scenes.images)  # masks change nothing drawn
+    grounding = Grounding.from_scenes(tokenizer, scenes, 0.1)
+    assert grounding.positions.shape == (12, 2) and grounding.weights == (0.1, 0.1) and bool(grounding.has_mask.all())
+    assert torch.equal(grounding.masks[:, 0], scenes.masks) and torch.equal(grounding.masks[:, 1], scenes.pets)
+    ids = tokenizer(scenes.captions, padding="max_length", max_length=32, return_tensors="pt").input_ids
+    for i in range(12):
+        words = [tokenizer.convert_ids_to_tokens(int(ids[i, grounding.positions[i, k]])).removesuffix("</w>") for k in range(2)]
+        assert words == ["person", "pet"]
+        person_half = 0 if Context(tuple(scenes.factors[i].tolist())).name("position") == "left" else 1
+        person, pet = scenes.masks[i].float(), scenes.pets[i].float()
+        assert person[:, 64 * person_half : 64 * (person_half + 1)].sum() > 0.98 * person.sum()
+        assert pet[:, 64 * (1 - person_half) : 64 * (2 - person_half)].sum() > 0.98 * pet.sum()
+
+
+def test_grounding_loss_on_wide_layers_against_a_naive_reference():
+    """A layer of a wide image (h x 2h pixels) pools the mask to its own h x 2h grid."""
+    torch.manual_seed(1)
+    masks = (torch.rand(2, 1, 8, 16) > 0.5).float()
+    maps = [torch.rand(2, 32), torch.rand(2, 8)]  # 4 x 8 and 2 x 4
+    expected = []
+    for attention in maps:
+        h = int((attention.shape[1] // 2) ** 0.5)
+        values = []
+        for b in range(2):
+            m = masks[b, 0].view(h, 8 // h, 2 * h, 16 // (2 * h)).mean((1, 3)).flatten()
+            a = attention[b]
+            values.append(float((a * (1 - m)).sum() / (1 - m).sum() - (a * m).sum() / m.sum()))
+        expected.append(np.mean(values))
+    assert grounding_loss(maps, masks, torch.ones(2, dtype=torch.bool)).item() == pytest.approx(np.mean(expected), abs=1e-6)
 
 
 def test_grounding_loss_against_a_naive_reference():
@@ -156,3 +193,45 @@ def test_training_with_grounding_pulls_the_word_onto_the_subject():
 
     with_loss, without = contrast(1.0), contrast(0.0)
     assert with_loss > without + 0.05, (with_loss, without)
+
+
+def test_scene_batches_train_on_their_own_steps_and_ground_both_words():
+    """``scenes`` whose steps never come leave training bit for bit as without them; scene steps (here all of them)
+    pull each of the two words onto its own half of the wide images."""
+    torch.manual_seed(0)
+    n, L, D = 16, 6, 32
+    latents, states = torch.randn(n, 4, 8, 8), torch.randn(n, L, D)
+    wide, wide_states = torch.randn(n, 4, 8, 16), torch.randn(n, L, D)
+    masks = torch.zeros(n, 2, 64, 128, dtype=torch.uint8)
+    masks[:, 0, 16:48, 8:56] = 255  # the first word's subject on the left, the second's on the right
+    masks[:, 1, 16:48, 72:120] = 255
+    positions = torch.tensor([[2, 4]] * n)
+
+    def trained(weight: float, every: int, steps: int = 30):
+        torch.manual_seed(1)
+        unet = make_unet(D, widths=(16, 32), sample_size=8)
+        scenes = SceneBatches(wide, torch.zeros_like(wide), wide_states,
+                              Grounding(positions, masks, torch.ones(n, 2, dtype=torch.bool), (weight, weight)), 8, every)
+        ema, losses = train_unet(unet, latents, torch.zeros_like(latents), 1.0, states, torch.zeros(L, D), steps=steps,
+                                 batch_size=8, lr=3e-3, caption_dropout=0.0, ema_decay=0.0, seed=0, scenes=scenes)
+        return ema, losses
+
+    torch.manual_seed(1)
+    alone, alone_losses = train_unet(make_unet(D, widths=(16, 32), sample_size=8), latents, torch.zeros_like(latents), 1.0,
+                                     states, torch.zeros(L, D), steps=6, batch_size=8, lr=3e-3, caption_dropout=0.0,
+                                     ema_decay=0.0, seed=0)
+    never, never_losses = trained(1.0, every=100, steps=6)
+    assert never_losses == alone_losses
+    assert all(torch.equal(a, b) for a, b in zip(never.state_dict().values(), alone.state_dict().values()))
+
+    def contrast(weight: float) -> list[float]:
+        ema, _ = trained(weight, every=1)
+        recorder = install_recorder(ema)
+        recorder.positions = positions
+        with torch.no_grad():
+            ema(wide, torch.full((n,), 300), wide_states)
+        return [-grounding_loss([m[:, k] for m in recorder.maps], masks[:, k : k + 1].float() / 255,
+                                torch.ones(n, dtype=torch.bool)).item() for k in range(2)]
+
+    grounded, plain = contrast(1.0), contrast(0.0)  # measured: 0.05-0.09 with the loss, 0.00 without
+    assert all(g > p + 0.02 for g, p in zip(grounded, plain)), (grounded, plain)

@@ -9,7 +9,16 @@ import sys
 import numpy as np
 import pytest
 
-from nested_attention_toy.render import SCENES, STYLES, render_example_grid, render_input, render_scene, render_target
+from nested_attention_toy.render import (
+    SCENE_SIZE,
+    SCENES,
+    STYLES,
+    render_example_grid,
+    render_input,
+    render_scene,
+    render_target,
+    split_scene,
+)
 from nested_attention_toy.world import (
     CONTEXT_FACTORS,
     DOMAINS,
@@ -19,6 +28,7 @@ from nested_attention_toy.world import (
     attribute_values,
     identity_count,
     identity_from_index,
+    sample_context,
 )
 
 BASE = Context.from_names(scene="forest", style="cartoon", expression="smiling", position="center")
@@ -150,16 +160,57 @@ def test_masks_cover_the_subject_and_its_symbol(position):
     assert all(expected[0] < c < expected[1] for c in centres), centres
 
 
-def test_scene_and_grid():
+@pytest.mark.parametrize("position", ["left", "right"])
+def test_a_scene_gives_each_subject_its_own_half_as_large_as_alone(position):
     person, pet = some_identity("person"), some_identity("pet")
-    scene = render_scene(person, pet, BASE, 64, seed=1)
-    assert scene.image.size == (64, 64)
-    assert scene.image.tobytes() == render_scene(person, pet, BASE, 64, seed=1).image.tobytes()
-    assert changed_fraction(scene.image, render_target(person, BASE, 64, seed=1).image) > 0.05
-    assert changed_fraction(scene.image, render_scene(person, pet, BASE, 64, seed=1, pet_expression=2).image) > 0.001
-    assert scene.pet.mean() > 0.03 and float(scene.pet[scene.subject >= 1].max(initial=0)) == 0  # not behind the person
+    context = BASE.replace(position=position)
+    scene = render_scene(person, pet, context, 64, seed=1)
+    assert scene.image.size == SCENE_SIZE and scene.subject.shape == scene.pet.shape == (64, 128)
+    assert scene.image.tobytes() == render_scene(person, pet, context, 64, seed=1).image.tobytes()
+    assert changed_fraction(scene.image, render_scene(person, pet, context, 64, seed=1, pet_expression=2).image) > 0.001
+    halves = {"left": slice(0, 64), "right": slice(64, 128)}
+    other = "right" if position == "left" else "left"
+    for coverage, side, alone in ((scene.subject, position, person), (scene.pet, other, pet)):
+        own, elsewhere = coverage[:, halves[side]].sum(), coverage[:, halves["left" if side == "right" else "right"]].sum()
+        assert elsewhere < 0.02 * own  # each subject stays in its half
+        single = render_target(alone, BASE, 64, seed=1).subject.sum()  # the same subject alone, centred
+        assert 0.85 < own / single < 1.15  # as large as alone
+    cut = split_scene(scene.image, context)
+    assert cut["person"].size == cut["pet"].size == (64, 64)
+    left = "person" if position == "left" else "pet"
+    assert cut[left].tobytes() == scene.image.crop((0, 0, 64, 64)).tobytes()
+    with pytest.raises(ValueError, match="left or the right half"):
+        render_scene(person, pet, BASE, 64)  # a scene has no centre
     with pytest.raises(ValueError):
-        render_scene(pet, person, BASE)
+        render_scene(pet, person, context)
+    with pytest.raises(ValueError, match="twice as wide"):
+        split_scene(render_target(person, BASE).image, context)
+
+
+def test_scene_contexts_draw_the_person_half_evenly():
+    rng = np.random.default_rng(0)
+    drawn = [sample_context(rng, "scene").name("position") for _ in range(400)]
+    assert set(drawn) == {"left", "right"} and 160 < drawn.count("left") < 240
+
+
+def test_scenes_are_painted_across_the_whole_width():
+    """A wide canvas gets the scene's objects over its whole width, as densely as a square one."""
+    from PIL import Image
+
+    from nested_attention_toy.render.scenes import SCENES
+
+    for name, paint in SCENES.items():
+        square, wide = Image.new("RGB", (128, 128)), Image.new("RGB", (256, 128))
+        paint(square, np.random.default_rng(3), 0)
+        paint(wide, np.random.default_rng(3), 0)
+        a = np.asarray(wide, np.float32)
+        left, right = a[:, :128], a[:, 128:]
+        assert np.abs(left.std((0, 1)) - right.std((0, 1))).max() < 0.5 * left.std((0, 1)).max() + 8, name
+        assert not (np.asarray(wide)[:, -1] == 0).all(), name  # nothing left unpainted at the right edge
+
+
+def test_example_grid_shows_scenes_two_columns_wide():
+    person, pet = some_identity("person"), some_identity("pet")
     grid = render_example_grid([person, pet], [BASE, BASE.replace(style="watercolor")], size=32, pad=1)
     assert grid.size[1] == 1 + 33 * 3
 
@@ -190,8 +241,5 @@ def test_describe_rate_changes_captions_not_images():
     plain = make_corpus(40, seed=3, workers=1, describe_rate=0.0)
     described = make_corpus(40, seed=3, workers=1, describe_rate=1.0)
     assert np.array_equal(plain.images.numpy(), described.images.numpy()) and plain.kinds == described.kinds
-    for kind, a, b in zip(plain.kinds, plain.captions, described.captions):
-        if kind == "scene":
-            assert a == b
-        else:  # the same caption with attribute phrases before the subject word
-            assert a != b and prompt_factors(a) == prompt_factors(b)
+    for a, b in zip(plain.captions, described.captions):  # the same caption with attribute phrases before the word
+        assert a != b and prompt_factors(a) == prompt_factors(b)

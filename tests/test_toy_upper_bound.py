@@ -62,10 +62,10 @@ def test_bad_input_gets_one_sentence_and_exit_2(tmp_path, capsys):
 
 def test_scene_bound_tunes_one_token_set_per_word_and_scores_both_subjects(tmp_path):
     """``--domain scene`` at a tiny size: one set of nested tokens per subject word, each subject scored among its
-    own domain's gallery; ``<kind>_top1`` is both at once, so it never exceeds either subject's. The real renders of
-    the fresh scenes are retrieved (the identity networks find both subjects of real scenes, 0.99-1.00 among 50 in the
-    build's check; here among 3), and the pipeline comes back as it was. The sample sheet holds a row of both input
-    views and a row per kind."""
+    own domain's gallery in its own half of the scene; ``<kind>_top1`` is both at once, so it never exceeds either
+    subject's. The real renders of the fresh scenes are retrieved (each half holds its subject as large as alone; the
+    build's check scores the identity networks on such halves among 50, here among 3), and the pipeline comes back
+    as it was. The sample sheet holds a row of both input views and a row per kind, two scenes twice as wide each."""
     pipe = StableDiffusionPipeline.from_pretrained(model_path("toy"), torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     processors = dict(pipe.unet.attn_processors)
@@ -73,7 +73,7 @@ def test_scene_bound_tunes_one_token_set_per_word_and_scores_both_subjects(tmp_p
                         generations=2, sample_steps=2, tokens=4)
     (result,) = upper_bound(pipe, config, log=lambda line: None, out=tmp_path)
     assert all(type(p) is type(processors[name]) for name, p in pipe.unet.attn_processors.items())
-    assert Image.open(tmp_path / "subject-0.png").size == (2 + 66 * 2, 2 + 66 * (1 + len(KINDS)))
+    assert Image.open(tmp_path / "subject-0.png").size == (2 + 130 * 2, 2 + 66 * (1 + len(KINDS)))
     for kind in KINDS:
         assert result[f"{kind}_top1"] <= min(result[f"{kind}_person_top1"], result[f"{kind}_pet_top1"])
         assert set(result[f"{kind}_attributes"]) == set(attribute_names("person")) | set(attribute_names("pet"))

@@ -58,6 +58,15 @@ def test_generate_and_compare_are_the_library_s_own_generations(session, me):
     assert steps == sorted(steps) and steps[-1] == pytest.approx(1.0)
 
 
+def test_the_wide_shape_is_twice_the_height_in_width(session, me):
+    """The shape setting's "twice as wide" (a person and a pet side by side in the toy world) generates exactly what
+    the library does at twice the width."""
+    wide = session.generate(PROMPT, inputs(me), Settings(steps=2, count=1, size={"height": 32}, wide=True))[0]
+    direct = session.na(PROMPT, {"random-0": Subject(subject_image(0))}, num_inference_steps=2, guidance_scale=5.0,
+                        height=32, width=64, generator=[torch.Generator().manual_seed(0)]).images[0]
+    assert wide.size == (64, 32) and wide.tobytes() == direct.tobytes()
+
+
 def test_explain_gives_the_sheet_and_its_numbers(session, me):
     sheet, numbers = session.explain(PROMPT, inputs(me), Settings(steps=2, size={"height": 32, "width": 32}))
     assert sheet.size[0] > 100 and numbers["subject_tokens"] == 8
@@ -98,6 +107,13 @@ def test_the_app_builds_and_shows_errors_as_messages(session):
 
     with pytest.raises(gr.Error, match="One sentence."):
         shown(refuse)()
+
+
+def test_using_two_subjects_switches_the_shape_to_wide():
+    from nested_attention_ui.app import SQUARE, WIDE, shape_for
+
+    assert shape_for(True, False) == SQUARE and shape_for(False, False) == SQUARE
+    assert shape_for(True, True) == WIDE and shape_for(True, True, False) == WIDE
 
 
 def test_the_ui_command_refuses_before_loading(capsys, tmp_path):

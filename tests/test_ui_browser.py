@@ -81,3 +81,10 @@ def test_upload_prompt_generate_and_a_missing_word(app_url, browser):
     wait.until(ready.element_to_be_clickable((By.ID, "generate"))).click()  # refused with the sentence, no traceback
     wait.until(lambda _: "does not contain the subject word" in browser.find_element(By.TAG_NAME, "body").text
                and "Traceback" not in browser.page_source)
+    # using the second subject too switches the shape to twice as wide (each subject its own half)
+    shape = "#shape input[type=radio]:checked"
+    browser.find_element(By.XPATH, "//button[contains(normalize-space(), 'settings')]").click()
+    wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, shape))
+    assert browser.find_element(By.CSS_SELECTOR, shape).get_attribute("value") == "square"
+    browser.find_elements(By.CSS_SELECTOR, "input[type=checkbox]")[1].click()
+    wait.until(lambda _: browser.find_element(By.CSS_SELECTOR, shape).get_attribute("value").startswith("twice"))

@@ -16,6 +16,7 @@ from nested_attention.errors import NestedAttentionError
 from nested_attention.pipeline import NestedAttention
 from nested_attention.subject import Subject
 from nested_attention_toy.assets import ADAPTER_NAMES, adapter_path, is_shipped, model_path
+from nested_attention_toy.render import SCENE_SIZE
 
 from .options import positive_int
 
@@ -73,6 +74,7 @@ class Cell:
     words: tuple[tuple[str, str], ...] = ()  # (adapter, word) rebindings for this cell (semantic variation)
     seed: int = SEED
     image: Image.Image | None = None
+    size: tuple[int, int] | None = None  # (width, height) of a generation; None: the model's square
 
 
 def add_parser(commands) -> None:
@@ -116,8 +118,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"nested-attention demo: {len(generated)} images of held-out subjects on the toy model ({steps} steps each)",
           flush=True)
     try:
-        for words in dict.fromkeys(cell.words for cell in generated):  # one batched call per word binding
-            batch = [cell for cell in generated if cell.words == words]
+        for words, size in dict.fromkeys((c.words, c.size) for c in generated):  # a batched call per binding and size
+            batch = [cell for cell in generated if (cell.words, cell.size) == (words, size)]
             with rebound(na, words):
                 outputs = generate(na, batch, steps)
             for cell, image in zip(batch, outputs):
@@ -132,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def demo_rows(images: dict[str, Image.Image]) -> list[list[Cell]]:
-    """The sheet, row by row (COLUMNS cells each): every subject's input view first, the base model beside it."""
+    """The sheet, row by row (COLUMNS cells wide, a person + pet scene two of them): every subject's input view first,
+    the base model beside it."""
     a, a2, b, c, d = (images[n] for n in ("person-a", "person-a-2", "person-b", "pet-c", "pet-d"))
     person, pet = "toy-person", "toy-pet"
 
@@ -154,11 +157,12 @@ def demo_rows(images: dict[str, Image.Image]) -> list[list[Cell]]:
          Cell("mix A:B = 1:1", PERSON_PROMPTS[2], {person: Subject([a, b])}, seed=2),
          Cell("mix A:B = 1:3", PERSON_PROMPTS[2], {person: Subject([a, b], weights=[1.0, 3.0])}, seed=2),
          Cell("A as a 'pet'", PET_PROMPTS[0], {person: Subject(a)}, words=((pet, "animal"), (person, "pet")))],
-        [*(Cell(f"{p} + {q}", prompt, {person: Subject(x), pet: Subject(y)}, seed=i)
-           for i, (p, q, x, y, prompt) in enumerate(zip("ABA", "CDD", (a, b, a), (c, d, d), SCENE_PROMPTS))),
-         Cell("no adapter: person + pet", SCENE_PROMPTS[0], seed=0),
-         Cell("input: C", image=c),
-         Cell("C as a 'person'", PERSON_PROMPTS[0], {pet: Subject(c)}, words=((person, "human"), (pet, "person")))],
+        [*(Cell(f"{p} + {q}", prompt, {person: Subject(x), pet: Subject(y)}, seed=i, size=SCENE_SIZE)
+           for i, (p, q, x, y, prompt) in enumerate(zip("AB", "CD", (a, b), (c, d), SCENE_PROMPTS))),
+         Cell("no adapter: person + pet", SCENE_PROMPTS[0], seed=0, size=SCENE_SIZE)],
+        [Cell("input: C", image=c),
+         Cell("C as a 'person'", PERSON_PROMPTS[0], {pet: Subject(c)}, words=((person, "human"), (pet, "person"))),
+         Cell("A + D", SCENE_PROMPTS[2], {person: Subject(a), pet: Subject(d)}, seed=2, size=SCENE_SIZE)],
     ]
 
 
@@ -187,14 +191,16 @@ def generate(na: NestedAttention, cells: list[Cell], steps: int) -> list[Image.I
     """One batched call: each row gets its own subjects (None where a cell uses no adapter) and its own seed."""
     names = sorted({name for cell in cells for name in cell.subjects})
     subjects = {name: [cell.subjects.get(name) for cell in cells] for name in names}
+    width, height = cells[0].size or (None, None)
     return na(
         [cell.prompt for cell in cells], subjects=subjects, num_inference_steps=steps, guidance_scale=5.0,
-        generator=[torch.Generator().manual_seed(cell.seed) for cell in cells],
+        generator=[torch.Generator().manual_seed(cell.seed) for cell in cells], width=width, height=height,
     ).images
 
 
 def contact_sheet(rows: list[list[Cell]]) -> Image.Image:
-    """Cells upscaled to CELL pixels with their labels under them, under a title."""
+    """Cells upscaled to CELL pixels tall (a person + pet scene twice as wide) with their labels under them, under a
+    title."""
     font = ImageFont.load_default()
     title = ["nested-attention demo: the toy world's model and adapters, on held-out subjects A, B (persons) and C, D (pets)"]
     top = LABEL * len(title) + 4
@@ -203,12 +209,14 @@ def contact_sheet(rows: list[list[Cell]]) -> Image.Image:
     for i, line in enumerate(title):
         draw.text((4, 2 + i * LABEL), line, fill="black", font=font)
     for r, row in enumerate(rows):
-        for c, cell in enumerate(row):
-            x, y = c * CELL, top + r * (CELL + LABEL)
-            sheet.paste(cell.image.resize((CELL, CELL), Image.Resampling.NEAREST), (x, y))
+        x, y = 0, top + r * (CELL + LABEL)
+        for cell in row:
+            wide = CELL * cell.image.width // cell.image.height
+            sheet.paste(cell.image.resize((wide, CELL), Image.Resampling.NEAREST), (x, y))
             label = cell.label
-            while draw.textlength(label, font=font) > CELL - 2 and len(label) > 4:
+            while draw.textlength(label, font=font) > wide - 2 and len(label) > 4:
                 label = label[:-3] + ".."
             width = draw.textlength(label, font=font)
-            draw.text((x + (CELL - width) / 2, y + CELL + 1), label, fill="black", font=font)
+            draw.text((x + (wide - width) / 2, y + CELL + 1), label, fill="black", font=font)
+            x += wide
     return sheet

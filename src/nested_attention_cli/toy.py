@@ -80,8 +80,6 @@ def add_parser(commands) -> None:
                       help="input views per triplet (default: 1)")
     data.add_argument("--identities", type=positive_int, metavar="N",
                       help="use at most N distinct identities (default: one per triplet)")
-    data.add_argument("--scenes", type=float, default=0.0, metavar="F",
-                      help="fraction of person + pet scene targets, only the --domain word bound (default: 0)")
     data.add_argument("--size", type=int, choices=(64, 128), default=64, help="image size (default: 64)")
     data.add_argument("--workers", type=positive_int, default=WORKERS,
                       help=f"rendering processes (default: this machine's {WORKERS} cores)")
@@ -235,11 +233,8 @@ def run_data(args: argparse.Namespace) -> int:
     if args.identities is not None and not 1 <= args.identities <= available:
         raise NestedAttentionError(f"--identities must be between 1 and {available} (the {args.domain} training "
                                    f"identities); got {args.identities}.")
-    if not 0.0 <= args.scenes <= 1.0:
-        raise NestedAttentionError(f"--scenes is {args.scenes}; expected a fraction of the triplets between 0 and 1.")
     path = write_triplets(args.out, args.domain, args.count, seed=args.seed, size=args.size,
-                          subject_images=args.subject_images, identities=args.identities, scenes=args.scenes,
-                          workers=args.workers)
+                          subject_images=args.subject_images, identities=args.identities, workers=args.workers)
     print(f"wrote {args.count} {args.domain} triplets: {path}")
     return 0
 

@@ -64,19 +64,21 @@ class Job:
     subjects: dict[str, str] = field(default_factory=dict)  # adapter name -> the subject label bound to it
     labels: dict = field(default_factory=dict)  # ground truth that a plan's own scorers read (JSON values)
     scale: float | None = None  # the bound adapters' strength (`NestedAttention.set_scale`); None: as trained
+    size: tuple[int, int] | None = None  # (width, height) of the image; None: the pipeline's default
 
     @property
     def key(self) -> str:
-        return f"{self.setting}|{self.identity}|{self.prompt}|{self.lam}|{self.seed}{self._scaled}"
+        return f"{self.setting}|{self.identity}|{self.prompt}|{self.lam}|{self.seed}{self._variant}"
 
     def image_name(self, shared: bool) -> str:
         """The image file: the base model's images are shared by all subjects (identity left out of the name)."""
-        key = f"{self.setting}|{'' if shared else self.identity}|{self.prompt}|{self.lam}|{self.seed}{self._scaled}"
+        key = f"{self.setting}|{'' if shared else self.identity}|{self.prompt}|{self.lam}|{self.seed}{self._variant}"
         return hashlib.sha1(key.encode()).hexdigest()[:16] + ".png"
 
     @property
-    def _scaled(self) -> str:
-        return "" if self.scale is None else f"|scale {self.scale:g}"
+    def _variant(self) -> str:
+        scaled = "" if self.scale is None else f"|scale {self.scale:g}"
+        return scaled + ("" if self.size is None else f"|{self.size[0]}x{self.size[1]}")
 
 
 @dataclass
@@ -239,9 +241,9 @@ class Evaluator:
             na.load_adapter(adapter, word=word, name=name)
         try:
             groups: dict[tuple, list[Job]] = {}
-            for job in jobs:  # one batch binds the same adapters with one lambda and one strength
-                groups.setdefault((tuple(sorted(job.subjects)), job.lam, job.scale), []).append(job)
-            for (_, _, scale), group in groups.items():
+            for job in jobs:  # one batch binds the same adapters with one lambda and one strength, at one size
+                groups.setdefault((tuple(sorted(job.subjects)), job.lam, job.scale, job.size), []).append(job)
+            for (_, _, scale, _), group in groups.items():
                 for name, _, _ in bound:
                     na.set_scale(name, 1.0 if scale is None else scale)
                 for start in range(0, len(group), self.batch_size):
@@ -264,7 +266,8 @@ class Evaluator:
             missing = []
         if shared:  # the base model's images: generate each (prompt, seed) once
             unique = list(dict.fromkeys((jobs[i].prompt, jobs[i].seed) for i in missing))
-            made = dict(zip(unique, self._generate(na, [p for p, _ in unique], [seed for _, seed in unique]))) if unique else {}
+            made = dict(zip(unique, self._generate(na, [p for p, _ in unique], [seed for _, seed in unique],
+                                                   size=jobs[0].size))) if unique else {}
             for i in missing:
                 made[(jobs[i].prompt, jobs[i].seed)].save(paths[i])
         elif missing:
@@ -272,13 +275,17 @@ class Evaluator:
             made: dict[tuple, Subject] = {}  # one Subject per (label, lambda): the pipeline encodes each once
             subjects = {name: [made.setdefault((j.subjects[name], j.lam), Subject(plan.subjects[j.subjects[name]], lam=j.lam))
                                for j in chosen] for name in chosen[0].subjects}
-            for i, image in zip(missing, self._generate(na, [j.prompt for j in chosen], [j.seed for j in chosen], subjects)):
+            for i, image in zip(missing, self._generate(na, [j.prompt for j in chosen], [j.seed for j in chosen], subjects,
+                                                        size=chosen[0].size)):
                 image.save(paths[i])
         return [Image.open(p).convert("RGB") for p in paths]
 
-    def _generate(self, na: NestedAttention, prompts: list[str], seeds: list[int], subjects=None) -> list[Image.Image]:
+    def _generate(self, na: NestedAttention, prompts: list[str], seeds: list[int], subjects=None,
+                  size: tuple[int, int] | None = None) -> list[Image.Image]:
         kwargs = dict(num_inference_steps=self.steps, guidance_scale=self.guidance,
                       generator=[torch.Generator().manual_seed(seed) for seed in seeds])
+        if size is not None:
+            kwargs |= {"width": size[0], "height": size[1]}
         if subjects is None:
             return self.pipe(prompts, **kwargs).images
         return na(prompts, subjects=subjects, **kwargs).images

@@ -36,11 +36,12 @@ from PIL import Image
 
 from nested_attention.errors import NestedAttentionError
 from nested_attention_toy.metric_models import retrieval_hits
-from nested_attention_toy.render import render_input, render_scene, render_target
+from nested_attention_toy.render import SCENE_SIZE, render_input, render_scene, render_target, split_scene
 from nested_attention_toy.world import (
     CONTEXT_FACTORS,
     DOMAINS,
     FACTOR_NAMES,
+    SCENE,
     Context,
     Identity,
     attribute_names,
@@ -56,7 +57,6 @@ from .toy_scorers import ToyIdentityEmbedder, colour_leaks, to_uint8
 
 KINDS = ("adapter", "baseline", "oracle")
 PREFIX = {"adapter": "", "baseline": "baseline_", "oracle": "oracle_"}
-SCENE = "scene"
 SCENE_COLUMNS = ("scene_person_top1", "scene_pet_top1", "scene_both_top1")
 
 
@@ -107,7 +107,7 @@ class ToyPlan:
                 self.cases.append((label(self.identities[domain][owner]), prompt, seed,
                                    {"domain": domain, "owner": owner, "context": list(context.values)}))
         pairs = [(int(rng.integers(n)), int(rng.integers(n))) for _ in range(config.scenes)]
-        contexts = [sample_context(rng) for _ in pairs]
+        contexts = [sample_context(rng, SCENE) for _ in pairs]
         pet_expressions = [int(rng.integers(len(CONTEXT_FACTORS["expression"]))) for _ in pairs]
         prompts = [scene_prompt("person", "pet", c, rng, pet_expression=e) for c, e in zip(contexts, pet_expressions)]
         seeds = [int(s) for s in rng.integers(2**31, size=len(prompts))]
@@ -140,7 +140,8 @@ class ToyPlan:
                 if setting.adapters is not None:
                     owners = labels["owners"] if labels["domain"] == SCENE else {labels["domain"]: labels["owner"]}
                     bound = {d: label(self.identities[d][o]) for d, o in owners.items()}
-                jobs.append(Job(setting.name, identity, prompt, lam, seed, bound, labels, scale=scale))
+                size = SCENE_SIZE if labels["domain"] == SCENE else None
+                jobs.append(Job(setting.name, identity, prompt, lam, seed, bound, labels, scale=scale, size=size))
         return jobs
 
     def render(self, job: Job) -> Image.Image:
@@ -186,8 +187,8 @@ class ToyScorer(JobScorer):
                     for a, hit in zip(attribute_names(domain), attribute_hits):
                         put(f"attribute_{a}", r, hit)
                     put("attribute_accuracy", r, float(np.mean(attribute_hits)))
-            if rows[SCENE]:
-                chosen = [images[r] for r in rows[SCENE]]
+            if rows[SCENE]:  # each subject in the half the prompt puts it in
+                chosen = [split_scene(images[r], Context(tuple(jobs[r].labels["context"])))[domain] for r in rows[SCENE]]
                 owners = [jobs[r].labels["owners"][domain] for r in rows[SCENE]]
                 hits, _ = retrieval_hits(self.embedders[domain].embed(chosen), self.galleries[domain], torch.tensor(owners))
                 scene_reads[domain] = self.embedders[domain].attributes(chosen)
@@ -337,10 +338,14 @@ def _sample_rows(plan: ToyPlan, made: dict[str, list[dict]], out: Path) -> list[
 
 
 def image_sheet(rows: list[list[Image.Image]], size: int = 64, pad: int = 2) -> Image.Image:
-    """The images in a grid, a row per list, each tile ``size`` pixels on a white ground."""
-    columns = max(len(r) for r in rows)
-    sheet = Image.new("RGB", (pad + (size + pad) * columns, pad + (size + pad) * len(rows)), "white")
-    for r, row in enumerate(rows):
-        for c, tile in enumerate(row):
-            sheet.paste(tile.convert("RGB").resize((size, size)), (pad + c * (size + pad), pad + r * (size + pad)))
+    """The images in rows, a row per list, each tile ``size`` pixels tall (as wide as its aspect ratio makes it) on a
+    white ground."""
+    tiles = [[t.convert("RGB").resize((max(1, round(size * t.width / t.height)), size)) for t in row] for row in rows]
+    width = max(pad + sum(t.width + pad for t in row) for row in tiles)
+    sheet = Image.new("RGB", (width, pad + (size + pad) * len(rows)), "white")
+    for r, row in enumerate(tiles):
+        x = pad
+        for tile in row:
+            sheet.paste(tile, (x, pad + r * (size + pad)))
+            x += tile.width + pad
     return sheet

@@ -39,11 +39,12 @@ from nested_attention_toy.autoencoder import encode_latents, round_trip
 from nested_attention_toy.diffusion import train_unet, training_scheduler
 from nested_attention_toy.grounding import word_positions
 from nested_attention_toy.metric_models import retrieval_hits
-from nested_attention_toy.render import render_input, render_scene, render_target
+from nested_attention_toy.render import SCENE_SIZE, render_input, render_scene, render_target, split_scene
 from nested_attention_toy.text_image import tokenize
 from nested_attention_toy.world import (
     CONTEXT_FACTORS,
     DOMAINS,
+    SCENE,
     Context,
     Identity,
     attribute_names,
@@ -55,10 +56,9 @@ from nested_attention_toy.world import (
 from nested_attention_train.timesteps import snr_loss_weights
 
 from .toy_eval import image_sheet
-from .toy_scorers import ToyIdentityEmbedder, load_build_pipeline, to_uint8
+from .toy_scorers import ToyIdentityEmbedder, load_build_pipeline
 
 NAME = "bound"  # nested-attention toy diagnose NAME
-SCENE = "scene"  # --domain scene: a person and a pet in one image, each bound to its word
 KINDS = ("real", "vae", "base", "tuned")  # the real renders of the fresh contexts, their VAE round trip, the models
 
 
@@ -88,7 +88,7 @@ class UpperBound:
 
 def _contexts(rng: np.random.Generator, count: int, domain: str) -> tuple[list[Context], list[int | None]]:
     """Random contexts, and in scenes the pet's own expression for each."""
-    contexts = [sample_context(rng) for _ in range(count)]
+    contexts = [sample_context(rng, domain) for _ in range(count)]
     if domain != SCENE:
         return contexts, [None] * count
     return contexts, [int(rng.integers(len(CONTEXT_FACTORS["expression"]))) for _ in contexts]
@@ -113,10 +113,11 @@ def _word_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
 
 def _generate(pipe, unet, prompts: list[str], seeds: list[int], config: UpperBound, tokens=None, controller=None):
     pipe.unet = unet.eval()
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    width, height = SCENE_SIZE if config.domain == SCENE else (64, 64)
+    kwargs = dict(num_inference_steps=config.sample_steps, guidance_scale=config.guidance, width=width, height=height,
+                  generator=[torch.Generator().manual_seed(s) for s in seeds])
     if tokens is None:
-        return pipe(prompts, num_inference_steps=config.sample_steps, guidance_scale=config.guidance,
-                    generator=generators).images
+        return pipe(prompts, **kwargs).images
     slots = torch.zeros(len(prompts), dtype=torch.long)
     length = pipe.tokenizer.model_max_length
     subjects = [BoundSubject(_word_mask(word_positions(pipe.tokenizer, prompts, [word] * len(prompts)), length), slots,
@@ -124,8 +125,7 @@ def _generate(pipe, unet, prompts: list[str], seeds: list[int], config: UpperBou
                              alpha=config.alpha)
                 for word, mine in zip(config.words, tokens)]
     with controller.bound(subjects):
-        return pipe(prompts, num_inference_steps=config.sample_steps, guidance_scale=config.guidance,
-                    generator=generators).images
+        return pipe(prompts, **kwargs).images
 
 
 def tune_tokens(unet, controller, means, stds, scaling_factor: float, states: torch.Tensor,
@@ -167,17 +167,26 @@ def tune_tokens(unet, controller, means, stds, scaling_factor: float, states: to
 
 def _round_trip(vae, images: list[Image.Image]) -> list[Image.Image]:
     """The images through the VAE (decoded posterior mean): the most of them the base model's latents can hold."""
-    return [Image.fromarray(a) for a in round_trip(vae, to_uint8(images, 64)).permute(0, 2, 3, 1).numpy()]
+    return [Image.fromarray(a) for a in round_trip(vae, _pixels(images)).permute(0, 2, 3, 1).numpy()]
 
 
-def _score(made: list[Image.Image], who: int, subjects: tuple[Identity, ...], embedders: dict, galleries: dict,
-           prefix: str, result: dict) -> None:
-    """Top-1 of each subject among its domain's gallery (``<prefix>_<domain>_top1`` in scenes), of all of them at
-    once (``<prefix>_top1``), and how often each of their attributes is read (``<prefix>_attributes``)."""
+def _pixels(images: list[Image.Image]) -> torch.Tensor:
+    """(N, 3, H, W) uint8 of images of one size, as they are."""
+    return torch.from_numpy(np.stack([np.asarray(i.convert("RGB")) for i in images])).permute(0, 3, 1, 2).contiguous()
+
+
+def _score(made: list[Image.Image], contexts: list[Context], who: int, subjects: tuple[Identity, ...], embedders: dict,
+           galleries: dict, prefix: str, result: dict) -> None:
+    """Top-1 of each subject among its domain's gallery (``<prefix>_<domain>_top1`` in scenes, read in the half of
+    the scene its context puts it in), of all of them at once (``<prefix>_top1``), and how often each of their
+    attributes is read (``<prefix>_attributes``)."""
     every = torch.ones(len(made))
     result[f"{prefix}_attributes"] = {}
+    whole = made
     for identity in subjects:
         domain = identity.domain
+        if len(subjects) > 1:
+            made = [split_scene(image, context)[domain] for image, context in zip(whole, contexts)]
         hits, _ = retrieval_hits(embedders[domain].embed(made), galleries[domain], torch.full((len(made),), who))
         every *= hits.float()
         if len(subjects) > 1:
@@ -222,7 +231,7 @@ def upper_bound(pipe, config: UpperBound, log=print, metrics=None, out: Path | N
             images = [_render(subjects, c, e, int(rng.integers(2**31))) for c, e in zip(contexts, expressions)]
             captions = _captions(config.domain, contexts, expressions, rng)
             with torch.no_grad():
-                means, stds = encode_latents(pipe.vae, to_uint8(images, 64))
+                means, stds = encode_latents(pipe.vae, _pixels(images))
                 states = pipe.text_encoder(tokenize(pipe.tokenizer, captions)).last_hidden_state
             if controller is None:
                 tuned, losses = train_unet(copy.deepcopy(base), means, stds, pipe.vae.config.scaling_factor, states,
@@ -243,7 +252,7 @@ def upper_bound(pipe, config: UpperBound, log=print, metrics=None, out: Path | N
                     "tuned": _generate(pipe, tuned, prompts, seeds, config, tokens, controller)}
             result = {"subject": who, "loss_first": losses[0], "loss_last": losses[-1]}
             for kind in KINDS:
-                _score(made[kind], who, subjects, embedders, galleries, kind, result)
+                _score(made[kind], fresh, who, subjects, embedders, galleries, kind, result)
             log(f"{config.domain} subject {who}: top-1 among {config.identities} "
                 + ", ".join(_line(result, kind, config.words) for kind in KINDS)
                 + f" (loss {losses[0]:.3f} -> {losses[-1]:.3f}); tuned attributes "

@@ -42,11 +42,11 @@ def _data_stage(domain: str):
     return run
 
 
-def _config(parts: Parts, domain: str, threads: int):
+def _config(parts: Parts, domain: str, threads: int, loader_workers: int):
     size, out = parts.size, parts.out
     overrides = [f"pretrained_model={out / 'pipeline'}", f"image_encoder={out / 'clip'}",
                  f"data={out / DATA / domain}", f"output_dir={out / RUNS / domain}", f"max_steps={size.adapter_steps}",
-                 f"seed={parts.seed}", f"num_workers={threads}", "resume=latest"]
+                 f"seed={parts.seed}", f"num_workers={loader_workers}", "resume=latest"]
     config = load_config(f"toy-{domain}", overrides)
     changes = {"lr_warmup_steps": min(config.lr_warmup_steps, size.adapter_steps // 2),
                "checkpoint_every": min(config.checkpoint_every, max(1, size.adapter_steps // 2))}
@@ -72,7 +72,10 @@ def _adapters_stage(parts: Parts) -> dict:
     todo = [d for d in DOMAINS if (parts.out / DATA / d).is_dir()]  # an exported adapter's triplets are gone
     side_by_side = parts.device == "cpu" and parts.workers >= 2 and len(todo) > 1
     threads = max(1, parts.workers // len(todo)) if side_by_side else parts.workers
-    configs = {d: _config(parts, d, threads) for d in todo}
+    # side by side, the trainers take every core: their batches load in process (a sample's random draws depend on
+    # its seed, epoch and index only, so the batches are the same), sparing each a spawned loader worker's imports
+    loaders = 0 if side_by_side else threads
+    configs = {d: _config(parts, d, threads, loaders) for d in todo}
     for domain, config in configs.items():
         parts.log(f"adapter {domain}: {config.max_steps} steps of {config.train_batch_size} on {config.data}")
     if side_by_side:
@@ -87,7 +90,8 @@ def _adapters_stage(parts: Parts) -> dict:
         for domain, config in configs.items():
             _export(parts.out, domain, train(config))
     batch = next(iter(configs.values())).train_batch_size if configs else parts.size.adapter_batch
-    return {"steps": parts.size.adapter_steps, "batch": batch, "side_by_side": side_by_side, "threads_each": threads}
+    return {"steps": parts.size.adapter_steps, "batch": batch, "side_by_side": side_by_side, "threads_each": threads,
+            "loader_workers": loaders}
 
 
 ADAPTER_STAGES = (*(Stage(f"{domain}_triplets", _data_stage(domain)) for domain in DOMAINS),

@@ -57,13 +57,24 @@ class _Log:
         self.file.flush()
 
 
+def _cpu() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` knows: the wall times depend on it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _versions() -> dict:
     import diffusers
     import transformers
 
     return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "numpy": np.__version__, "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+            "processor": _cpu(), "threads": torch.get_num_threads()}
 
 
 def _check(out: Path, resume: bool, reuse: Path | None, reuse_parts: tuple[str, ...]) -> None:

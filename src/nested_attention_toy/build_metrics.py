@@ -17,6 +17,7 @@ from .world import (
     CONTEXT_FACTORS,
     DOMAINS,
     FACTOR_NAMES,
+    SCENE,
     attribute_names,
     attribute_values,
     sample_context,
@@ -35,28 +36,19 @@ class Rendered:
     domains: torch.Tensor
 
 
-def make_set(domains, count, held_out, size, seed, workers, input_fraction=0.0, desc="render",
-             scene_fraction=0.0) -> Rendered:
+def make_set(domains, count, held_out, size, seed, workers, input_fraction=0.0, desc="render") -> Rendered:
     """`count` renders split evenly over `domains`, identities from one side of the split, random contexts.
-    ``input_fraction`` of them are input views, ``scene_fraction`` person + pet scenes in which the labelled identity
-    is the domain's subject and the other subject a random identity from the same side."""
+    ``input_fraction`` of them are input views."""
     rng = np.random.default_rng(seed)
     jobs, factor_labels, attribute_labels, domain_labels = [], [], [], []
     for d, domain in enumerate(domains):
         n = count // len(domains)
         pool = sample_identities(domain, min(n, 4000, side_size(domain, held_out)), rng, held_out=held_out)
-        other = DOMAINS[1 - DOMAINS.index(domain)]
-        partners = (sample_identities(other, min(n, 4000, side_size(other, held_out)), rng, held_out=held_out)
-                    if scene_fraction > 0 else [])
         for _ in range(n):
             identity = pool[int(rng.integers(len(pool)))]
             context = sample_context(rng, domain)
-            u = rng.random()
-            kind, subject = ("input", identity) if u < input_fraction else ("target", identity)
-            if input_fraction <= u < input_fraction + scene_fraction:
-                partner = partners[int(rng.integers(len(partners)))]
-                kind, subject = "scene", (identity, partner) if domain == "person" else (partner, identity)
-            jobs.append((kind, subject, context, size, int(rng.integers(2**31))))
+            kind = "input" if rng.random() < input_fraction else "target"
+            jobs.append((kind, identity, context, size, int(rng.integers(2**31))))
             factor_labels.append(tuple(context.values))
             attribute_labels.append(identity.attributes)
             domain_labels.append(d)
@@ -71,19 +63,20 @@ def make_set(domains, count, held_out, size, seed, workers, input_fraction=0.0, 
 
 def retrieval_sets(domain, identities, queries_per_identity, size, seed, workers, partners=None):
     """Gallery: one input view per held-out identity; queries: target renders in random contexts, or with
-    ``partners`` (identities of the other domain) person + pet scenes with a random partner."""
+    ``partners`` (identities of the other domain) the identity's half of person + pet scenes with a random partner."""
     rng = np.random.default_rng(seed)
     gallery_jobs = [("input", identity, None, size, int(rng.integers(2**31))) for identity in identities]
     query_jobs, query_ids = [], []
     for i, identity in enumerate(identities):
         for _ in range(queries_per_identity):
-            context = sample_context(rng, domain)
             if partners is None:
+                context = sample_context(rng, domain)
                 query_jobs.append(("target", identity, context, size, int(rng.integers(2**31))))
             else:
+                context = sample_context(rng, SCENE)
                 partner = partners[int(rng.integers(len(partners)))]
                 pair = (identity, partner) if domain == "person" else (partner, identity)
-                query_jobs.append(("scene", pair, context, size, int(rng.integers(2**31))))
+                query_jobs.append(("scene-half", (pair, domain), context, size, int(rng.integers(2**31))))
             query_ids.append(i)
     return (render_jobs(gallery_jobs, workers, f"{domain} gallery"), render_jobs(query_jobs, workers, f"{domain} queries"),
             torch.tensor(query_ids))
@@ -92,12 +85,11 @@ def retrieval_sets(domain, identities, queries_per_identity, size, seed, workers
 def build_metric_models(out: Path, size: int = 64, train_count: int = 40000, epochs: int = 6, seed: int = 0,
                         workers: int = 2, eval_identities: int = 50, identity_width: int = 48, device: str = "cpu",
                         test_count: int = 2000, queries_per_identity: int = 10, identity_count: int | None = None,
-                        identity_epochs: int | None = None, identity_blur: float = 0.0, scene_fraction: float = 0.0,
-                        log=print) -> dict:
+                        identity_epochs: int | None = None, identity_blur: float = 0.0, log=print) -> dict:
     """Train and save `out/factor_classifier` (``train_count`` renders, ``epochs``) and `out/identity_<domain>`
     (``identity_count`` renders per domain, default half of ``train_count``, ``identity_epochs``, default ``epochs``,
-    blur augmentation up to ``identity_blur`` pixels, ``scene_fraction`` of them person + pet scenes); return the
-    held-out measurements (retrieval among ``eval_identities`` of single-subject renders and of scenes)."""
+    blur augmentation up to ``identity_blur`` pixels); return the held-out measurements (retrieval among
+    ``eval_identities`` of single-subject renders and of the subject's half of person + pet scenes)."""
     identity_count = train_count // 2 if identity_count is None else identity_count
     identity_epochs = epochs if identity_epochs is None else identity_epochs
     torch.manual_seed(seed)
@@ -116,7 +108,7 @@ def build_metric_models(out: Path, size: int = 64, train_count: int = 40000, epo
 
     for d, domain in enumerate(DOMAINS):
         train = make_set((domain,), identity_count, held_out=False, size=size, seed=seed + 10 + d, workers=workers,
-                         input_fraction=0.25, scene_fraction=scene_fraction, desc=f"{domain} train")
+                         input_fraction=0.25, desc=f"{domain} train")
         heads = {a: len(attribute_values(domain, a)) for a in attribute_names(domain)}
         net = IdentityNet(MetricConfig(heads, image_size=size, width=identity_width))
         train_multihead(net, train.images, train.attributes, epochs=identity_epochs, seed=seed, device=device,

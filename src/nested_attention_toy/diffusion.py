@@ -67,10 +67,9 @@ class Grounding:
     def from_corpus(cls, tokenizer, corpus, weight: float, expression_weight: float = 0.0) -> Grounding:
         """The subject word on the subject's silhouette for ``corpus`` (made with masks), with ``weight``; with
         ``expression_weight`` > 0 also the expression word on its emotion symbol (target views whose symbol shows),
-        with that weight. A scene grounds its person."""
+        with that weight."""
         targets = torch.tensor([k == "target" for k in corpus.kinds])
-        words = ["person" if d == 2 else DOMAINS[d] for d in corpus.domains.tolist()]
-        positions = word_positions(tokenizer, corpus.captions, words)
+        positions = word_positions(tokenizer, corpus.captions, [DOMAINS[d] for d in corpus.domains.tolist()])
         if expression_weight <= 0:
             return cls(positions, corpus.masks, targets, (weight,))
         if corpus.symbols is None:
@@ -86,13 +85,46 @@ class Grounding:
         return cls(torch.stack([positions, feeling], 1), torch.stack([corpus.masks, corpus.symbols], 1),
                    torch.stack([targets, shows], 1), (weight, expression_weight))
 
+    @classmethod
+    def from_scenes(cls, tokenizer, scenes, weight: float) -> Grounding:
+        """Both subject words of person + pet ``scenes`` (made with masks) on their own subject's coverage."""
+        positions = torch.stack([word_positions(tokenizer, scenes.captions, [word] * len(scenes)) for word in DOMAINS], 1)
+        return cls(positions, torch.stack([scenes.masks, scenes.pets], 1), torch.ones(len(scenes), 2, dtype=torch.bool),
+                   (weight, weight))
+
+
+@dataclass
+class SceneBatches:
+    """A second shape of training samples (the person + pet scenes, twice as wide as tall) that every ``every``-th step
+    trains on instead of the main set, ``batch_size`` at a time (half the main batch has the same pixels): posterior
+    means and stds (M, C, h, 2h), the captions' token ids (M, L) when the text encoder trains along or their states
+    (M, L, D) when it does not, and their grounding (both subject words on their silhouettes)."""
+
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor
+    captions: torch.Tensor
+    grounding: Grounding | None
+    batch_size: int
+    every: int
+
+
+@dataclass
+class _Source:
+    """What one step gathers its batch from (the main set or the scenes), on the training device."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    captions: torch.Tensor | None
+    grounding: Grounding | None
+    batch_size: int
+
 
 def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std: torch.Tensor, scaling_factor: float,
                text_states: torch.Tensor | None, null_state: torch.Tensor | None, steps: int, batch_size: int = 64, lr: float = 5e-4,
                caption_dropout: float = 0.1, snr_gamma: float = 5.0, ema_decay: float = 0.999, seed: int = 0,
                device: str = "cpu", progress=None, grounding: Grounding | None = None,
                text: TextTraining | None = None, checkpoint: Path | None = None,
-               checkpoint_every: int = 500) -> tuple[UNet2DConditionModel, list[float]]:
+               checkpoint_every: int = 500, scenes: SceneBatches | None = None) -> tuple[UNet2DConditionModel, list[float]]:
     """Train on precomputed latents (posterior mean and std, sampled every step) and text encoder states.
 
     ``text_states`` (N, L, D) for the N latents, ``null_state`` (L, D) the empty prompt's, used for
@@ -102,6 +134,8 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
 
     ``checkpoint``: a folder for the loop's whole state (resume.py), written every ``checkpoint_every`` steps and at
     the end; when it holds a state, training goes on from there and ends with the weights of an uninterrupted run.
+
+    ``scenes``: a second set of another shape, trained on every ``scenes.every``-th step (`SceneBatches`).
     """
     device = torch.device(device)
     unet.to(device).train()
@@ -121,16 +155,24 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
     # a step of this small UNet is about 12 ms of GPU work behind many kernel launches: on CUDA the optimizer is fused
     optimizer = torch.optim.AdamW(groups, weight_decay=1e-2, fused=True if device.type == "cuda" else None)
     # what every step gathers from lives on the device once, not copied there batch by batch
-    latent_mean, latent_std = latent_mean.to(device), latent_std.to(device)
     if text_states is not None:
-        text_states, null_state = text_states.to(device), null_state.to(device)
-    token_ids = text.token_ids.to(device) if text is not None else None
-    if grounding is not None:
-        masks, has_mask = grounding.masks.to(device), grounding.has_mask.to(device)
+        null_state = null_state.to(device)
+
+    def on_device(grounded: Grounding | None) -> Grounding | None:
+        if grounded is None:
+            return None
+        return Grounding(grounded.positions, grounded.masks.to(device), grounded.has_mask.to(device), grounded.weights)
+
+    sources = [_Source(latent_mean.to(device), latent_std.to(device),
+                       (text.token_ids if text is not None else text_states).to(device), on_device(grounding), batch_size)]
+    if scenes is not None:
+        sources.append(_Source(scenes.latent_mean.to(device), scenes.latent_std.to(device), scenes.captions.to(device),
+                               on_device(scenes.grounding), scenes.batch_size))
     warmup = max(1, steps // 25)
     schedule = warmup_cosine(optimizer, steps, warmup, floor=0.1)
     log = LossLog(steps)
-    recorder = install_recorder(unet) if grounding is not None and any(grounding.weights) else None
+    grounded = [source.grounding for source in sources if source.grounding is not None]
+    recorder = install_recorder(unet) if any(any(g.weights) for g in grounded) else None
     models = {"unet": unet, "ema": ema}
     if text is not None:
         models |= {"text": text.encoder, "text_ema": pairs[1][0]}
@@ -140,32 +182,36 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
         if progress is not None:
             progress.update(start)
     for step in range(start, steps):
-        index = torch.randint(len(latent_mean), (batch_size,), generator=generator)
-        noise_in = torch.randn((batch_size, *latent_mean.shape[1:]), generator=generator).to(device)
+        source = sources[1 if scenes is not None and step % scenes.every == scenes.every - 1 else 0]
+        batch = source.batch_size
+        index = torch.randint(len(source.mean), (batch,), generator=generator)
+        noise_in = torch.randn((batch, *source.mean.shape[1:]), generator=generator).to(device)
         at = index.to(device)
-        latents = (latent_mean[at].float() + latent_std[at].float() * noise_in) * scaling_factor
+        latents = (source.mean[at].float() + source.std[at].float() * noise_in) * scaling_factor
         noise = torch.randn(latents.shape, generator=generator).to(device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator).to(device)
-        drop = (torch.rand(batch_size, generator=generator) < caption_dropout).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(device)
+        drop = (torch.rand(batch, generator=generator) < caption_dropout).to(device)
         if text is None:
-            states = text_states[at].float()
+            states = source.captions[at].float()
             states[drop] = null_state.float()
         else:
-            ids = token_ids[at]
+            ids = source.captions[at]
             ids[drop] = text.null_ids.to(device)
             states = text.encoder(ids).last_hidden_state
         noisy = scheduler.add_noise(latents, noise, t)
-        if recorder is not None:
-            recorder.positions, recorder.maps = grounding.positions[index], []
+        grounds = recorder is not None and source.grounding is not None
+        if recorder is not None:  # a source without grounding runs the recorder as a plain processor
+            recorder.positions, recorder.maps = source.grounding.positions[index] if grounds else None, []
         pred = unet(noisy, t, states.to(device)).sample.float()
         snr = alphas[t] / (1 - alphas[t])
         weight = snr.clamp(max=snr_gamma) / snr  # min-SNR-gamma (Hang et al. 2023), epsilon form
         loss = (weight * (pred - noise).pow(2).flatten(1).mean(1)).mean()
         total = loss
-        if recorder is not None:
-            covered = masks[at].float().view(batch_size, -1, *masks.shape[-2:]) / 255
+        if grounds:
+            masks, has_mask = source.grounding.masks, source.grounding.has_mask
+            covered = masks[at].float().view(batch, -1, *masks.shape[-2:]) / 255
             keep = ~drop.view(-1, *[1] * (has_mask.dim() - 1)) & has_mask[at]
-            total = loss + grounding_loss([m.float() for m in recorder.maps], covered, keep, grounding.weights)
+            total = loss + grounding_loss([m.float() for m in recorder.maps], covered, keep, source.grounding.weights)
             recorder.maps = []
         optimizer.zero_grad(set_to_none=True)
         total.backward()

@@ -7,22 +7,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import StableDiffusionPipeline
 from PIL import Image
+from tqdm.auto import tqdm
+from transformers import CLIPModel, CLIPTokenizer
 
+from .autoencoder import reconstruction_psnr
 from .corpus import make_corpus
 from .latent_check import vae_identity
 from .metric_models import FactorClassifier, head_accuracy
-from .render import render_target
-from .world import DOMAINS, FACTOR_NAMES, example_context, generic_caption, sample_context, sample_identities
+from .render import SCENE_SIZE, render_scene, render_target
+from .text_image import clip_similarity, zero_shot_accuracy
+from .world import (
+    DOMAINS,
+    FACTOR_NAMES,
+    SCENE_POSITIONS,
+    example_context,
+    generic_caption,
+    sample_context,
+    sample_identities,
+    scene_prompt,
+)
 
 VAE_IDENTITIES = 20  # the gallery of the VAE round-trip retrieval, as `toy eval` scores identity (fewer at smoke size)
 
 
 def load_stack(root: str | Path):
     """(pipeline, clip, tokenizer, factor classifier) of a built stack, loaded the way a user loads them."""
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPModel, CLIPTokenizer
-
     root = Path(root)
     pipe = StableDiffusionPipeline.from_pretrained(root / "pipeline", torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -34,13 +45,15 @@ def load_stack(root: str | Path):
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, batch_size: int = 50,
-             progress=None) -> torch.Tensor:
-    """Base-model images for ``prompts`` (one seed each) -> (N, 3, S, S) uint8."""
+             progress=None, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Base-model images for ``prompts`` (one seed each) -> (N, 3, H, W) uint8; ``size`` (width, height), default the
+    model's square."""
     out = []
+    width, height = size or (None, None)
     for i in range(0, len(prompts), batch_size):
         generators = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch_size]]
         images = pipe(prompts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance_scale,
-                      generator=generators, output_type="np").images
+                      generator=generators, output_type="np", width=width, height=height).images
         out.append(torch.from_numpy(np.round(images * 255).astype(np.uint8)).permute(0, 3, 1, 2))  # on the CPU
         if progress is not None:
             progress.update(len(generators))
@@ -50,16 +63,11 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_sc
 def evaluate_stack(root: str | Path, size, seed: int, workers: int = 2, device: str = "cpu", log=print) -> dict:
     """Every quality measurement of the issue on held-out identities; writes ``root/samples.png``. Generation runs
     on ``device``; the measurements on the CPU."""
-    from tqdm.auto import tqdm
-
-    from .autoencoder import reconstruction_psnr
-    from .text_image import clip_similarity, zero_shot_accuracy
-
     pipe, clip, tokenizer, classifier = load_stack(root)
     pipe.to(device)
     results: dict = {}
     held_out = make_corpus(size.eval_renders, seed=seed, held_out=True, workers=workers, input_fraction=0.0,
-                           scene_fraction=0.0, desc="held-out renders")
+                           desc="held-out renders")
     results["vae_psnr_db"] = reconstruction_psnr(pipe.vae.to("cpu"), held_out.images)
     pipe.vae.to(device)
     log(f"VAE reconstruction PSNR on {len(held_out)} held-out renders: {results['vae_psnr_db']:.2f} dB")
@@ -97,7 +105,8 @@ def evaluate_stack(root: str | Path, size, seed: int, workers: int = 2, device: 
 
 def sample_sheet(pipe, size, seed: int, columns: int = 8, rows_per_domain: int = 2) -> Image.Image:
     """Pairs of rows: a held-out identity's render in 8 contexts (``example_context``), then the base model's
-    generation for the same prompts (it knows no identity: only the context should match)."""
+    generation for the same prompts (it knows no identity: only the context should match); last, person + pet scenes
+    of a held-out pair (twice as wide) and the base model's for their prompts."""
     rng = np.random.default_rng(seed + 2)
     tiles: list[list[Image.Image]] = []
     for d, domain in enumerate(DOMAINS):
@@ -110,11 +119,21 @@ def sample_sheet(pipe, size, seed: int, columns: int = 8, rows_per_domain: int =
                               size.guidance_scale)
             tiles.append(renders)
             tiles.append([Image.fromarray(x.permute(1, 2, 0).numpy()) for x in images])
+    person, pet = (sample_identities(domain, 1, rng, held_out=True)[0] for domain in DOMAINS)
+    contexts = [example_context(2 * rows_per_domain, c).replace(position=SCENE_POSITIONS[c % 2])
+                for c in range(columns // 2)]
+    tiles.append([render_scene(person, pet, c, 64, seed).image for c in contexts])
+    images = generate(pipe, [scene_prompt("person", "pet", c) for c in contexts],
+                      [seed + 5000 + c for c in range(len(contexts))], size.sample_steps, size.guidance_scale,
+                      size=SCENE_SIZE)
+    tiles.append([Image.fromarray(x.permute(1, 2, 0).numpy()) for x in images])
     pad, s = 2, 64
     sheet = Image.new("RGB", (pad + (s + pad) * columns, pad + (s + pad) * len(tiles) + pad * (len(tiles) // 2)), "white")
     for r, row in enumerate(tiles):
-        for c, tile in enumerate(row):
-            sheet.paste(tile, (pad + c * (s + pad), pad + r * (s + pad) + pad * (r // 2)))
+        x = pad
+        for tile in row:  # a scene takes two columns
+            sheet.paste(tile, (x, pad + r * (s + pad) + pad * (r // 2)))
+            x += (tile.width // s) * (s + pad)
     return sheet
 
 

@@ -74,9 +74,9 @@ def grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, keep: torch.Te
     ``keep`` rows of each word and summed over words, word k scaled by ``weights[k]`` (default 1 each).
 
     Args:
-        maps: per layer, (B, h * w) attention of each sample's subject word (square layers), or (B, K, h * w) of K
-            words.
-        masks: (B, 1, S, S) subject coverage in [0, 1] at image resolution, or (B, K, S, S) one per word.
+        maps: per layer, (B, h * w) attention of each sample's subject word, or (B, K, h * w) of K words; the
+            layers have the masks' aspect ratio.
+        masks: (B, 1, H, W) subject coverage in [0, 1] at image resolution, or (B, K, H, W) one per word.
         keep: (B,) bool, the samples that count (a caption that was dropped has no subject word), or (B, K).
         weights: K floats, one per word.
     """
@@ -89,8 +89,8 @@ def grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, keep: torch.Te
     total = masks.new_zeros(())
     for attention in maps:
         attention = attention.view(attention.shape[0], -1, attention.shape[-1])  # (B, K, pixels)
-        side = int(round(attention.shape[-1] ** 0.5))
-        m = F.adaptive_avg_pool2d(masks.to(attention.dtype), side).flatten(2)
+        h = int(round((attention.shape[-1] * masks.shape[-2] / masks.shape[-1]) ** 0.5))
+        m = F.adaptive_avg_pool2d(masks.to(attention.dtype), (h, attention.shape[-1] // h)).flatten(2)
         inside = (attention * m).sum(-1) / m.sum(-1).clamp_min(1e-3)
         outside = (attention * (1 - m)).sum(-1) / (1 - m).sum(-1).clamp_min(1e-3)
         gap = outside - inside  # (B, K)

@@ -31,8 +31,6 @@ class BuildSize:
     identity_width: int = 48
     # largest blur (pixels) of the identity networks' training augmentation (metric_models.random_blur); 0: none
     identity_blur: float = 0.0
-    # fraction of the identity networks' training renders that are person + pet scenes (the domain's subject labelled)
-    identity_scene_fraction: float = 0.2
     # weight of the word-grounding loss (grounding.py): the subject word's attention on the subject's pixels. Nested
     # attention writes into that word's value, which reaches only the pixels that attend to it
     grounding_weight: float = 0.1
@@ -47,6 +45,10 @@ class BuildSize:
     # extra weight of the emotion symbol's and the subject's pixels in the VAE's reconstruction loss (0: plain L1 + MSE)
     vae_symbol_weight: float = 16.0
     vae_subject_weight: float = 1.0
+    # person + pet scenes (twice as wide as tall) the UNet also trains on: every scene_every-th step is a batch of
+    # unet_batch // 2 of them (as many pixels as a batch of the corpus) instead of one of the corpus; 0 scenes: none
+    scenes: int = 6000
+    scene_every: int = 4
     # the UNet stage saves its whole training state this often (steps) for `toy build --resume`; it does not change
     # what is trained
     unet_checkpoint_every: int = 400
@@ -61,8 +63,8 @@ class BuildSize:
 
 FULL = BuildSize(corpus=30000, metric_train=12000, metric_epochs=4, identity_train=12000, identity_epochs=5,
                  clip_steps=160, vae_steps=4000, unet_steps=7000, eval_renders=500, eval_generations=100, eval_identities=50)
-SMOKE = BuildSize(corpus=600, metric_train=400, metric_epochs=1, identity_train=200, identity_epochs=1,
-                  clip_steps=10, clip_batch=32, vae_steps=10, unet_steps=10, eval_renders=64, eval_generations=8,
-                  eval_identities=10, sample_steps=4, unet_checkpoint_every=4, unet_widths=(16, 32),
+SMOKE = BuildSize(corpus=300, metric_train=200, metric_epochs=1, identity_train=100, identity_epochs=1,
+                  clip_steps=10, clip_batch=32, vae_steps=10, unet_steps=10, eval_renders=32, eval_generations=8,
+                  eval_identities=10, sample_steps=4, unet_batch=8, unet_checkpoint_every=4, unet_widths=(16, 32), scenes=32,
                   clip_width=64, vae_width=16, identity_width=16, adapter_triplets=8, adapter_steps=4, adapter_batch=4,
                   adapter_eval_identities=2, adapter_eval_scenes=2)

@@ -33,7 +33,7 @@ def report(record: dict) -> str:
              f"total {record['seconds'] / 60:.1f} min; weights {record['bytes']['total'] / 2**20:.1f} MiB."]
     v = record["versions"]
     lines.append(f"Versions: Python {v['python']}, torch {v['torch']}, diffusers {v['diffusers']}, "
-                 f"transformers {v['transformers']}, numpy {v['numpy']}; {v['threads']} torch threads.")
+                 f"transformers {v['transformers']}, numpy {v['numpy']}; {v['threads']} torch threads on {v['processor']}.")
     lines += ["", _row(["stage", "wall time", "details"]), _row(["---"] * 3)]
     for name, info in record["stages"].items():
         details = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items() if k != "seconds")

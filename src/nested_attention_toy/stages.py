@@ -13,14 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
+from transformers import CLIPTextModel
 
 from nested_attention.tiny import write_clip_tokenizer
 
 from .autoencoder import encode_latents, make_vae, train_vae
 from .build_metrics import build_metric_models
-from .corpus import Corpus, make_corpus
-from .diffusion import Grounding, TextTraining, make_unet, sampling_scheduler, train_unet
+from .corpus import Corpus, make_corpus, make_scenes
+from .diffusion import Grounding, SceneBatches, TextTraining, make_unet, sampling_scheduler, train_unet
 from .evaluate_base import evaluate_stack
 from .recipe import BuildSize
 from .resume import saved_progress
@@ -73,16 +75,24 @@ class Parts:
                            masks=size.grounding_weight > 0 or size.vae_subject_weight > 0 or symbols,
                            describe_rate=size.describe_rate, symbols=symbols)
 
+    @functools.cached_property
+    def scenes(self) -> Corpus:
+        """The person + pet scenes the UNet also trains on (twice as wide), with both subjects' coverage."""
+        return make_scenes(self.size.scenes, seed=self.seed, held_out=False, workers=self.workers, desc="scenes",
+                           masks=self.size.grounding_weight > 0)
+
     def vae(self):
         """The VAE as shipped (fp16 weights), in fp32."""
-        from diffusers import AutoencoderKL
-
         return _fresh(AutoencoderKL, self.out / "pipeline" / "vae")
 
     @functools.cached_property
     def latents(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The corpus's posterior means and standard deviations under the shipped VAE."""
         return encode_latents(self.vae(), self.corpus.images)
+
+    @functools.cached_property
+    def scene_latents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_latents(self.vae(), self.scenes.images)
 
 
 def tokenizer_stage(parts: Parts) -> dict:
@@ -91,7 +101,8 @@ def tokenizer_stage(parts: Parts) -> dict:
 
 def corpus_stage(parts: Parts) -> dict:
     corpus = parts.corpus
-    return {"images": len(corpus), "kinds": {k: corpus.kinds.count(k) for k in ("target", "input", "scene")}}
+    return {"images": len(corpus), "kinds": {k: corpus.kinds.count(k) for k in ("target", "input")},
+            "scenes": len(parts.scenes)}
 
 
 def metrics_stage(parts: Parts) -> dict:
@@ -106,8 +117,7 @@ def metrics_stage(parts: Parts) -> dict:
                                   identity_width=size.identity_width, device=parts.device, test_count=size.eval_renders,
                                   queries_per_identity=10 if size.eval_renders >= 1000 else 2,
                                   identity_count=size.identity_train, identity_epochs=size.identity_epochs,
-                                  identity_blur=size.identity_blur, scene_fraction=size.identity_scene_fraction,
-                                  log=parts.log)
+                                  identity_blur=size.identity_blur, log=parts.log)
     return {"measured": {k: v for k, v in metrics.items() if not k.endswith("losses")}}
 
 
@@ -152,8 +162,6 @@ def vae_stage(parts: Parts) -> dict:
 
 
 def unet_stage(parts: Parts) -> dict:
-    from transformers import CLIPTextModel
-
     size, out = parts.size, parts.out
     step_before, seconds_before = saved_progress(out / CHECKPOINT)
     if step_before:
@@ -173,6 +181,17 @@ def unet_stage(parts: Parts) -> dict:
     if size.grounding_weight > 0:
         grounding = Grounding.from_corpus(tokenizer, corpus, size.grounding_weight,
                                           expression_weight=size.expression_grounding_weight)
+    scenes = None
+    if size.scenes > 0:
+        scene_ids = tokenize(tokenizer, parts.scenes.captions)
+        if text is None:
+            with torch.no_grad():
+                scene_ids = torch.cat([text_encoder(scene_ids[i : i + 512]).last_hidden_state.half()
+                                       for i in range(0, len(scene_ids), 512)])
+        scene_means, scene_stds = parts.scene_latents
+        scenes = SceneBatches(scene_means.half(), scene_stds.half(), scene_ids,
+                              Grounding.from_scenes(tokenizer, parts.scenes, size.grounding_weight)
+                              if size.grounding_weight > 0 else None, max(1, size.unet_batch // 2), size.scene_every)
     means, stds = parts.latents
     scaling_factor = float(parts.vae().config.scaling_factor)
     torch.manual_seed(parts.seed + 400)
@@ -181,11 +200,12 @@ def unet_stage(parts: Parts) -> dict:
         unet, losses = train_unet(unet, means.half(), stds.half(), scaling_factor, states, null_state, size.unet_steps,
                                   batch_size=size.unet_batch, lr=size.unet_lr, seed=parts.seed + 400,
                                   device=parts.device, progress=bar, grounding=grounding, text=text,
-                                  checkpoint=out / CHECKPOINT, checkpoint_every=size.unet_checkpoint_every)
+                                  checkpoint=out / CHECKPOINT, checkpoint_every=size.unet_checkpoint_every,
+                                  scenes=scenes)
     unet.to(torch.float16).save_pretrained(out / "pipeline" / "unet")
     text_encoder.to(torch.float32).save_pretrained(out / "pipeline" / "text_encoder")
     shutil.rmtree(out / CHECKPOINT)
-    for name in ("corpus", "latents"):  # no later stage needs them: free their memory for the evaluation
+    for name in ("corpus", "latents", "scenes", "scene_latents"):  # no later stage needs them: free their memory for the evaluation
         parts.__dict__.pop(name, None)
     info = {"parameters": _count(unet), "loss_first": losses[0], "loss_last": losses[-1]}
     if step_before:

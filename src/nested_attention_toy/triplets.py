@@ -1,9 +1,6 @@
 """Training triplets of the toy world for the adapter trainer: subject input view(s) -> prompt -> target view.
 
-A fraction of the targets (``scenes``) may be person + pet scenes: the subject beside a random training identity of
-the other domain, with a prompt that names both words; only the subject's word is bound, so the adapter learns to
-put its identity on its own subject and leave the other one to the prompt. ``masks/`` holds each target's subject
-silhouette (``target_mask``, for the trainer's ``subject_loss_weight``; in a scene, the domain's own subject's).
+``masks/`` holds each target's subject silhouette (``target_mask``, for the trainer's ``subject_loss_weight``).
 
 ``write_triplets`` writes a folder the trainer reads as it is (``metadata.jsonl`` + PNGs; convert it to WebDataset
 shards with ``python -m nested_attention_train.make_shards`` for streaming). Identities come from the training side
@@ -20,56 +17,41 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .render import render_input, render_scene, render_target
+from .render import render_input, render_target
 from .world import (
-    CONTEXT_FACTORS,
-    DOMAINS,
     FACTOR_NAMES,
     identity_from_index,
     prompt,
     sample_context,
     sample_identities,
-    scene_prompt,
     side_size,
 )
 
 
 def _write_one(job: tuple) -> None:
-    root, domain, index, context_values, size, seeds, name, scene = job
+    root, domain, index, context_values, size, seeds, name = job
     from .world import Context
 
     identity = identity_from_index(domain, index)
     for k, seed in enumerate(seeds[1:]):
         render_input(identity, size=size, seed=seed).save(root / "subjects" / f"{name}-{k}.png")
     context = Context(tuple(context_values))
-    if scene is None:
-        target = render_target(identity, context, size=size, seed=seeds[0])
-    else:
-        other = identity_from_index(_other(domain), scene["partner"])
-        person, pet = (identity, other) if domain == "person" else (other, identity)
-        target = render_scene(person, pet, context, size=size, seed=seeds[0], pet_expression=scene["pet_expression"])
+    target = render_target(identity, context, size=size, seed=seeds[0])
     target.image.save(root / "targets" / f"{name}.png")
-    mask = target.pet if scene is not None and domain == "pet" else target.subject  # the triplet's own subject
-    Image.fromarray(np.round(mask * 255).astype(np.uint8), mode="L").save(root / "masks" / f"{name}.png")
-
-
-def _other(domain: str) -> str:
-    return next(d for d in DOMAINS if d != domain)
+    Image.fromarray(np.round(target.subject * 255).astype(np.uint8), mode="L").save(root / "masks" / f"{name}.png")
 
 
 def write_triplets(out: str | Path, domain: str, count: int, seed: int = 0, size: int = 64, subject_images: int = 1,
-                   identities: int | None = None, scenes: float = 0.0, workers: int = 2) -> Path:
+                   identities: int | None = None, workers: int = 2) -> Path:
     """Write ``count`` triplets of ``domain`` (train identities only) to the new folder ``out``; returns the
     metadata.jsonl path. ``identities`` bounds how many distinct identities are used (default: as many as
-    triplets, or all training identities when there are fewer, so most appear once); ``subject_images`` input views per triplet, each with its own pose jitter; ``scenes`` the fraction of person + pet scene targets
-    (drawn from a stream of their own: the other triplets are those of ``scenes=0``)."""
+    triplets, or all training identities when there are fewer, so most appear once); ``subject_images`` input views
+    per triplet, each with its own pose jitter."""
     root = Path(out)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; give a new folder.")
     if count < 1 or subject_images < 1:
         raise ValueError("count and subject_images must be >= 1")
-    if not 0.0 <= scenes <= 1.0:
-        raise ValueError(f"scenes is a fraction of the triplets, between 0 and 1; got {scenes}")
     (root / "subjects").mkdir(parents=True, exist_ok=True)
     (root / "targets").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
@@ -79,7 +61,6 @@ def write_triplets(out: str | Path, domain: str, count: int, seed: int = 0, size
         raise ValueError(f"asked for {identities} {domain} identities; the training side has {available}")
     # more triplets than training identities: every identity is used, and some more than once
     pool = sample_identities(domain, min(identities or count, count, available), rng, held_out=False)
-    scene_rng = np.random.default_rng([seed, 1])
     jobs, lines = [], []
     for i in range(count):
         identity = pool[i % len(pool)] if identities is None else pool[int(rng.integers(len(pool)))]
@@ -87,15 +68,7 @@ def write_triplets(out: str | Path, domain: str, count: int, seed: int = 0, size
         seeds = [int(s) for s in rng.integers(2**31, size=1 + subject_images)]
         name = f"{i:07d}"
         text = prompt(domain, context, rng)
-        scene = None
-        if scenes and scene_rng.random() < scenes:
-            partner = sample_identities(_other(domain), 1, scene_rng, held_out=False)[0]
-            scene = {"partner": partner.index,
-                     "pet_expression": int(scene_rng.integers(len(CONTEXT_FACTORS["expression"])))}
-            if domain == "pet":  # the expression named for the pet is its context's own
-                scene["pet_expression"] = int(context["expression"])
-            text = scene_prompt("person", "pet", context, scene_rng, pet_expression=scene["pet_expression"])
-        jobs.append((root, domain, identity.index, tuple(context.values), size, seeds, name, scene))
+        jobs.append((root, domain, identity.index, tuple(context.values), size, seeds, name))
         line = {
             "subject": [f"subjects/{name}-{k}.png" for k in range(subject_images)],
             "target": f"targets/{name}.png",
@@ -105,8 +78,6 @@ def write_triplets(out: str | Path, domain: str, count: int, seed: int = 0, size
             "context": dict(zip(FACTOR_NAMES, (int(v) for v in context.values))),
         }
         line["target_mask"] = f"masks/{name}.png"
-        if scene is not None:
-            line["scene"] = scene
         lines.append(line)
     if workers > 1 and count >= 256:
         with ProcessPoolExecutor(workers) as pool_:

@@ -49,6 +49,7 @@ class Settings:
     guidance: float = 5.0
     count: int = 1
     size: dict = field(default_factory=dict)  # height / width, when the model's default is not wanted
+    wide: bool = False  # twice as wide as the model's square (a person and a pet side by side, in the toy world)
 
 
 def parse_weights(text: str, count: int) -> list[float] | None:
@@ -154,8 +155,14 @@ class UISession:
             prompt, subjects, num_images_per_prompt=count, negative_prompt=settings.negative_prompt or None,
             num_inference_steps=settings.steps, guidance_scale=settings.guidance,
             generator=[torch.Generator(self.device).manual_seed(seed + i) for i in range(count)],
-            callback_on_step_end=step_end, **settings.size,
+            callback_on_step_end=step_end, **self._size(settings),
         ).images
+
+    def _size(self, settings: Settings) -> dict:
+        if not settings.wide:
+            return settings.size
+        side = settings.size.get("height") or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        return {"width": 2 * side, "height": side}
 
     def generate(self, prompt: str, inputs: Sequence[SubjectInput], settings: Settings,
                  progress: Callable[[float], None] | None = None) -> list[Image.Image]:
@@ -188,7 +195,7 @@ class UISession:
         name, subject = next(iter(subjects.items()))
         image, explanation = explain_layer(
             self.na, name, subject, prompt, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-            generator=torch.Generator(self.device).manual_seed(settings.seed), **settings.size,
+            generator=torch.Generator(self.device).manual_seed(settings.seed), **self._size(settings),
         )
         maps = [query_attention_maps(self.na.adapters[name].adapter, view) for view in subject.images]
         cell = divmod(int(explanation.share.argmax()), explanation.grid[1])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
-from ..world import CONTEXT_FACTORS, DOMAINS, Context, Identity
+from ..world import CONTEXT_FACTORS, DOMAINS, SCENE_POSITIONS, Context, Identity
 from .canvas import WHITE, Pen, check_size, mix, seeded
 from .faces import draw_symbol
 from .scenes import HALO, SCENES
@@ -24,6 +24,7 @@ POSITION_X = {"left": 0.3, "center": 0.5, "right": 0.7}
 PERSON_UNIT = 0.165  # a person's head radius as a fraction of the frame height, in a target view
 PET_HEIGHT = 0.8  # a pet's height (ears to paws) as a fraction of the frame height, in a target view
 SYMBOL_RADIUS = 0.6  # the emotion symbol's half-size in the subject's units
+SCENE_SIZE = (128, 64)  # (width, height) of a person + pet scene at the toy model's 64 pixels
 
 
 @dataclass
@@ -49,8 +50,8 @@ class Placement:
 
 def _coverage(layer: Image.Image) -> np.ndarray:
     alpha = np.asarray(layer, np.float32)[:, :, 3] / 255.0
-    S = alpha.shape[0]
-    return alpha.reshape(S // 2, 2, S // 2, 2).mean((1, 3))
+    H, W = alpha.shape
+    return alpha.reshape(H // 2, 2, W // 2, 2).mean((1, 3))
 
 
 def _target_place(identity: Identity, position: str, S: int, rng: np.random.Generator, scale: float = 1.0) -> Placement:
@@ -67,7 +68,7 @@ def _target_place(identity: Identity, position: str, S: int, rng: np.random.Gene
 def _draw(canvas: Image.Image, identity: Identity, place: Placement, expression: str | None, outline: int,
           symbol_side: float, halo: tuple | None) -> tuple[np.ndarray, np.ndarray]:
     """Draw one subject (on its own layer) and its symbol (on another) onto ``canvas``; returns both coverages."""
-    S = canvas.size[0]
+    S = canvas.size[0]  # the width: the symbol stays inside the canvas
     if halo is not None:
         glow = Image.new("L", canvas.size, 0)
         Pen(glow, place.x, place.y, place.unit).ellipse(0.0, 0.8, 2.4, 2.6, 110, outline=False)
@@ -126,28 +127,47 @@ def render_target(identity: Identity, context: Context, size: int = 64, seed: in
 
 def render_scene(person: Identity, pet: Identity, context: Context, size: int = 64, seed: int = 0,
                  pet_expression: int | None = None) -> Rendered:
-    """A person and a pet in one scene. Position refers to the person (drawn a little smaller than alone); the pet
-    sits on the other side. ``pet_expression`` (an index into the expression factor) defaults to the context's."""
+    """A person and a pet in one scene twice as wide as tall (``size`` x ``2 * size``), each in its own half and drawn
+    as large as alone, so that both keep as many latent pixels as a subject alone. Position says the person's half
+    (left or right: a scene has no centre, see `SCENE_POSITIONS`); the pet takes the other. ``pet_expression`` (an
+    index into the expression factor) defaults to the context's. Coverages are (size, 2 * size)."""
     if person.domain != "person" or pet.domain != "pet":
         raise ValueError("render_scene takes a person identity and a pet identity")
+    if context.name("position") not in SCENE_POSITIONS:
+        raise ValueError(f"a scene puts the person in the left or the right half; got position "
+                         f"{context.name('position')!r} (draw scene contexts with sample_context(rng, 'scene'))")
     S = 2 * check_size(size)
     extra = 0 if pet_expression is None else 1 + int(pet_expression)
     rng = seeded("scene", seed, person.index, pet.index, *context.values, extra)
-    style, scene, position = context.name("style"), context.name("scene"), context.name("position")
-    canvas = Image.new("RGB", (S, S))
+    style, scene = context.name("style"), context.name("scene")
+    canvas = Image.new("RGB", (2 * S, S))
     outline = _outline(style, S)
     SCENES[scene](canvas, rng, outline)
-    side = {"left": 1.0, "right": -1.0}.get(position, 1.0 if rng.random() < 0.5 else -1.0)
-    person_at = {"left": "left", "right": "right"}.get(position, "center")
-    place = _target_place(person, person_at, S, rng, scale=0.85)
-    if position == "center":
-        place = Placement(place.x - side * 0.1 * S, place.y, place.unit, place.flip)
-    pet_place = _target_place(pet, "right" if side > 0 else "left", S, rng, scale=0.62)
-    pet_place = Placement(S * (0.5 + side * 0.31), pet_place.y, pet_place.unit, pet_place.flip)
+    halves = {"person": scene_half(context), "pet": 1 - scene_half(context)}
+    places = {}
+    for identity in (person, pet):
+        place = _target_place(identity, "center", S, rng)
+        places[identity.domain] = Placement(place.x + halves[identity.domain] * S, place.y, place.unit, place.flip)
     expression = CONTEXT_FACTORS["expression"][context["expression"] if pet_expression is None else int(pet_expression)]
-    pet_cover, _ = _draw(canvas, pet, pet_place, expression, outline, side, HALO.get(scene))
-    subject, symbol = _draw(canvas, person, place, context.name("expression"), outline, -side, HALO.get(scene))
-    return Rendered(_finish(style, canvas, subject, rng), subject, symbol, pet=pet_cover * (1 - subject))
+    pet_cover, _ = _draw(canvas, pet, places["pet"], expression, outline, _toward_room(S / 2, S, rng), HALO.get(scene))
+    subject, symbol = _draw(canvas, person, places["person"], context.name("expression"), outline,
+                            _toward_room(S / 2, S, rng), HALO.get(scene))
+    both = np.maximum(subject, pet_cover)  # what a photo keeps sharp and lights: both subjects
+    return Rendered(_finish(style, canvas, both, rng), subject, symbol, pet=pet_cover * (1 - subject))
+
+
+def scene_half(context: Context) -> int:
+    """The half of a person + pet scene the person takes: 0 (left) or 1 (right)."""
+    return SCENE_POSITIONS.index(context.name("position"))
+
+
+def split_scene(image: Image.Image, context: Context) -> dict[str, Image.Image]:
+    """A person + pet scene (rendered or generated for ``context``) cut into its halves: domain -> its square."""
+    H = image.size[1]
+    if image.size[0] != 2 * H:
+        raise ValueError(f"a person + pet scene is twice as wide as tall; got {image.size[0]} x {H}")
+    halves = [image.crop((0, 0, H, H)), image.crop((H, 0, 2 * H, H))]
+    return {"person": halves[scene_half(context)], "pet": halves[1 - scene_half(context)]}
 
 
 _INPUT_BACKGROUNDS = ((238, 236, 230), (226, 233, 242), (242, 232, 220), (230, 238, 228), (236, 230, 238))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from ..world import Context, Identity, example_context, identity_from_names
+from ..world import SCENE_POSITIONS, Context, Identity, example_context, identity_from_names
 from .compose import render_input, render_scene, render_target
 
 # Fixed, varied identities for the documentation sheet: 3 persons and one pet of each species.
@@ -26,7 +26,8 @@ def example_identities() -> list[Identity]:
 def render_example_grid(identities: list[Identity] | None = None, contexts: list[Context] | None = None,
                         size: int = 64, seed: int = 0, pad: int = 2, pairs: bool = True, columns: int = 8) -> Image.Image:
     """One row per identity: its input view, then its targets (``contexts`` for every row, or by default
-    ``example_context(row, column)``). With ``pairs``, a last row of person + pet scenes (the first person and pet)."""
+    ``example_context(row, column)``). With ``pairs``, a last row of person + pet scenes (the first person and pet),
+    each two columns wide."""
     identities = example_identities() if identities is None else identities
     columns = len(contexts) if contexts is not None else columns
 
@@ -37,12 +38,15 @@ def render_example_grid(identities: list[Identity] | None = None, contexts: list
                                                     for c in range(columns)] for r, identity in enumerate(identities)]
     persons = [i for i in identities if i.domain == "person"]
     pets = [i for i in identities if i.domain == "pet"]
-    if pairs and persons and pets:
+    if pairs and persons and pets:  # a scene is twice as wide: it takes two columns
+        scene = [context(len(identities), c).replace(position=SCENE_POSITIONS[c % 2]) for c in range(columns // 2)]
         rows.append([render_input(pets[0], size, seed)] + [
-            render_scene(persons[0], pets[0], context(len(identities), c), size, seed).image for c in range(columns)])
+            render_scene(persons[0], pets[0], c, size, seed).image for c in scene])
     gap = size // 8  # the input-view column stands apart from the targets
     sheet = Image.new("RGB", (pad + (size + pad) * (columns + 1) + gap, pad + (size + pad) * len(rows)), (255, 255, 255))
     for r, row in enumerate(rows):
+        x = pad
         for c, tile in enumerate(row):
-            sheet.paste(tile, (pad + c * (size + pad) + (gap if c else 0), pad + r * (size + pad)))
+            sheet.paste(tile, (x, pad + r * (size + pad)))
+            x += (tile.size[0] // size) * (size + pad) + (gap if c == 0 else 0)
     return sheet

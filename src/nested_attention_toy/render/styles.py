@@ -26,9 +26,15 @@ def _blur(array: np.ndarray, radius: float) -> np.ndarray:
     return np.asarray(image.filter(ImageFilter.GaussianBlur(radius)), np.float32)
 
 
+def _grain(height: int, width: int, kind: str) -> np.ndarray:
+    """A fixed texture (the same in every process): photo grain or watercolour paper, a square tile of the canvas
+    height repeated across a wider canvas."""
+    tile = _tile(height, kind)
+    return np.tile(tile, (1, -(-width // height)))[:, :width]
+
+
 @functools.cache
-def _grain(size: int, kind: str) -> np.ndarray:
-    """A fixed texture (the same in every process): photo grain or watercolour paper."""
+def _tile(size: int, kind: str) -> np.ndarray:
     rng = seeded(f"texture-{kind}", size)
     noise = rng.normal(0.0, 1.0, (size, size)).astype(np.float32)
     if kind == "paper":
@@ -39,13 +45,13 @@ def _grain(size: int, kind: str) -> np.ndarray:
 
 def _photo(canvas: np.ndarray, subject: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Depth of field (the background blurred), soft light from above on the subject, a vignette and grain."""
-    S = canvas.shape[0]
+    S, W = canvas.shape[:2]
     out = canvas * subject + _blur(canvas, S / 64) * (1 - subject)
     y = np.linspace(0.0, 1.0, S, dtype=np.float32)[:, None, None]
     out = out * (1 - subject * (0.22 * y - 0.08))
-    r = np.hypot(*np.meshgrid(np.linspace(-1, 1, S), np.linspace(-1, 1, S)))
+    r = np.hypot(*np.meshgrid(np.linspace(-1, 1, W), np.linspace(-1, 1, S)))
     out = out * (1 - 0.18 * np.clip(r - 0.6, 0, None))[..., None]
-    return out + 5.0 * _grain(S, "photo")[..., None]
+    return out + 5.0 * _grain(S, W, "photo")[..., None]
 
 
 def _cartoon(canvas: np.ndarray, subject: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -56,14 +62,14 @@ def _cartoon(canvas: np.ndarray, subject: np.ndarray, rng: np.random.Generator) 
 
 def _watercolor(canvas: np.ndarray, subject: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Soft washes on paper: colours bleed (blur) and pale a little, pigment pools at colour edges, paper grain."""
-    S = canvas.shape[0]
+    S, W = canvas.shape[:2]
     soft = _blur(canvas, S / 90)
     paper = np.array([250, 245, 232], np.float32)
     soft = soft + (paper - soft) * 0.22
     grey = soft.mean(-1)
     edge = np.hypot(*np.gradient(_blur(grey[..., None].repeat(3, -1), S / 128)[..., 0]))
     soft = soft * (1 - np.clip(edge / 40.0, 0, 0.3))[..., None]
-    return soft + 6.0 * _grain(S, "paper")[..., None]
+    return soft + 6.0 * _grain(S, W, "paper")[..., None]
 
 
 def _pixel_art(canvas: np.ndarray, subject: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -95,7 +101,8 @@ def _palette() -> Image.Image:
 
 
 def pixelate(image: Image.Image) -> Image.Image:
-    """The image on a ``PIXEL_GRID`` x ``PIXEL_GRID`` grid of palette colours, scaled back up (nearest)."""
-    small = image.resize((PIXEL_GRID, PIXEL_GRID), Image.Resampling.BOX)
+    """The image on a grid of palette colours ``PIXEL_GRID`` cells tall (as many per height across), scaled back up
+    (nearest)."""
+    small = image.resize((PIXEL_GRID * image.size[0] // image.size[1], PIXEL_GRID), Image.Resampling.BOX)
     snapped = small.quantize(palette=_palette(), dither=Image.Dither.NONE).convert("RGB")
     return snapped.resize(image.size, Image.Resampling.NEAREST)

@@ -11,7 +11,16 @@ from .captions import (
     scene_prompt,
     vocabulary,
 )
-from .contexts import CONTEXT_FACTORS, FACTOR_NAMES, Context, context_count, example_context, sample_context
+from .contexts import (
+    CONTEXT_FACTORS,
+    FACTOR_NAMES,
+    SCENE,
+    SCENE_POSITIONS,
+    Context,
+    context_count,
+    example_context,
+    sample_context,
+)
 from .identities import (
     COLOUR_COUNTERPARTS,
     DOMAINS,
@@ -32,7 +41,8 @@ from .identities import (
 )
 
 __all__ = [
-    "COLOUR_COUNTERPARTS", "CONTEXT_FACTORS", "DOMAINS", "FACTOR_NAMES", "HELD_OUT_FRACTION", "MAX_DESCRIBED", "SUBJECT_WORDS", "Context",
+    "COLOUR_COUNTERPARTS", "CONTEXT_FACTORS", "DOMAINS", "FACTOR_NAMES", "HELD_OUT_FRACTION", "MAX_DESCRIBED", "SCENE", "SCENE_POSITIONS", "SUBJECT_WORDS",
+    "Context",
     "Identity", "attribute_names", "attribute_phrase", "attribute_values", "colour_of", "context_count", "describe_attributes",
     "described_caption", "example_context", "generic_caption", "identity_count", "identity_from_index",
     "identity_from_names", "input_caption", "is_held_out", "prompt", "prompt_factors", "sample_context",

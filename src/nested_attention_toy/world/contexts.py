@@ -20,6 +20,8 @@ CONTEXT_FACTORS: dict[str, tuple[str, ...]] = {
     "position": ("left", "center", "right"),
 }
 FACTOR_NAMES = tuple(CONTEXT_FACTORS)
+SCENE = "scene"  # a person and a pet in one image, side by side
+SCENE_POSITIONS = ("left", "right")  # a scene's position: the person's half (the pet takes the other)
 
 
 class FactorValues(tuple):
@@ -90,9 +92,14 @@ def context_count() -> int:
 
 
 def sample_context(rng: np.random.Generator, domain: str = "person") -> Context:
-    """A uniformly random context (factors independent). ``domain`` is accepted for symmetry: both share the factors."""
-    _check_domain(domain)
-    return Context(tuple(int(rng.integers(len(CONTEXT_FACTORS[f]))) for f in FACTOR_NAMES))
+    """A uniformly random context (factors independent); both domains share the factors. ``domain`` "scene" draws a
+    person + pet scene's: the position (the person's half) from `SCENE_POSITIONS` only."""
+    if domain != SCENE:
+        _check_domain(domain)
+        return Context(tuple(int(rng.integers(len(CONTEXT_FACTORS[f]))) for f in FACTOR_NAMES))
+    values = [int(rng.integers(len(CONTEXT_FACTORS[f]))) for f in FACTOR_NAMES[:-1]]
+    position = SCENE_POSITIONS[int(rng.integers(len(SCENE_POSITIONS)))]
+    return Context((*values, CONTEXT_FACTORS["position"].index(position)))
 
 
 def example_context(row: int, column: int) -> Context:
