@@ -35,6 +35,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from nested_attention_toy.build import cpu_name
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MiB = 2**20
 
@@ -112,21 +114,11 @@ def run_settings(suite: str, args: argparse.Namespace) -> Run:
     return Run(torch.device(args.device), dtype, preset, out)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(run: Run) -> dict:
     info = {
         "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
         "device": str(run.device), "dtype": str(run.dtype).removeprefix("torch."), "preset": run.preset,
-        "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+        "cpu": cpu_name(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
     if run.device.type == "cuda":

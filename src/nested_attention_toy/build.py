@@ -57,7 +57,7 @@ class _Log:
         self.file.flush()
 
 
-def _cpu() -> str:
+def cpu_name() -> str:
     """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` knows: the wall times depend on it."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -74,7 +74,7 @@ def _versions() -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "numpy": np.__version__, "machine": platform.machine(),
-            "processor": _cpu(), "threads": torch.get_num_threads()}
+            "processor": cpu_name(), "threads": torch.get_num_threads()}
 
 
 def _check(out: Path, resume: bool, reuse: Path | None, reuse_parts: tuple[str, ...]) -> None:
