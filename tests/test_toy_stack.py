@@ -167,7 +167,6 @@ def test_reuse_copies_the_caption_free_parts_of_an_earlier_build(smoke_build, tm
     adapters = record["stages"]["adapters"]
     assert adapters["side_by_side"] and adapters["threads_each"] == 1 and adapters["loader_workers"] == 0
     assert record["size"]["clip_steps"] == 4 and record["size"]["unet_widths"] == [16, 16]
-    assert record["size"]["unet_steps"] == 4 and adapters["steps"] == 2
     assert json.loads((again / "pipeline/unet/config.json").read_text())["block_out_channels"] == [16, 16]
     assert f"metrics: copied from {out}" in (again / "build.log").read_text()
     assert run_cli("toy", "build", "--out", str(tmp_path / "x"), "--smoke", "--reuse", str(tmp_path)) == 2
