@@ -11,8 +11,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from nested_attention.tiny import write_clip_tokenizer
 from nested_attention_toy.corpus import make_corpus, make_scenes
-from nested_attention_toy.diffusion import Grounding, SceneBatches, make_unet, train_unet
-from nested_attention_toy.grounding import grounding_loss, install_recorder, word_positions
+from nested_attention_toy.diffusion import Grounding, SceneBatches, make_unet, train_unet, training_scheduler
+from nested_attention_toy.grounding import grounding_loss, install_recorder, lambda_headroom, word_positions
 from nested_attention_toy.world import (
     CONTEXT_FACTORS,
     DOMAINS,
@@ -128,6 +128,73 @@ def test_grounding_loss_against_a_naive_reference():
     assert grounding_loss(maps, masks, torch.zeros(3, dtype=torch.bool)) == 0
 
 
+def test_grounding_target_caps_each_head_inside_against_a_naive_reference():
+    """With heads kept, each head's attention inside the mask counts up to the target; outside counts in full. A
+    target of 1 is the plain loss, equal to the loss of the head mean (the mean is linear)."""
+    torch.manual_seed(3)
+    masks = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    maps = [torch.rand(2, 1, 3, 16, requires_grad=True), torch.rand(2, 1, 3, 4, requires_grad=True)]
+    keep = torch.ones(2, dtype=torch.bool)
+    expected = []
+    for attention in maps:
+        side = int(attention.shape[-1] ** 0.5)
+        values = []
+        for b in range(2):
+            m = masks[b, 0].view(side, 8 // side, side, 8 // side).mean((1, 3)).flatten()
+            for head in attention[b, 0].detach():
+                capped = torch.minimum(head, torch.tensor(0.4))
+                values.append(float((head * (1 - m)).sum() / (1 - m).sum() - (capped * m).sum() / m.sum()))
+        expected.append(np.mean(values))
+    loss = grounding_loss(maps, masks, keep, target=0.4)
+    assert loss.item() == pytest.approx(np.mean(expected), abs=1e-6)
+    loss.backward()  # above the target inside the mask, a head gets no pull up
+    m = masks[:, 0].view(2, 4, 2, 4, 2).mean((2, 4)).flatten(1)
+    grad = maps[0].grad[:, 0]  # (B, H, 16)
+    above_inside = (maps[0].detach()[:, 0] > 0.4) & (m[:, None] == 1)
+    below_inside = (maps[0].detach()[:, 0] < 0.4) & (m[:, None] == 1)
+    assert bool((grad[above_inside] == 0).all()) and bool((grad[below_inside] < 0).all())
+    plain = grounding_loss(maps, masks, keep)
+    assert plain.item() == pytest.approx(grounding_loss(maps, masks, keep, target=1.0).item(), abs=0)
+    assert plain.item() == pytest.approx(grounding_loss([a.mean(2) for a in maps], masks, keep).item(), abs=1e-6)
+
+
+def test_lambda_headroom_against_a_naive_reference():
+    """The word's attention inside and outside its pixels at lambda 1 and 4, against softmax over hand-made logits;
+    the unet's output is left alone."""
+    torch.manual_seed(0)
+    unet = make_unet(32, widths=(16, 32), sample_size=8).eval()
+    latents, states = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 32)
+    masks = torch.zeros(2, 32, 32)
+    masks[:, 8:24, 4:20] = 1
+    positions = torch.tensor([1, 4])
+    scheduler = training_scheduler()
+    layer = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    seen = []
+    layer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(args[0]), with_kwargs=True)
+    with torch.no_grad():
+        plain = unet(latents, torch.tensor([500, 500]), states).sample
+    shares = lambda_headroom(unet, latents, states, positions, masks, scheduler, lam=4.0, timesteps=(500,))
+    with torch.no_grad():
+        assert torch.equal(unet(latents, torch.tensor([500, 500]), states).sample, plain)  # processors restored
+    hidden = seen[1]  # the probe's forward, on the noised latents (between the two plain ones)
+    q = layer.to_q(hidden).view(2, -1, layer.heads, 16 // layer.heads).transpose(1, 2)
+    k = layer.to_k(states).view(2, 6, layer.heads, 16 // layer.heads).transpose(1, 2)
+    logits = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).detach()
+    m = masks.view(2, 8, 4, 8, 4).mean((2, 4)).flatten(1)  # the layer's 8 x 8 grid
+    got = shares["down_blocks.0.attentions.0.transformer_blocks.0.attn2"]
+    for lam, key in ((1.0, "inside"), (4.0, "inside_lam")):
+        inside = []
+        for b in range(2):
+            lifted = logits[b].clone()
+            word = lifted[..., positions[b]]
+            lifted[..., positions[b]] = torch.where(word > 0, lam * word, word)
+            share = lifted.softmax(-1)[..., positions[b]]  # (H, 64)
+            inside.append(float(((share * m[b]).sum(-1) / m[b].sum()).mean()))
+        assert got[key] == pytest.approx(np.mean(inside), abs=1e-5)
+    assert got["inside_lam"] >= got["inside"] and got["outside_lam"] >= got["outside"]
+    assert 0 <= got["saturated"] <= 1
+
+
 def test_recorder_is_the_plain_processor_and_records_the_word_column():
     torch.manual_seed(0)
     unet = make_unet(32, widths=(16, 32), sample_size=8).eval()
@@ -147,12 +214,14 @@ def test_recorder_is_the_plain_processor_and_records_the_word_column():
         q = layer.to_q(hidden).view(2, 64, layer.heads, -1).transpose(1, 2)
         k = layer.to_k(text).view(2, 6, layer.heads, -1).transpose(1, 2)
         probs = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1).mean(1)  # (B, 64, 6)
-    assert torch.allclose(recorder.maps[0], torch.stack([probs[0, :, 1], probs[1, :, 4]]), atol=1e-6)
+    assert recorder.maps[0].shape == (2, 1, layer.heads, 64)
+    assert torch.allclose(recorder.maps[0][:, 0].mean(1), torch.stack([probs[0, :, 1], probs[1, :, 4]]), atol=1e-6)
     recorder.maps, recorder.positions = [], torch.tensor([[1, 3], [4, 0]])  # two words per sample
     with torch.no_grad():
         layer(hidden, encoder_hidden_states=text)
     expected = torch.stack([probs[0][:, [1, 3]].T, probs[1][:, [4, 0]].T])  # (B, K, pixels)
-    assert recorder.maps[0].shape == (2, 2, 64) and torch.allclose(recorder.maps[0], expected, atol=1e-6)
+    assert recorder.maps[0].shape == (2, 2, layer.heads, 64)
+    assert torch.allclose(recorder.maps[0].mean(2), expected, atol=1e-6)
     unet.set_attn_processor(AttnProcessor2_0())
 
 
@@ -230,7 +299,7 @@ def test_scene_batches_train_on_their_own_steps_and_ground_both_words():
         recorder.positions = positions
         with torch.no_grad():
             ema(wide, torch.full((n,), 300), wide_states)
-        return [-grounding_loss([m[:, k] for m in recorder.maps], masks[:, k : k + 1].float() / 255,
+        return [-grounding_loss([m[:, k : k + 1] for m in recorder.maps], masks[:, k : k + 1].float() / 255,
                                 torch.ones(n, dtype=torch.bool)).item() for k in range(2)]
 
     grounded, plain = contrast(1.0), contrast(0.0)  # measured: 0.05-0.09 with the loss, 0.00 without

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,22 +56,25 @@ class TextTraining:
 class Grounding:
     """What the word grounding loss needs, per training sample: the grounded words' token indices (N,) or (N, K),
     the pixels each names (N, S, S) or (N, K, S, S) uint8 coverage, and whether it has them (N,) or (N, K) (target
-    views only); ``weights`` scale the loss, one per word (K of them, or one)."""
+    views only); ``weights`` scale the loss, one per word (K of them, or one); ``target`` is the attention inside the
+pixels that stops counting (see ``grounding_loss``)."""
 
     positions: torch.Tensor
     masks: torch.Tensor
     has_mask: torch.Tensor
     weights: tuple[float, ...]
+    target: float = 1.0
 
     @classmethod
-    def from_corpus(cls, tokenizer, corpus, weight: float, expression_weight: float = 0.0) -> Grounding:
+    def from_corpus(cls, tokenizer, corpus, weight: float, expression_weight: float = 0.0,
+                    target: float = 1.0) -> Grounding:
         """The subject word on the subject's silhouette for ``corpus`` (made with masks), with ``weight``; with
         ``expression_weight`` > 0 also the expression word on its emotion symbol (target views whose symbol shows),
         with that weight."""
         targets = torch.tensor([k == "target" for k in corpus.kinds])
         positions = word_positions(tokenizer, corpus.captions, [DOMAINS[d] for d in corpus.domains.tolist()])
         if expression_weight <= 0:
-            return cls(positions, corpus.masks, targets, (weight,))
+            return cls(positions, corpus.masks, targets, (weight,), target)
         if corpus.symbols is None:
             raise ValueError("grounding the expression word needs a corpus made with symbols=True")
         named = FACTOR_NAMES.index("expression")
@@ -83,14 +86,14 @@ class Grounding:
                                            [values[int(corpus.factors[i, named])] for i in rows])
         shows = targets & (corpus.symbols.flatten(1).amax(1) > 0)
         return cls(torch.stack([positions, feeling], 1), torch.stack([corpus.masks, corpus.symbols], 1),
-                   torch.stack([targets, shows], 1), (weight, expression_weight))
+                   torch.stack([targets, shows], 1), (weight, expression_weight), target)
 
     @classmethod
-    def from_scenes(cls, tokenizer, scenes, weight: float) -> Grounding:
+    def from_scenes(cls, tokenizer, scenes, weight: float, target: float = 1.0) -> Grounding:
         """Both subject words of person + pet ``scenes`` (made with masks) on their own subject's coverage."""
         positions = torch.stack([word_positions(tokenizer, scenes.captions, [word] * len(scenes)) for word in DOMAINS], 1)
         return cls(positions, torch.stack([scenes.masks, scenes.pets], 1), torch.ones(len(scenes), 2, dtype=torch.bool),
-                   (weight, weight))
+                   (weight, weight), target)
 
 
 @dataclass
@@ -161,7 +164,7 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
     def on_device(grounded: Grounding | None) -> Grounding | None:
         if grounded is None:
             return None
-        return Grounding(grounded.positions, grounded.masks.to(device), grounded.has_mask.to(device), grounded.weights)
+        return replace(grounded, masks=grounded.masks.to(device), has_mask=grounded.has_mask.to(device))
 
     sources = [_Source(latent_mean.to(device), latent_std.to(device),
                        (text.token_ids if text is not None else text_states).to(device), on_device(grounding), batch_size)]
@@ -211,7 +214,8 @@ def train_unet(unet: UNet2DConditionModel, latent_mean: torch.Tensor, latent_std
             masks, has_mask = source.grounding.masks, source.grounding.has_mask
             covered = masks[at].float().view(batch, -1, *masks.shape[-2:]) / 255
             keep = ~drop.view(-1, *[1] * (has_mask.dim() - 1)) & has_mask[at]
-            total = loss + grounding_loss([m.float() for m in recorder.maps], covered, keep, source.grounding.weights)
+            total = loss + grounding_loss([m.float() for m in recorder.maps], covered, keep, source.grounding.weights,
+                                          source.grounding.target)
             recorder.maps = []
         optimizer.zero_grad(set_to_none=True)
         total.backward()

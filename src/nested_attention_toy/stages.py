@@ -180,7 +180,7 @@ def unet_stage(parts: Parts) -> dict:
     grounding = None
     if size.grounding_weight > 0:
         grounding = Grounding.from_corpus(tokenizer, corpus, size.grounding_weight,
-                                          expression_weight=size.expression_grounding_weight)
+                                          expression_weight=size.expression_grounding_weight, target=size.grounding_target)
     scenes = None
     if size.scenes > 0:
         scene_ids = tokenize(tokenizer, parts.scenes.captions)
@@ -190,7 +190,7 @@ def unet_stage(parts: Parts) -> dict:
                                        for i in range(0, len(scene_ids), 512)])
         scene_means, scene_stds = parts.scene_latents
         scenes = SceneBatches(scene_means.half(), scene_stds.half(), scene_ids,
-                              Grounding.from_scenes(tokenizer, parts.scenes, size.grounding_weight)
+                              Grounding.from_scenes(tokenizer, parts.scenes, size.grounding_weight, size.grounding_target)
                               if size.grounding_weight > 0 else None, max(1, size.unet_batch // 2), size.scene_every)
     means, stds = parts.latents
     scaling_factor = float(parts.vae().config.scaling_factor)
