@@ -144,7 +144,7 @@ DIAGNOSTICS = {
                        "the adapter's recipe with a perfect encoder (the subject's true attributes): the encoder's bound"),
     "latents": ("nested_attention_toy.latent_check", "what the VAE's latents keep: factors and identity after a round trip"),
     "text-gain": ("nested_attention_toy.text_gain", "which prompt words the text encoder passes on to the denoiser"),
-    "grounding": ("nested_attention_toy.grounding", "the subject word's share of each layer's attention"),
+    "grounding": ("nested_attention_toy.grounding", "the subject word's attention on the subject's pixels, at lambda 1 and 4"),
     "report": ("nested_attention_toy.report", "a build's measurements as markdown tables (build.json)"),
 }
 

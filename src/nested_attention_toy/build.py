@@ -30,8 +30,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
+import transformers
 from tqdm.auto import tqdm
 
 from nested_attention.errors import NestedAttentionError
@@ -69,9 +71,6 @@ def cpu_name() -> str:
 
 
 def _versions() -> dict:
-    import diffusers
-    import transformers
-
     return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "numpy": np.__version__, "machine": platform.machine(),
             "processor": cpu_name(), "threads": torch.get_num_threads()}

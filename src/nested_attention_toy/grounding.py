@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         raise NestedAttentionError(f"--renders is {args.renders} and --lam {args.lam:g}; expected at least 1 each.")
     pipe = StableDiffusionPipeline.from_pretrained(build_part(args.model, "pipeline", "model_index.json"))
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    corpus = make_corpus(4 * args.renders, seed=NAME_SEED, size=size, held_out=True, workers=1, masks=True, desc="")
+    corpus = make_corpus(4 * args.renders, seed=NAME_SEED, size=size, held_out=True, workers=1, masks=True, desc="render")
     rows = [i for i, (d, k) in enumerate(zip(corpus.domains.tolist(), corpus.kinds))
             if DOMAINS[d] == args.domain and k == "target"][: args.renders]
     captions = [corpus.captions[i] for i in rows]
