@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from nested_attention.attention import lambda_logits
 from nested_attention.errors import NestedAttentionError, exits_on_error
 
 from .assets import build_part, shipped_path
@@ -141,8 +142,9 @@ class _ShareProbe:
         query, key = (x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2) for x in (query, key))
         logits = query @ key.transpose(-1, -2) * attn.scale  # (B, H, pixels, T): toy sizes only
         index = self.positions.to(logits.device)[:, None, None, None].expand(-1, attn.heads, pixels, 1)
-        word = logits.gather(-1, index)
-        lifted = logits.scatter(-1, index, torch.maximum(word, self.lam * word))
+        columns = torch.ones(batch, logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        columns[torch.arange(batch), self.positions] = self.lam
+        lifted = lambda_logits(logits, columns)  # the library's own lambda
         self.records.append((logits.softmax(-1).gather(-1, index)[..., 0], lifted.softmax(-1).gather(-1, index)[..., 0]))
         return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
