@@ -264,6 +264,28 @@ def test_training_with_grounding_pulls_the_word_onto_the_subject():
     assert with_loss > without + 0.05, (with_loss, without)
 
 
+def test_train_unet_passes_the_grounding_target_on():
+    """The target reaches the loss that trains: 1 is the default bit for bit; a target below the word's attention
+    inside the silhouette changes the weights."""
+    torch.manual_seed(0)
+    n, L, D = 8, 6, 32
+    latents, states = torch.randn(n, 4, 8, 8), torch.randn(n, L, D)
+    masks = torch.zeros(n, 64, 64, dtype=torch.uint8)
+    masks[:, 16:48, 8:32] = 255
+
+    def trained(*target: float) -> dict:
+        torch.manual_seed(1)
+        g = Grounding(torch.full((n,), 2), masks, torch.ones(n, dtype=torch.bool), (1.0,), *target)
+        ema, _ = train_unet(make_unet(D, widths=(16, 32), sample_size=8), latents, torch.zeros_like(latents), 1.0,
+                            states, torch.zeros(L, D), steps=3, batch_size=4, lr=3e-3, caption_dropout=0.0,
+                            ema_decay=0.0, seed=0, grounding=g)
+        return ema.state_dict()
+
+    default, one, low = trained(), trained(1.0), trained(0.01)
+    assert all(torch.equal(default[k], one[k]) for k in default)
+    assert any(not torch.equal(default[k], low[k]) for k in default)
+
+
 def test_scene_batches_train_on_their_own_steps_and_ground_both_words():
     """``scenes`` whose steps never come leave training bit for bit as without them; scene steps (here all of them)
     pull each of the two words onto its own half of the wide images."""
