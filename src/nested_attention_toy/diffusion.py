@@ -56,8 +56,8 @@ class TextTraining:
 class Grounding:
     """What the word grounding loss needs, per training sample: the grounded words' token indices (N,) or (N, K),
     the pixels each names (N, S, S) or (N, K, S, S) uint8 coverage, and whether it has them (N,) or (N, K) (target
-    views only); ``weights`` scale the loss, one per word (K of them, or one); ``target`` is the attention inside the
-pixels that stops counting (see ``grounding_loss``)."""
+    views only); ``weights`` scale the loss, one per word (K of them, or one); ``target`` is the attention inside
+    the pixels that stops counting (see ``grounding_loss``)."""
 
     positions: torch.Tensor
     masks: torch.Tensor

@@ -141,9 +141,10 @@ class _ShareProbe:
         query, key = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states)
         query, key = (x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2) for x in (query, key))
         logits = query @ key.transpose(-1, -2) * attn.scale  # (B, H, pixels, T): toy sizes only
-        index = self.positions.to(logits.device)[:, None, None, None].expand(-1, attn.heads, pixels, 1)
+        positions = self.positions.to(logits.device)
+        index = positions[:, None, None, None].expand(-1, attn.heads, pixels, 1)
         columns = torch.ones(batch, logits.shape[-1], dtype=logits.dtype, device=logits.device)
-        columns[torch.arange(batch), self.positions] = self.lam
+        columns[torch.arange(batch, device=logits.device), positions] = self.lam
         lifted = lambda_logits(logits, columns)  # the library's own lambda
         self.records.append((logits.softmax(-1).gather(-1, index)[..., 0], lifted.softmax(-1).gather(-1, index)[..., 0]))
         return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
