@@ -155,6 +155,7 @@ def test_build_size_changes_are_parsed_and_checked():
     assert (size.unet_batch, size.unet_lr, size.unet_widths, size.grounding_weight) == (128, 2e-4, (64, 128, 256), 0.0)
     assert size.unet_steps == FULL.unet_steps and build_size(FULL, []) == FULL
     for bad, message in (("unet_batch=0", "at least 1"), ("describe_rate=1.5", "between 0 and 1"),
+                         ("grounding_target=2.0", "between 0 and 1"),
                          ("unet_widths=[24]", "multiples of 16"), ("unet_bach=8", "Did you mean unet_batch"),
                          ("unet_batch=big", "must be int"), ("unet_batch", "field=value")):
         with pytest.raises(NestedAttentionError, match=message):

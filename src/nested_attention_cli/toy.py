@@ -1,5 +1,5 @@
 """`nested-attention toy ...`: the toy world's commands (`toy build`, `toy data`, `toy eval`, `toy experiment`,
-`toy diagnose`)."""
+`toy diagnose`, `toy ship`)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ examples:
 
 def add_parser(commands) -> None:
     """Register `toy` (with its `build` sub-command) on the top-level sub-command parsers."""
-    toy = commands.add_parser("toy", help="the toy world: rebuild its models (toy build), training triplets (toy data), measure adapters (toy eval), diagnostics (toy diagnose)",
+    toy = commands.add_parser("toy", help="the toy world: rebuild its models (toy build), training triplets (toy data), measure adapters (toy eval), diagnostics (toy diagnose), install a build (toy ship)",
                               description="The toy world of cartoon persons and pets with ground-truth identity.")
     sub = toy.add_subparsers(title="commands", dest="toy_command", metavar="COMMAND", required=True)
     build = sub.add_parser("build", help="rebuild the toy model stack from scratch", description=BUILD_DESCRIPTION,
@@ -116,6 +116,21 @@ def add_parser(commands) -> None:
     evaluation.add_argument("--model", default="toy", metavar="PATH", help="base pipeline (default: the shipped toy model)")
     evaluation.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="default: cpu")
     evaluation.set_defaults(run=run_eval)
+
+    ship = sub.add_parser(
+        "ship", help="make a finished toy build the one the package names (--model toy, --adapter toy-person, ...)",
+        description="Replace the installed package's toy weights (pipeline, CLIP, metric models, adapters, build "
+                    "record) with a finished build's. The adapters are exported naming the installed toy CLIP, with "
+                    "model cards that give their training and the lambda-1 metrics of each --eval folder.",
+        epilog="example:\n  nested-attention toy build --out toy-build\n"
+               "  nested-attention toy eval --seed 1 --out toy-eval-1 --model toy-build/pipeline "
+               "--adapter-person toy-build/adapters/person --adapter-pet toy-build/adapters/pet\n"
+               "  nested-attention toy ship toy-build --eval toy-build/adapter-eval toy-eval-1",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ship.add_argument("build", type=Path, metavar="BUILD", help="the folder `toy build --out` wrote")
+    ship.add_argument("--eval", type=Path, nargs="+", default=[], metavar="DIR",
+                      help="`toy eval --out` folders of this build's adapters (the build's own is BUILD/adapter-eval)")
+    ship.set_defaults(run=run_ship)
 
     sub.add_parser("experiment", add_help=False,  # dispatched to nested_attention_eval.toy_experiments before parsing
                    help="the paper's experiments on the toy world: train the arms, score them, tabulate and plot "
@@ -239,6 +254,13 @@ def run_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_ship(args: argparse.Namespace) -> int:
+    from nested_attention_toy.ship import ship
+
+    print(f"shipped {args.build} to {ship(args.build, args.eval)}")
+    return 0
+
+
 def run_build(args: argparse.Namespace) -> int:
     import torch
 
@@ -274,6 +296,9 @@ def run_build(args: argparse.Namespace) -> int:
     return _built(args.out, record)
 
 
+FRACTIONS = ("describe_rate", "grounding_target")  # BuildSize fields that are fractions
+
+
 def build_size(base, items: list[str]):
     """``base`` (a BuildSize) with the command line's ``field=value`` changes, each checked."""
     import dataclasses
@@ -289,8 +314,8 @@ def build_size(base, items: list[str]):
                                            f"norm has 16 groups); got {list(value)}.")
         elif isinstance(value, int) and value < 1:
             raise NestedAttentionError(f"`{name}` must be at least 1; got {value}.")
-        elif isinstance(value, float) and not (0 <= value <= 1 if name == "describe_rate" else value >= 0):
-            bound = "between 0 and 1" if name == "describe_rate" else "at least 0"
+        elif isinstance(value, float) and not (0 <= value <= 1 if name in FRACTIONS else value >= 0):
+            bound = "between 0 and 1" if name in FRACTIONS else "at least 0"
             raise NestedAttentionError(f"`{name}` must be {bound}; got {value}.")
     return dataclasses.replace(base, **values)
 
