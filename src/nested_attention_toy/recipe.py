@@ -34,9 +34,9 @@ class BuildSize:
     # weight of the word-grounding loss (grounding.py): the subject word's attention on the subject's pixels. Nested
     # attention writes into that word's value, which reaches only the pixels that attend to it
     grounding_weight: float = 0.1
-    # the attention of a head inside the subject's pixels above which the grounding loss stops pulling (1: all the way;
-    # below 1 leaves lambda room to raise it, grounding.lambda_headroom)
-    grounding_target: float = 1.0
+    # the attention of a head inside the subject's pixels above which the grounding loss stops pulling: below 1 it
+    # leaves lambda room to raise the word's attention (grounding.lambda_headroom); 1 pulls every head all the way
+    grounding_target: float = 0.5
     # fraction of target and input captions that also name a few of the subject's attributes before the subject word
     # (world.described_caption), as real captions do
     describe_rate: float = 0.5
