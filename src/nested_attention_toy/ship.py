@@ -18,6 +18,7 @@ from pathlib import Path
 from nested_attention import NestedAdapter
 from nested_attention.card import AdapterCard
 from nested_attention.errors import NestedAttentionError
+from nested_attention.paths import check_writable
 from nested_attention_train.checkpoints import TrainState
 from nested_attention_train.config import load_config
 from nested_attention_train.trainer import card_training
@@ -71,6 +72,7 @@ def ship(build: str | Path, evaluations: Sequence[str | Path] = (), target: str 
     build, target = Path(build), Path(target)
     evaluations = [Path(folder) for folder in evaluations]
     record = _check(build, evaluations)
+    check_writable(target.parent, "the installed toy package's folder")  # the new weights are staged beside the old
     measured = [json.loads((folder / "metrics.json").read_text()) for folder in evaluations]
     staging, old = target.with_name(target.name + ".new"), target.with_name(target.name + ".old")
     for leftover in (staging, old):
