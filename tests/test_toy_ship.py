@@ -54,3 +54,6 @@ def test_ship_refuses_an_unfinished_build_in_one_sentence(smoke_build, tmp_path,
     assert "not a finished toy build" in capsys.readouterr().err
     assert run_cli("toy", "ship", str(smoke_build), "--eval", str(tmp_path)) == 2
     assert "holds no metrics.json" in capsys.readouterr().err
+    (tmp_path / "metrics.json").write_text(json.dumps({"config": {"seed": 0}, "person": {"id_top1": 1.0}}))
+    assert run_cli("toy", "ship", str(smoke_build), "--eval", str(tmp_path)) == 2  # a person-only run
+    assert "did not score both adapters" in capsys.readouterr().err

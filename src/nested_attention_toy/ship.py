@@ -42,6 +42,10 @@ def _check(build: Path, evaluations: Sequence[Path]) -> dict:
         if not (folder / "metrics.json").is_file():
             raise NestedAttentionError(f"--eval {folder} holds no metrics.json: give a folder `nested-attention toy "
                                        f"eval --out` wrote for this build.")
+        scored = json.loads((folder / "metrics.json").read_text())
+        if any("id_top1" not in scored.get(domain, {}) for domain in DOMAINS):
+            raise NestedAttentionError(f"--eval {folder} did not score both adapters on single subjects; give a `toy "
+                                       f"eval` run with both --domains and --contexts above 0.")
     return json.loads((build / "build.json").read_text())
 
 
