@@ -31,13 +31,15 @@ COPIED = ("pipeline", "clip", "metrics", "build.json", "build.log", "samples.png
 SHIPPED_CLIP = "toy"  # the installed CLIP's registry name (assets.SOURCES), what the shipped adapters name
 
 
-def _check(build: Path, evaluations: Sequence[Path]) -> dict:
+def _check(build: Path, evaluations: Sequence[Path]) -> tuple[dict, list[dict]]:
+    """The build's record and each evaluation's metrics, once everything a ship needs is known to be there."""
     if not (build / "build.json").is_file():
         raise NestedAttentionError(f"{build} is not a finished toy build (no build.json; an unfinished one has "
                                    f"build.partial.json): finish it with nested-attention toy build --out {build} --resume.")
     missing = [part for part in (*COPIED, *(f"{ADAPTERS}/{d}" for d in DOMAINS)) if not (build / part).exists()]
     if missing:
         raise NestedAttentionError(f"{build} lacks {', '.join(missing)}: ship a build that ran every stage.")
+    measured = []
     for folder in evaluations:
         if not (folder / "metrics.json").is_file():
             raise NestedAttentionError(f"--eval {folder} holds no metrics.json: give a folder `nested-attention toy "
@@ -46,7 +48,8 @@ def _check(build: Path, evaluations: Sequence[Path]) -> dict:
         if any("id_top1" not in scored.get(domain, {}) for domain in DOMAINS):
             raise NestedAttentionError(f"--eval {folder} did not score both adapters on single subjects; give a `toy "
                                        f"eval` run with both --domains and --contexts above 0.")
-    return json.loads((build / "build.json").read_text())
+        measured.append(scored)
+    return json.loads((build / "build.json").read_text()), measured
 
 
 def training_rows(record: dict, domain: str) -> dict:
@@ -75,9 +78,8 @@ def ship(build: str | Path, evaluations: Sequence[str | Path] = (), target: str 
     Returns ``target``."""
     build, target = Path(build), Path(target)
     evaluations = [Path(folder) for folder in evaluations]
-    record = _check(build, evaluations)
+    record, measured = _check(build, evaluations)
     check_writable(target.parent, "the installed toy package's folder")  # the new weights are staged beside the old
-    measured = [json.loads((folder / "metrics.json").read_text()) for folder in evaluations]
     staging, old = target.with_name(target.name + ".new"), target.with_name(target.name + ".old")
     for leftover in (staging, old):
         shutil.rmtree(leftover, ignore_errors=True)
