@@ -55,7 +55,7 @@ PET_PROMPTS = (
     "a watercolor painting of an angry pet on the beach, on the right",
     "a pixel art picture of a sad pet in a snow field, in the center",
 )
-SWEEP_PROMPT = "a cartoon of a smiling person in the desert, in the center"  # lambda moves this prompt most: docs/toyworld.md
+SWEEP_PROMPT = "a cartoon of a smiling person in the desert, in the center"  # a style lambda moves most: docs/toyworld.md
 SCENE_PROMPTS = (
     "a photo of a smiling person and a sad pet on the beach, on the left",
     "a cartoon of a surprised person and a smiling pet in the forest, on the right",

@@ -55,7 +55,7 @@ def _photo(canvas: np.ndarray, subject: np.ndarray, rng: np.random.Generator) ->
 
 
 def _cartoon(canvas: np.ndarray, subject: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Saturated flat colours (the bold outlines, half a latent pixel wide at 64 pixels, are drawn with the shapes)."""
+    """Saturated flat colours (the bold outlines, about 1.5 pixels wide at 64, are drawn with the shapes)."""
     grey = canvas.mean(-1, keepdims=True)
     return grey + (canvas - grey) * 1.3
 
