@@ -22,7 +22,7 @@ Put a subject from one or a few images into a generated scene, bound to one word
 prompt. Lambda trades the prompt for identity."""
 TOY_NOTE = """*The toy model and its adapters run on a CPU. They are small, and measured: a held-out subject is
 recognized (top-1 among 20) in 0.83-0.85 of the generations (0.03-0.08 without adapter), both subjects of a person
-+ pet image in about two thirds, and colours carry over better than shapes (docs/toyworld.md).*"""
++ pet image in 0.55-0.70, and colours carry over better than shapes (docs/toyworld.md).*"""
 
 
 def subject_inputs(values: list, examples: dict[str, str]) -> list[SubjectInput]:
