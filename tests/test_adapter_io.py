@@ -1,6 +1,7 @@
 """Saving and loading adapters: exact round trips, module-path keys, and clear refusals."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -54,6 +55,37 @@ def test_image_encoder_override(sd_pipe, tmp_path):
     assert not loaded.training
     loaded = NestedAdapter.from_pretrained(tmp_path / "adapter", image_encoder=adapter.encoder.image_encoder)
     assert torch.equal(adapter.encoder(pixels), loaded.encoder(pixels))
+
+
+def test_an_image_encoder_loads_quietly_from_a_full_clip_and_never_with_weights_missing(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    from nested_attention.adapter import load_image_encoder
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    full = CLIPModel(CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                 num_attention_heads=2), vision_config=vision, projection_dim=8))
+    full.save_pretrained(tmp_path / "clip")
+    reports = []  # transformers' own handler writes to the stderr it found at import, so listen on its logger
+    listener = logging.Handler(logging.DEBUG)
+    listener.emit = lambda record: reports.append(record.getMessage())
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(listener)
+    try:
+        encoder, _ = load_image_encoder(str(tmp_path / "clip"))  # the text tower is unused, and no news
+    finally:
+        transformers_logger.removeHandler(listener)
+    assert not [report for report in reports if "UNEXPECTED" in report]
+    loaded = encoder.state_dict()
+    assert all(torch.equal(loaded[name], weight) for name, weight in full.vision_model.state_dict().items())
+    # a checkpoint with a layer fewer than its config says: the missing layer would start random, so it is refused
+    config = json.loads((tmp_path / "clip" / "config.json").read_text())
+    config["vision_config"]["num_hidden_layers"] = 3
+    (tmp_path / "clip" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NestedAttentionError, match=r"lacks \d+ of a CLIP vision model's weights .*layers\.2\."):
+        load_image_encoder(str(tmp_path / "clip"))
 
 
 def test_adapter_for_another_unet_is_refused(sd_pipe, sdxl_pipe):

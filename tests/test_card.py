@@ -3,7 +3,7 @@
 import pytest
 from huggingface_hub import ModelCard
 
-from conftest import make_adapter
+from conftest import make_adapter, subject_image
 from nested_attention import AdapterCard, NestedAdapter
 from nested_attention.card import CARD_NAME, add_metrics
 from nested_attention.errors import NestedAttentionError
@@ -56,3 +56,19 @@ def test_measured_metrics_merge_into_a_saved_card(sd_pipe, tmp_path):
     (tmp_path / CARD_NAME).write_text("# someone else's card\n")
     with pytest.raises(NestedAttentionError, match="not a model card that save_pretrained wrote"):
         add_metrics(tmp_path, {"a": 1})
+
+
+def test_the_usage_snippet_of_a_registered_base_model_runs(sd_pipe, tmp_path):
+    # a name an installed package registers ("tiny-sd" here, "toy" for the toy world) is no hub id: plain diffusers
+    # cannot load it, so the card's snippet must go through the library's loader, and run as written
+    adapter = make_adapter(sd_pipe.unet, word="pet")
+    adapter.save_pretrained(tmp_path / "adapter", save_image_encoder=True, card=AdapterCard(base_model="tiny-sd"))
+    text = ModelCard.load(tmp_path / "adapter" / CARD_NAME).text
+    code = text.split("```python\n")[1].split("```")[0]
+    assert "DiffusionPipeline.from_pretrained" not in code and 'load_pipeline("tiny-sd")' in code
+    subject_image(1).save(tmp_path / "subject.jpg")
+    code = code.replace("THIS_FOLDER_OR_HUB_ID", str(tmp_path / "adapter")).replace(
+        "subject.jpg", str(tmp_path / "subject.jpg")).replace("}).images[0]", "}, num_inference_steps=2).images[0]")
+    scope = {}
+    exec(compile(code, "card snippet", "exec"), scope)
+    assert scope["image"].size == (sd_pipe.unet.config.sample_size * sd_pipe.vae_scale_factor,) * 2

@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPVisionModel
+from transformers.utils import logging as transformers_logging
 
 from .card import AdapterCard, write_card
 from .config import CONFIG_NAME, NestedAdapterConfig
@@ -340,14 +341,25 @@ def load_image_encoder(name_or_path: str) -> tuple[CLIPVisionModel, CLIPImagePro
             + "; convert them to model.safetensors (save_pretrained(..., safe_serialization=True)) or give another "
             "encoder."
         )
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # a full CLIP checkpoint's text tower is no news: not reported
     try:
-        model = CLIPVisionModel.from_pretrained(name_or_path, use_safetensors=True)
+        model, info = CLIPVisionModel.from_pretrained(name_or_path, use_safetensors=True, output_loading_info=True)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise NestedAttentionError(
             f"Could not load the CLIP image encoder {name_or_path!r} ({first_line}). Pass a local directory or "
             f"a reachable hub id with image_encoder= (or --image-encoder)."
         ) from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    absent = sorted(info["missing_keys"]) + sorted(str(key) for key, *_ in info["mismatched_keys"])
+    if absent:
+        raise NestedAttentionError(
+            f"The CLIP image encoder {name_or_path!r} lacks {len(absent)} of a CLIP vision model's weights or has "
+            f"them in other shapes (e.g. {absent[0]}), which would start random; give a CLIP checkpoint (a CLIPModel "
+            f"or a CLIPVisionModel)."
+        )
     try:
         processor = CLIPImageProcessor.from_pretrained(name_or_path)
     except (OSError, ValueError):

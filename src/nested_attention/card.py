@@ -10,6 +10,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from .config import NestedAdapterConfig
 from .errors import NestedAttentionError
 from .paths import looks_like_local_path
+from .sources import MODEL, find
 
 CARD_NAME = "README.md"
 
@@ -35,6 +36,17 @@ def _is_hub_id(name: str | None) -> bool:
 
 def _table(rows: dict) -> str:
     return "| | |\n| --- | --- |\n" + "\n".join(f"| {key} | {value} |" for key, value in rows.items())
+
+
+def _load_base_lines(base_model: str | None) -> list[str]:
+    """The usage snippet's imports and the line that loads the base pipeline: a name registered by an installed
+    package (``toy``) is not something plain diffusers resolves, so it goes through the library's loader."""
+    if base_model and find(MODEL, base_model) is not None:
+        return ["from nested_attention import NestedAttention, Subject",
+                "from nested_attention.sources import load_pipeline", "",
+                f'pipe = load_pipeline("{base_model}")  # a model that an installed package registers by name']
+    return ["from diffusers import DiffusionPipeline", "from nested_attention import NestedAttention, Subject", "",
+            f'pipe = DiffusionPipeline.from_pretrained("{base_model or "BASE_MODEL"}")']
 
 
 def render_card(config: NestedAdapterConfig, card: AdapterCard | None = None) -> str:
@@ -71,10 +83,7 @@ def render_card(config: NestedAdapterConfig, card: AdapterCard | None = None) ->
                  "Not measured yet (`nested-attention evaluate ... --card` adds what it measures)."]
     sections += ["## Usage", "\n".join([
         "```python",
-        "from diffusers import DiffusionPipeline",
-        "from nested_attention import NestedAttention, Subject",
-        "",
-        f'pipe = DiffusionPipeline.from_pretrained("{card.base_model or "BASE_MODEL"}")',
+        *_load_base_lines(card.base_model),
         "na = NestedAttention(pipe)",
         'na.load_adapter("THIS_FOLDER_OR_HUB_ID")',
         f'image = na("a photo of a {config.word} at the beach", subjects={{"{config.word}": Subject("subject.jpg")}})'
