@@ -13,6 +13,7 @@ from transformers import CLIPModel, CLIPTokenizer, CLIPVisionModel
 
 import nested_attention_toy.stages as stages_module
 from nested_attention import NestedAdapter
+from nested_attention.adapter import IMAGE_ENCODER_FOLDER
 from nested_attention.tiny import write_clip_tokenizer
 from nested_attention_toy.assets import is_shipped, model_path, shipped_path
 from nested_attention_toy.autoencoder import make_vae, reconstruction_psnr, reconstructions, train_vae
@@ -210,9 +211,11 @@ def test_the_toy_model_is_shipped_and_small():
     files = [f for f in shipped_path().rglob("*") if f.is_file()]
     adapters = shipped_path("adapters")
     stack = [f for f in files if adapters not in f.parents]
-    assert sum(f.stat().st_size for f in stack) < 30 * 2**20  # issue 4's budget for the model stack
-    for adapter in ("person", "pet"):  # each adapter carries its own copy of the CLIP vision tower (3.2 MB)
-        assert sum(f.stat().st_size for f in (adapters / adapter).rglob("*") if f.is_file()) < 6 * 2**20
+    assert sum(f.stat().st_size for f in stack) < 30 * 2**20  # the model stack's budget
+    assert sum(f.stat().st_size for f in files) < 40e6  # everything shipped, adapters included
+    for adapter in ("person", "pet"):  # they name the shipped CLIP ("toy") instead of carrying a copy of it
+        assert NestedAdapter.from_pretrained(adapters / adapter).config.image_encoder == "toy"
+        assert not (adapters / adapter / IMAGE_ENCODER_FOLDER).exists()
     assert not any(f.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt") for f in files)  # safetensors only
 
 
@@ -350,9 +353,13 @@ def test_report_reads_a_build_folder_and_refuses_a_missing_one(tmp_path, capsys)
     from nested_attention_toy.assets import shipped_path
     from nested_attention_toy.report import main as report_main
 
-    (tmp_path / "build.json").write_text(shipped_path("build.json").read_text())
+    record = json.loads(shipped_path("build.json").read_text())
+    record["resumed"] = [{"command": "nested-attention toy build --out b --resume", "versions": record["versions"],
+                          "stages_done": ["tokenizer", "corpus"]}]
+    (tmp_path / "build.json").write_text(json.dumps(record))
     report_main([str(tmp_path)])
-    out, processor = capsys.readouterr().out, json.loads(shipped_path("build.json").read_text())["versions"]["processor"]
+    out, processor = capsys.readouterr().out, record["versions"]["processor"]
     assert "| stage | wall time |" in out and f"torch threads on {processor}." in out
+    assert f"Resumed: `nested-attention toy build --out b --resume` on {processor}, after tokenizer, corpus;" in out
     assert report_main([str(tmp_path / "missing")]) == 2
     assert "expected a build folder or its build.json" in capsys.readouterr().err

@@ -34,6 +34,9 @@ def report(record: dict) -> str:
     v = record["versions"]
     lines.append(f"Versions: Python {v['python']}, torch {v['torch']}, diffusers {v['diffusers']}, "
                  f"transformers {v['transformers']}, numpy {v['numpy']}; {v['threads']} torch threads on {v['processor']}.")
+    for run in record.get("resumed", []):  # a stage's time is that of the run that finished it
+        lines.append(f"Resumed: `{run['command']}` on {run['versions']['processor']}, after "
+                     f"{', '.join(run['stages_done']) or 'no stage'}; the stages after those ran then.")
     lines += ["", _row(["stage", "wall time", "details"]), _row(["---"] * 3)]
     for name, info in record["stages"].items():
         details = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items() if k != "seconds")
