@@ -86,6 +86,10 @@ def test_an_image_encoder_loads_quietly_from_a_full_clip_and_never_with_weights_
     (tmp_path / "clip" / "config.json").write_text(json.dumps(config))
     with pytest.raises(NestedAttentionError, match=r"lacks \d+ of a CLIP vision model's weights .*layers\.2\."):
         load_image_encoder(str(tmp_path / "clip"))
+    config["vision_config"].update(num_hidden_layers=2, intermediate_size=40)  # weights of other shapes
+    (tmp_path / "clip" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NestedAttentionError, match="weights of other shapes than its config.json says"):
+        load_image_encoder(str(tmp_path / "clip"))
 
 
 def test_adapter_for_another_unet_is_refused(sd_pipe, sdxl_pipe):

@@ -351,14 +351,20 @@ def load_image_encoder(name_or_path: str) -> tuple[CLIPVisionModel, CLIPImagePro
             f"Could not load the CLIP image encoder {name_or_path!r} ({first_line}). Pass a local directory or "
             f"a reachable hub id with image_encoder= (or --image-encoder)."
         ) from None
+    except RuntimeError as error:  # transformers' refusal of weights whose shapes differ from the config's
+        if "mismatch" not in str(error):
+            raise
+        raise NestedAttentionError(
+            f"The CLIP image encoder {name_or_path!r} holds weights of other shapes than its config.json says; give "
+            f"a CLIP checkpoint whose config and weights were saved together."
+        ) from None
     finally:
         transformers_logging.set_verbosity(verbosity)
-    absent = sorted(info["missing_keys"]) + sorted(str(key) for key, *_ in info["mismatched_keys"])
-    if absent:
+    if info["missing_keys"]:
+        absent = sorted(info["missing_keys"])
         raise NestedAttentionError(
-            f"The CLIP image encoder {name_or_path!r} lacks {len(absent)} of a CLIP vision model's weights or has "
-            f"them in other shapes (e.g. {absent[0]}), which would start random; give a CLIP checkpoint (a CLIPModel "
-            f"or a CLIPVisionModel)."
+            f"The CLIP image encoder {name_or_path!r} lacks {len(absent)} of a CLIP vision model's weights (e.g. "
+            f"{absent[0]}), which would start random; give a CLIP checkpoint (a CLIPModel or a CLIPVisionModel)."
         )
     try:
         processor = CLIPImageProcessor.from_pretrained(name_or_path)
