@@ -16,6 +16,7 @@ from diffusers.optimization import SchedulerType
 
 from nested_attention.config import MECHANISMS, SUBJECT_ENCODERS
 from nested_attention.errors import NestedAttentionError
+from nested_attention.mechanisms import mechanism
 from nested_attention.sources import TRAIN_CONFIG, names, resolve
 
 from .timesteps import BIAS_STRATEGIES
@@ -72,6 +73,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting (e.g. 5.0); null: plain MSE (timesteps.py)
     subject_loss_weight: float | None = None  # the loss on a target's masked subject pixels x this ("target_mask")
+    # lambda on the subject word's logits while training (paper 5.1 applies lambda at inference only); above 1, the
+    # lambdas below it trade identity back to the prompt (docs/toyworld-design.md, "Lambda and the word grounding")
+    train_lambda: float = 1.0
     timestep_bias_strategy: str = "none"  # none | later | earlier | range: sample some noise levels more often
     timestep_bias_multiplier: float = 1.0  # how much more often
     timestep_bias_portion: float = 0.25  # later / earlier: the share of the schedule biased
@@ -166,6 +170,12 @@ class TrainConfig:
         ):
             problems.append(f"`subject_loss_weight` is {self.subject_loss_weight}; expected a positive finite number "
                             f"(e.g. 5.0: subject pixels weigh 5x the rest) or null")
+        if not (math.isfinite(self.train_lambda) and self.train_lambda >= 1):
+            problems.append(f"`train_lambda` is {self.train_lambda}; expected a finite number of at least 1 (1: train "
+                            f"as the paper does)")
+        elif self.train_lambda != 1 and self.mechanism in MECHANISMS and not mechanism(self.mechanism).uses_lam:
+            problems.append(f"`train_lambda` is {self.train_lambda} but the {self.mechanism} mechanism has no lambda; "
+                            f"leave it at 1")
         if self.snr_gamma is not None and not (math.isfinite(self.snr_gamma) and self.snr_gamma > 0):
             problems.append(f"`snr_gamma` is {self.snr_gamma}; expected a positive finite number (5.0 is usual) or null")
         problems += self._timestep_bias_problems()

@@ -21,7 +21,7 @@ class NestedTrainingModule(nn.Module):
 
     def __init__(self, adapter: NestedAdapter, base: BaseModel, controller: NestedAttentionController,
                  timestep_weights: torch.Tensor | None = None, snr_gamma: float | None = None,
-                 subject_loss_weight: float | None = None):
+                 subject_loss_weight: float | None = None, train_lambda: float = 1.0):
         super().__init__()
         self.adapter = adapter
         self.base = _Frozen(base)
@@ -29,6 +29,7 @@ class NestedTrainingModule(nn.Module):
         self.timestep_weights = timestep_weights  # None: uniform (timesteps.py)
         self.snr_gamma = snr_gamma  # None: plain MSE
         self.subject_loss_weight = subject_loss_weight  # None: every pixel alike
+        self.train_lambda = train_lambda  # on the subject word's logits; 1: as the paper trains
 
     @torch.no_grad()
     def encode_prompts(self, input_ids: list[torch.Tensor], batch: dict):
@@ -85,8 +86,10 @@ class NestedTrainingModule(nn.Module):
 
         tokens, bias = self.subject_tokens(batch)
         token_mask = batch["token_mask"]
+        lam = None if self.train_lambda == 1 else torch.full((token_mask.shape[0],), self.train_lambda,
+                                                             device=tokens.device, dtype=tokens.dtype)
         subject = self.adapter.subject_state(tokens, self.controller.layers, token_mask,
-                                             torch.arange(token_mask.shape[0]), bias)
+                                             torch.arange(token_mask.shape[0]), bias, lam)
         unet = base.pipe.unet
         # left bound through backward: gradient checkpointing re-runs the UNet forward there (the trainer clears it)
         self.controller.bind([subject])

@@ -172,7 +172,8 @@ def run_training(config: TrainConfig, accelerator: Accelerator, encoder: torch.n
         config.timestep_bias_strategy, base.noise_scheduler.config.num_train_timesteps, config.timestep_bias_multiplier,
         config.timestep_bias_portion, config.timestep_bias_begin, config.timestep_bias_end,
     )
-    module = NestedTrainingModule(adapter, base, controller, weights, config.snr_gamma, config.subject_loss_weight)
+    module = NestedTrainingModule(adapter, base, controller, weights, config.snr_gamma, config.subject_loss_weight,
+                                  config.train_lambda)
     optimizer = torch.optim.AdamW(
         parameter_groups(adapter, config), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.weight_decay, eps=config.adam_epsilon,
@@ -297,6 +298,8 @@ def card_training(config: TrainConfig, records, state: TrainState, batch_size: i
         table["subject loss weight"] = config.subject_loss_weight
     if config.snr_gamma is not None:
         table["min-SNR gamma"] = config.snr_gamma
+    if config.train_lambda != 1:
+        table["trained at lambda"] = config.train_lambda  # the lambdas below it give identity back to the prompt
     if config.timestep_bias_strategy != "none":
         table["timestep bias"] = f"{config.timestep_bias_strategy}, x{config.timestep_bias_multiplier}"
     if recent_losses:
