@@ -55,7 +55,9 @@ PET_PROMPTS = (
     "a watercolor painting of an angry pet on the beach, on the right",
     "a pixel art picture of a sad pet in a snow field, in the center",
 )
-SWEEP_PROMPT = "a cartoon of a smiling person in the desert, in the center"  # a style lambda moves most: docs/toyworld.md
+# the lambda row: the prompt and seed (of 96 prompts and two seeds) where lambda moved A's identity most (docs/toyworld.md)
+SWEEP_PROMPT = "a cartoon of a sad person on a city street, in the center"
+SWEEP_SEED = 1
 SCENE_PROMPTS = (
     "a photo of a smiling person and a sad pet on the beach, on the left",
     "a cartoon of a surprised person and a smiling pet in the forest, on the right",
@@ -149,8 +151,8 @@ def demo_rows(images: dict[str, Image.Image]) -> list[list[Cell]]:
         prompts_row("B", b, person, PERSON_PROMPTS, 1),
         prompts_row("C", c, pet, PET_PROMPTS, 0),
         prompts_row("D", d, pet, PET_PROMPTS, 1),
-        [Cell("input: A", image=a)] + [Cell(f"A, lambda {lam:g}", SWEEP_PROMPT, {person: Subject(a, lam=lam)})
-                                       for lam in LAMBDAS],
+        [Cell("input: A", image=a)] + [Cell(f"A, lambda {lam:g}", SWEEP_PROMPT, {person: Subject(a, lam=lam)},
+                                            seed=SWEEP_SEED) for lam in LAMBDAS],
         [Cell("input: A, 2nd photo", image=a2),
          Cell("A, one photo", PERSON_PROMPTS[2], {person: Subject(a)}, seed=2),
          Cell("A, two photos", PERSON_PROMPTS[2], {person: Subject([a, a2])}, seed=2),
