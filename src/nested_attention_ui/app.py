@@ -21,8 +21,9 @@ Put a subject from one or a few images into a generated scene, bound to one word
 ([paper](https://arxiv.org/abs/2501.01407)). Each panel below is one subject (one adapter); write its word in the
 prompt. Lambda trades the prompt for identity."""
 TOY_NOTE = """*The toy model and its adapters run on a CPU. They are small, and measured: a held-out subject is
-recognized (top-1 among 20) in 0.85-0.88 of the generations (0.03-0.08 without adapter), both subjects of a person
-+ pet image in 0.65-0.75, and colours carry over better than shapes (docs/toyworld.md).*"""
+recognized (top-1 among 20) in 0.76-0.79 of the generations at lambda 1 and 0.88-0.89 at lambda 2 (0.03-0.08 without
+adapter), both subjects of a person + pet image in 0.65 and 0.85-0.90, and colours carry over better than shapes
+(docs/toyworld.md).*"""
 
 
 def subject_inputs(values: list, examples: dict[str, str]) -> list[SubjectInput]:
