@@ -134,6 +134,7 @@ def test_arms_differ_only_in_their_own_fields(tmp_path):
                 assert config["word"] == domain and config["output_dir"] == str(tmp_path / arm.folder_of(experiment, domain))
                 by_run.setdefault(arm.folder_of(experiment, domain), []).append(config)
     assert all(c == configs[0] for configs in by_run.values() for c in configs)
+    assert {c["train_lambda"] for configs in by_run.values() for c in configs} == {1.0}  # as the paper trains
     assert len(by_run["nested"]) == 7 and len(by_run["decoupled"]) == 2  # the scenes reuse the mechanisms' runs
     assert sorted(name for name, configs in by_run.items() if len(configs) == 1) == [
         "16-tokens", "64-tokens", "alpha-1", "alpha-3", "alpha-none", "decoupled-pet", "global_v", "multi_token",

@@ -1,7 +1,7 @@
 """`nested-attention toy experiment NAME`: the paper's experiments on the toy world, each one command.
 
-An experiment is a set of *arms*: adapters trained by one recipe (`toy-<domain>`, train identities only) that differ
-in one thing, a few config fields (the mechanism, the alpha of the regularization, ...) or the number of input views
+An experiment is a set of *arms*: adapters trained by one recipe (`toy-<domain>` at lambda 1, train identities only)
+that differ in one thing, a few config fields (the mechanism, the alpha of the regularization, ...) or the number of input views
 they are given. Each arm is trained with the same data, steps and seed, then scored by `toy eval` on held-out
 identities of its domain at every point of its knob (lambda where its mechanism has one, the strength for a
 decoupled adapter) and for each evaluation seed (other held-out identities and contexts). The runner writes, in
@@ -142,10 +142,11 @@ class RunConfig:
 
 
 def arm_config(experiment: Experiment, arm: Arm, run: RunConfig, domain: str | None = None):
-    """The arm's training config for ``domain`` (default: the experiment's first): the domain's recipe, the arm's
-    fields, and the run's shared ones."""
+    """The arm's training config for ``domain`` (default: the experiment's first): the domain's recipe trained at
+    lambda 1 (as the paper trains, and the only lambda the mechanisms without one allow), the arm's fields, and the
+    run's shared ones."""
     domain = domain or experiment.domains[0]
-    overrides = [*arm.overrides, f"output_dir={run.out / arm.folder_of(experiment, domain)}"]
+    overrides = ["train_lambda=1", *arm.overrides, f"output_dir={run.out / arm.folder_of(experiment, domain)}"]
     if run.steps is not None:
         overrides.append(f"max_steps={run.steps}")
     if run.data is not None:
