@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from nested_attention import NestedAdapter
 from nested_attention.card import CARD_NAME
-from nested_attention_toy.ship import COPIED, ship
+from nested_attention_toy.ship import COPIED, metric_rows, ship
 from test_cli import run_cli
 
 
@@ -42,7 +42,7 @@ def test_ship_copies_the_build_and_exports_adapters_that_name_the_installed_clip
         assert f"| optimizer steps | {record['size']['adapter_steps']} |" in card
         assert f"| records | {record['size']['adapter_triplets']} |" in card
         assert f"its {domain} triplets, train identities only" in card
-        row = f"| held-out id_top1 among 2 ({domain}), toy eval --seed 0 | {round(measured[domain]['id_top1'], 4)} |"
+        row = f"| held-out id_top1 among 2 ({domain}) at lambda 1, toy eval --seed 0 | {round(measured[domain]['id_top1'], 4)} |"
         assert row in card
 
 
@@ -57,3 +57,19 @@ def test_ship_refuses_an_unfinished_build_in_one_sentence(smoke_build, tmp_path,
     (tmp_path / "metrics.json").write_text(json.dumps({"config": {"seed": 0}, "person": {"id_top1": 1.0}}))
     assert run_cli("toy", "ship", str(smoke_build), "--eval", str(tmp_path)) == 2  # a person-only run
     assert "did not score both adapters" in capsys.readouterr().err
+
+
+def test_the_card_gives_an_adapter_trained_at_another_lambda_its_scores_there_too():
+    def scores(top1, prompt):
+        return {"person": {"id_top1": top1, "prompt_accuracy": prompt, "baseline_id_top1": 0.05,
+                           "baseline_prompt_accuracy": 0.99}}
+
+    metrics = {"config": {"seed": 3, "identities": 20}, **scores(0.7, 0.98),
+               "by_lambda": {"1": scores(0.7, 0.98), "2": scores(0.9, 0.97), "4": scores(0.85, 0.95)}}
+    at_one = {"held-out id_top1 among 20 (person) at lambda 1, toy eval --seed 3": 0.7,
+              "the base model alone, --seed 3": 0.05, "prompt_accuracy at lambda 1 (base model 0.990), --seed 3": 0.98}
+    assert metric_rows(metrics, "person") == at_one
+    assert metric_rows(metrics, "person", trained_lambda=2.0) == at_one | {
+        "held-out id_top1 among 20 (person) at lambda 2, toy eval --seed 3": 0.9,
+        "prompt_accuracy at lambda 2 (base model 0.990), --seed 3": 0.97}
+    assert metric_rows(metrics, "person", trained_lambda=3.0) == at_one  # not scored there: nothing made up

@@ -1,8 +1,8 @@
 """`nested-attention toy experiment NAME`: the paper's experiments on the toy world, each one command.
 
 An experiment is a set of *arms*: adapters trained by one recipe (`toy-<domain>` at lambda 1, train identities only)
-that differ in one thing, a few config fields (the mechanism, the alpha of the regularization, ...) or the number of input views
-they are given. Each arm is trained with the same data, steps and seed, then scored by `toy eval` on held-out
+that differ in one thing, a few config fields (the mechanism, the alpha of the regularization, ...) or the number of
+input views they are given. Each arm is trained with the same data, steps and seed, then scored by `toy eval` on held-out
 identities of its domain at every point of its knob (lambda where its mechanism has one, the strength for a
 decoupled adapter) and for each evaluation seed (other held-out identities and contexts). The runner writes, in
 ``--out``:

@@ -4,7 +4,8 @@
 The build's pipeline, CLIP, metric models, record, log and sample sheet are copied into the package's ``weights/``
 folder. The adapters are exported again without their copy of the CLIP vision tower, naming the installed toy CLIP
 (``image_encoder: toy``) so that they load on any machine, with a model card that says how they were trained (the
-installed recipe at the build's size) and what ``toy eval`` measured (each ``--eval`` folder's lambda-1 metrics).
+installed recipe at the build's size) and what ``toy eval`` measured (each ``--eval`` folder's metrics at lambda 1 and
+at the recipe's training lambda).
 The new files are assembled next to ``weights/`` and swapped in at the end, so a failure leaves the old ones."""
 
 from __future__ import annotations
@@ -62,14 +63,21 @@ def training_rows(record: dict, domain: str) -> dict:
     return rows | {"data": f"nested-attention toy build (its {domain} triplets, train identities only)"}
 
 
-def metric_rows(metrics: dict, domain: str) -> dict:
-    """Model-card rows of one ``toy eval`` metrics.json (its lambda-1 results) for ``domain``'s adapter."""
-    seed, mine = metrics["config"]["seed"], metrics[domain]
-    among = metrics["config"]["identities"]
-    return {f"held-out id_top1 among {among} ({domain}), toy eval --seed {seed}": round(mine["id_top1"], 4),
-            f"the base model alone, --seed {seed}": round(mine["baseline_id_top1"], 4),
-            f"prompt_accuracy (base model {mine['baseline_prompt_accuracy']:.3f}), --seed {seed}":
-                round(mine["prompt_accuracy"], 4)}
+def metric_rows(metrics: dict, domain: str, trained_lambda: float = 1.0) -> dict:
+    """Model-card rows of one ``toy eval`` metrics.json for ``domain``'s adapter: its lambda-1 results and, for an
+    adapter trained at another lambda, its results at that lambda where the evaluation scored it."""
+    seed, among = metrics["config"]["seed"], metrics["config"]["identities"]
+    base = metrics[domain]["baseline_prompt_accuracy"]
+    points = [(1.0, metrics[domain])]
+    if trained_lambda != 1 and f"{trained_lambda:g}" in metrics.get("by_lambda", {}):
+        points.append((trained_lambda, metrics["by_lambda"][f"{trained_lambda:g}"][domain]))
+    rows = {}
+    for lam, mine in points:
+        rows[f"held-out id_top1 among {among} ({domain}) at lambda {lam:g}, toy eval --seed {seed}"] = round(mine["id_top1"], 4)
+        if lam == 1:
+            rows[f"the base model alone, --seed {seed}"] = round(metrics[domain]["baseline_id_top1"], 4)
+        rows[f"prompt_accuracy at lambda {lam:g} (base model {base:.3f}), --seed {seed}"] = round(mine["prompt_accuracy"], 4)
+    return rows
 
 
 def ship(build: str | Path, evaluations: Sequence[str | Path] = (), target: str | Path = SHIPPED) -> Path:
@@ -89,7 +97,8 @@ def ship(build: str | Path, evaluations: Sequence[str | Path] = (), target: str 
     for domain in DOMAINS:
         adapter = NestedAdapter.from_pretrained(build / ADAPTERS / domain)
         adapter.config = dataclasses.replace(adapter.config, image_encoder=SHIPPED_CLIP)
-        metrics = {k: v for one in measured for k, v in metric_rows(one, domain).items()}
+        trained_lambda = load_config(f"toy-{domain}").train_lambda
+        metrics = {k: v for one in measured for k, v in metric_rows(one, domain, trained_lambda).items()}
         card = AdapterCard(base_model=next(iter(MODEL_NAMES)), training=training_rows(record, domain), metrics=metrics)
         adapter.save_pretrained(staging / ADAPTERS / domain, card=card)
     if target.exists():
