@@ -121,9 +121,10 @@ def add_parser(commands) -> None:
         "ship", help="make a finished toy build the one the package names (--model toy, --adapter toy-person, ...)",
         description="Replace the installed package's toy weights (pipeline, CLIP, metric models, adapters, build "
                     "record) with a finished build's. The adapters are exported naming the installed toy CLIP, with "
-                    "model cards that give their training and the lambda-1 metrics of each --eval folder.",
+                    "model cards that give their training and each --eval folder's metrics at lambda 1 and at the "
+                    "recipe's training lambda (where that folder scored it).",
         epilog="example:\n  nested-attention toy build --out toy-build\n"
-               "  nested-attention toy eval --seed 1 --out toy-eval-1 --model toy-build/pipeline "
+               "  nested-attention toy eval --seed 1 --lam 1 2 --out toy-eval-1 --model toy-build/pipeline "
                "--adapter-person toy-build/adapters/person --adapter-pet toy-build/adapters/pet\n"
                "  nested-attention toy ship toy-build --eval toy-build/adapter-eval toy-eval-1",
         formatter_class=argparse.RawDescriptionHelpFormatter)
